@@ -1,5 +1,22 @@
-"""jointrank: data-free (joint) low-rank compression of LLM weights."""
+"""jointrank: data-free (joint) low-rank compression of LLM weights.
+
+    import jointrank
+    result = jointrank.compress_(model, jointrank.PRESETS["paper-10"])   # in place
+    jointrank.save(model, tokenizer, "out-dir", jointrank.manifest_for(result))
+    model = jointrank.load("out-dir")    # or AutoModelForCausalLM.from_pretrained("out-dir") after import jointrank
+"""
 
 __version__ = "0.1.0"
 
-from .errors import JointRankError  # noqa: E402
+from . import hf_integration as _hf_integration
+from .checkpoint import load, read_manifest, save
+from .compress import CompressionResult, compress_, merge_, plan_for
+from .errors import JointRankError
+from .plan import PRESETS, CompressionPlan, GroupRule, JointRankConfig, make_plan
+
+_hf_integration.register()
+
+__all__ = [
+    "CompressionPlan", "CompressionResult", "GroupRule", "JointRankConfig", "JointRankError", "PRESETS",
+    "compress_", "load", "make_plan", "merge_", "plan_for", "read_manifest", "save",
+]

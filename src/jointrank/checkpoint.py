@@ -1,0 +1,92 @@
+"""Save and load compressed checkpoints: safetensors + config.json + tokenizer + a manifest. No pickle.
+
+A checkpoint is written into a hidden staging directory beside the target and renamed into place only when
+complete, the manifest last: an interrupted run leaves `.NAME.tmp-*`, never a directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import JointRankError
+from .sources import MANIFEST_NAME
+
+MANIFEST_FORMAT = 1
+
+
+def check_output(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output before any work is done, unless asked to overwrite it."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise JointRankError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise JointRankError(f"{out} exists and is not a directory")
+    return out
+
+
+def save(model, tokenizer, out: str | Path, manifest: dict, *, overwrite: bool = False) -> Path:
+    """Write model (compressed or dense), tokenizer and manifest atomically into `out`."""
+    out = check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        full = {"format": MANIFEST_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "versions": versions(), **manifest}
+        (staging / MANIFEST_NAME).write_text(json.dumps(full, indent=2) + "\n")
+        _swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    if out.exists():
+        graveyard = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, graveyard)
+        os.replace(staging, out)
+        shutil.rmtree(graveyard, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
+def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Load a jointrank checkpoint (compressed or dense export) as a transformers model."""
+    from transformers import AutoModelForCausalLM
+
+    from . import hf_integration
+
+    hf_integration.register()
+    path = Path(path)
+    if not (path / MANIFEST_NAME).is_file():
+        raise JointRankError(f"{path} is not a jointrank checkpoint (no {MANIFEST_NAME})")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)
+    return model.to(device).eval()
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    file = path / MANIFEST_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise JointRankError(f"{path} is not a jointrank checkpoint (no {MANIFEST_NAME})")
+    return json.loads(file.read_text())
+
+
+def versions() -> dict:
+    import transformers
+
+    from . import __version__
+
+    return {"jointrank": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}

@@ -1,0 +1,56 @@
+"""Make `import jointrank; AutoModelForCausalLM.from_pretrained(dir)` load a compressed checkpoint, no remote code.
+
+transformers lets a package register a quantization method: config.json carries
+`quantization_config = {"quant_method": "jointrank", "units": [...]}` and, before the weights load, our quantizer
+swaps the listed nn.Linear modules (still on the meta device) for LowRankLinear of the stored ranks. The tensors
+then load by name like any other checkpoint's.
+"""
+
+from __future__ import annotations
+
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+METHOD = "jointrank"
+FORMAT_VERSION = 1
+
+
+class JointRankQuantizationConfig(QuantizationConfigMixin):
+    def __init__(self, units: list[dict] | None = None, format_version: int = FORMAT_VERSION, **kwargs):
+        self.quant_method = METHOD
+        self.format_version = format_version
+        self.units = list(units or [])
+        if format_version != FORMAT_VERSION:
+            raise ValueError(f"jointrank checkpoint format {format_version} is not supported by this version")
+
+
+class JointRankHfQuantizer(HfQuantizer):
+    requires_calibration = False
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        from .compress import install_unit
+
+        for unit in self.quantization_config.units:
+            install_unit(model, unit["members"], unit["rank"], shared=unit["shared"], group=unit["group"])
+        return model
+
+    def is_serializable(self, **kwargs):
+        return True
+
+    @property
+    def is_trainable(self):
+        return True
+
+
+def register() -> None:
+    # Idempotent: importing jointrank twice (or reloading in a notebook) must not raise "already registered".
+    if METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(METHOD)(JointRankQuantizationConfig)
+    if METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(METHOD)(JointRankHfQuantizer)

@@ -1,0 +1,268 @@
+"""What to compress and how: a CompressionPlan is a plain value computed from shapes alone, before any weight changes.
+
+A JointRankConfig says *how to choose* (per group a method and the layers it applies to, and one rank rule);
+make_plan turns it and a ModelLayout into a CompressionPlan that says *exactly what* happens: for every group of
+every layer, keep / separate / joint, the rank, and the parameters before and after. The plan can be printed,
+saved, diffed and tested without touching a weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from .architectures import GROUP_NAMES, JOINABLE, GroupLayout, ModelLayout
+from .errors import JointRankError
+from .linalg import SOLVERS, joint_params, max_rank
+
+METHODS = ("keep", "separate", "joint")
+SCOPES = ("model", "decoder")
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GroupRule:
+    method: str  # keep | separate | joint
+    layers: str = "all"  # a layer spec, see parse_layers
+
+
+@dataclass
+class JointRankConfig:
+    """How to compress: serialises to a dict and back, and is stored in every checkpoint's manifest."""
+
+    rules: dict[str, GroupRule] = field(default_factory=dict)  # group name -> rule; absent groups are kept
+    ratio: float | None = None  # approximation ratio k / min(d_out, d_in), the same for every factorised unit
+    rank: int | None = None  # or one absolute rank
+    target: float | None = None  # or: solve one ratio so this fraction of the scope's parameters is removed
+    scope: str = "model"  # what --target is a fraction of: the whole model or the decoder layers
+    solver: str = "auto"
+    only_if_smaller: bool = True  # keep a unit dense when its factors would not be smaller than its weights
+    preset: str | None = None
+    version: int = CONFIG_VERSION
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["rules"] = {g: dataclasses.asdict(r) for g, r in self.rules.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "JointRankConfig":
+        d = dict(d)
+        if d.get("version", CONFIG_VERSION) != CONFIG_VERSION:
+            raise JointRankError(f"config version {d.get('version')} is not supported by this jointrank")
+        d["rules"] = {g: GroupRule(**r) for g, r in d.get("rules", {}).items()}
+        return cls(**d)
+
+
+# The paper's LLaMA-7B settings (arXiv 2402.16319, Table 1): ~10% = separate rank-k on W_Q and W_K of every layer;
+# ~20% = that plus joint rank-k of W_gate/W_up in the last 22 of 32 layers. Kept as structure on any depth.
+PRESETS: dict[str, JointRankConfig] = {
+    "paper-10": JointRankConfig(rules={"qk": GroupRule("separate")}, target=0.10, preset="paper-10"),
+    "paper-20": JointRankConfig(
+        rules={"qk": GroupRule("separate"), "gate_up": GroupRule("joint", "last:22/32")}, target=0.20, preset="paper-20"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One factorisation unit (or one kept group): members sharing one decomposition."""
+
+    layer: int
+    group: str
+    method: str  # keep | separate | joint
+    members: tuple[str, ...]
+    d_outs: tuple[int, ...]
+    d_in: int
+    parent: str
+    rank: int | None
+    params_before: int  # weights only; biases are kept exact and counted in the model totals
+    params_after: int
+    note: str = ""
+
+    @property
+    def approximation_ratio(self) -> float | None:
+        return None if self.rank is None else self.rank / max_rank(self.d_outs, self.d_in)
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    model_type: str
+    num_layers: int
+    entries: tuple[PlanEntry, ...]
+    params_total_before: int
+    params_decoder_before: int
+    config: dict
+    ratio: float | None = None  # the approximation ratio used (solved for, when a target was given)
+
+    @property
+    def params_removed(self) -> int:
+        return sum(e.params_before - e.params_after for e in self.entries)
+
+    @property
+    def params_total_after(self) -> int:
+        return self.params_total_before - self.params_removed
+
+    @property
+    def params_decoder_after(self) -> int:
+        return self.params_decoder_before - self.params_removed
+
+    @property
+    def factorised(self) -> tuple[PlanEntry, ...]:
+        return tuple(e for e in self.entries if e.method != "keep")
+
+    def to_dict(self) -> dict:
+        return {
+            "model_type": self.model_type,
+            "num_layers": self.num_layers,
+            "params_total_before": self.params_total_before,
+            "params_decoder_before": self.params_decoder_before,
+            "config": self.config,
+            "ratio": self.ratio,
+            "entries": [dataclasses.asdict(e) for e in self.entries],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompressionPlan":
+        entries = tuple(
+            PlanEntry(**{**e, "members": tuple(e["members"]), "d_outs": tuple(e["d_outs"])}) for e in d["entries"]
+        )
+        return cls(d["model_type"], d["num_layers"], entries, d["params_total_before"], d["params_decoder_before"],
+                   d["config"], d.get("ratio"))
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """'all', 'first:N', 'last:N', 'last:22/32' (that fraction of the layers, rounded), or '0-5,20-31'."""
+    text = spec.strip().lower()
+    match = re.fullmatch(r"(first|last):(\d+)(?:/(\d+))?", text)
+    if text == "all":
+        chosen = list(range(num_layers))
+    elif match:
+        n = int(match.group(2))
+        if match.group(3):
+            if int(match.group(3)) == 0 or n > int(match.group(3)):
+                raise JointRankError(f"layer spec {spec!r}: fraction must be between 0 and 1")
+            n = round(num_layers * n / int(match.group(3)))
+        if n > num_layers:
+            raise JointRankError(f"layer spec {spec!r} asks for {n} layers; the model has {num_layers}")
+        chosen = list(range(n)) if match.group(1) == "first" else list(range(num_layers - n, num_layers))
+    elif re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", text):
+        chosen = []
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            lo, hi = int(lo), int(hi or lo)
+            if lo > hi or hi >= num_layers:
+                raise JointRankError(f"layer spec {spec!r}: {part} is outside layers 0-{num_layers - 1}")
+            chosen.extend(range(lo, hi + 1))
+        chosen = sorted(set(chosen))
+    else:
+        raise JointRankError(
+            f"unknown layer spec {spec!r}; use all, first:N, last:N, last:A/B (a fraction of the layers) or 0-5,20-31"
+        )
+    return chosen
+
+
+def validate(config: JointRankConfig) -> None:
+    rules = [config.ratio is not None, config.rank is not None, config.target is not None]
+    if sum(rules) != 1:
+        raise JointRankError("give exactly one rank rule: --ratio, --rank or --target (or a preset)")
+    if config.ratio is not None and not 0 < config.ratio <= 1:
+        raise JointRankError(f"--ratio must be in (0, 1]; got {config.ratio}")
+    if config.rank is not None and config.rank < 1:
+        raise JointRankError(f"--rank must be at least 1; got {config.rank}")
+    if config.target is not None and not 0 < config.target < 1:
+        raise JointRankError(f"--target is a fraction of parameters to remove, in (0, 1); got {config.target}")
+    if config.scope not in SCOPES:
+        raise JointRankError(f"--scope must be one of {', '.join(SCOPES)}; got {config.scope!r}")
+    if config.solver not in SOLVERS:
+        raise JointRankError(f"--solver must be one of {', '.join(SOLVERS)}; got {config.solver!r}")
+    for group, rule in config.rules.items():
+        if group not in GROUP_NAMES:
+            raise JointRankError(f"unknown group {group!r}; groups are {', '.join(GROUP_NAMES)}")
+        if rule.method not in METHODS:
+            raise JointRankError(f"{group}: unknown method {rule.method!r}; use {', '.join(METHODS)}")
+        if rule.method == "joint" and group not in JOINABLE:
+            raise JointRankError(f"{group} has one member, so it cannot be joint; use separate")
+    if not any(r.method != "keep" for r in config.rules.values()):
+        raise JointRankError("nothing to compress: give a preset or a method for at least one group (e.g. --qk joint)")
+
+
+def make_plan(layout: ModelLayout, config: JointRankConfig) -> CompressionPlan:
+    validate(config)
+    units = _units(layout, config)
+    if config.target is not None:
+        ratio = _solve_ratio(layout, config, units)
+    else:
+        ratio = config.ratio
+    entries = _entries(layout, units, ratio=ratio, rank=config.rank, only_if_smaller=config.only_if_smaller)
+    return CompressionPlan(layout.model_type, layout.num_layers, tuple(entries), layout.params_total,
+                           layout.params_decoder, config.to_dict(), ratio)
+
+
+def _units(layout: ModelLayout, config: JointRankConfig) -> list[tuple[GroupLayout, str, tuple[int, ...]]]:
+    """(group, method, member indices) per factorisation unit, in model order; kept groups have method keep."""
+    layer_sets = {g: set(parse_layers(r.layers, layout.num_layers)) for g, r in config.rules.items()}
+    units = []
+    for g in layout.groups:
+        rule = config.rules.get(g.group)
+        if rule is None or rule.method == "keep" or g.layer not in layer_sets[g.group]:
+            units.append((g, "keep", tuple(range(len(g.members)))))
+        elif rule.method == "joint":
+            units.append((g, "joint", tuple(range(len(g.members)))))
+        else:
+            units.extend((g, "separate", (i,)) for i in range(len(g.members)))
+    return units
+
+
+def _entries(layout, units, *, ratio: float | None, rank: int | None, only_if_smaller: bool = True) -> list[PlanEntry]:
+    entries = []
+    for g, method, idx in units:
+        members = tuple(g.members[i] for i in idx)
+        d_outs, d_in = tuple(m.d_out for m in members), g.d_in
+        before = sum(d * d_in for d in d_outs)
+        names = tuple(m.name for m in members)
+        if method == "keep":
+            entries.append(PlanEntry(g.layer, g.group, "keep", names, d_outs, d_in, g.parent, None, before, before))
+            continue
+        limit = max_rank(d_outs, d_in)
+        if rank is not None:
+            if rank > limit:
+                raise JointRankError(
+                    f"--rank {rank} exceeds min(d_out, d_in) = {limit} of {' + '.join(names)} ({sum(d_outs)}x{d_in})"
+                )
+            k = rank
+        else:
+            k = max(1, min(limit, round(ratio * limit)))
+        after = joint_params(d_outs, d_in, k)
+        if after >= before and only_if_smaller:
+            note = f"rank {k} would not reduce parameters ({after:,} >= {before:,} dense): kept dense"
+            entries.append(PlanEntry(g.layer, g.group, "keep", names, d_outs, d_in, g.parent, None, before, before, note))
+            continue
+        entries.append(PlanEntry(g.layer, g.group, method, names, d_outs, d_in, g.parent, k, before, after))
+    return entries
+
+
+def _solve_ratio(layout: ModelLayout, config: JointRankConfig, units) -> float:
+    """The largest approximation ratio whose plan removes at least the target fraction of the scope's parameters."""
+    scope_total = layout.params_total if config.scope == "model" else layout.params_decoder
+
+    def reduction(r: float) -> float:
+        return sum(e.params_before - e.params_after for e in _entries(layout, units, ratio=r, rank=None)) / scope_total
+
+    lo, hi = 1e-9, 1.0  # reduction is non-increasing in r
+    best = reduction(lo)
+    if best < config.target:
+        raise JointRankError(
+            f"this structure cannot remove {config.target:.1%} of the {config.scope}'s parameters: even at rank 1 "
+            f"it removes {best:.1%}. Lower --target, widen --layers, add groups, or use --scope decoder"
+        )
+    if reduction(hi) >= config.target:
+        return hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if reduction(mid) >= config.target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
