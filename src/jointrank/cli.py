@@ -1,0 +1,298 @@
+"""The `jointrank` command: a thin layer over the Python API. Every user mistake is one line on stderr, exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import JointRankError
+
+DESCRIPTION = """\
+Make a language model smaller by low-rank approximation of its weights, without data, and see what it cost.
+
+Weights that read the same input (Q and K; gate and up) can be factorised *jointly*: stacked and decomposed once,
+they share one input basis, costing k*(sum d_out + d_in) parameters instead of sum k*(d_out + d_in)
+(arXiv 2402.16319). V, O and down are factorised separately or kept.
+
+examples:
+  jointrank compress gemma-3-270m --preset paper-10 --scope decoder --out gemma-jrk10
+  jointrank compress ./my-llama --qk joint --gate-up joint@last:8 --ratio 0.5 --out small
+  jointrank plan gemma-3-270m --preset paper-20 --scope decoder        # what would happen, touching nothing
+  jointrank info gemma-jrk10                                          # per layer: method, rank, energy kept
+"""
+
+GROUP_FLAGS = {"qk": "--qk", "gate_up": "--gate-up", "v": "--v", "o": "--o", "down": "--down"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except JointRankError as exc:
+        print(f"jointrank: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("jointrank: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jointrank", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    compress = sub.add_parser("compress", help="compress a model and save it",
+                              description="Plan, factorise and save. MODEL: a Hugging Face directory, a .gguf "
+                              "file, a hub id (org/name) or the alias gemma-3-270m (the embedded default).",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_plan_arguments(compress)
+    compress.add_argument("--out", required=True, help="output directory (refused if it exists, see --overwrite)")
+    compress.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    compress.add_argument("--dense", action="store_true",
+                          help="write the rank-reduced weights back into the original shapes: a plain transformers "
+                          "checkpoint of the original size (for denoising experiments and other runtimes)")
+    compress.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda (default: with the weights)")
+    compress.add_argument("--eval", default=None, metavar="TASKS",
+                          help="evaluate before and after, e.g. wikitext2 or wikitext2,piqa (see `jointrank eval`)")
+    compress.add_argument("--eval-limit", type=int, default=None, help="examples per zero-shot task for --eval")
+    compress.add_argument("--eval-max-windows", type=int, default=None,
+                          help="perplexity windows for --eval (default: the whole split)")
+    compress.add_argument("--data-dir", default=None, help="evaluation data directory (or JOINTRANK_DATA)")
+    compress.set_defaults(func=cmd_compress)
+
+    plan = sub.add_parser("plan", help="print what compress would do, without changing anything",
+                          description="Compute and print the compression plan (shapes only; no SVD, nothing written).")
+    _add_plan_arguments(plan)
+    plan.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON")
+    plan.set_defaults(func=cmd_plan)
+
+    info = sub.add_parser("info", help="describe a compressed checkpoint",
+                          description="Per layer and group: method, rank, parameters before/after, energy kept.")
+    info.add_argument("checkpoint")
+    info.add_argument("--layers", action="store_true", help="one row per layer and unit instead of a summary")
+    info.set_defaults(func=cmd_info)
+
+    for module in SUBCOMMAND_MODULES:
+        _register_optional(sub, module)
+    return parser
+
+
+# Areas that add their own subcommands through a `register(subparsers)` function. An area whose optional
+# dependencies are missing (e.g. lm-eval for `eval`) is left out of --help instead of breaking the command.
+SUBCOMMAND_MODULES = ("jointrank.evaluate.cli", "jointrank.experiments.cli", "jointrank.bench.cli")
+
+
+def _register_optional(sub, module_name: str) -> None:
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (exc.name == module_name or module_name.startswith(exc.name + ".")):
+            return  # the area does not exist in this version
+        return  # an optional dependency of that area is not installed
+    module.register(sub)
+
+
+def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--preset", choices=["paper-10", "paper-20"],
+                   help="the paper's structures: paper-10 = separate rank-k on W_Q and W_K of every layer; "
+                   "paper-20 = that plus joint rank-k on W_gate/W_up of the last 22/32 of the layers. Ranks are "
+                   "solved so 10%% / 20%% of the parameters in --scope are removed")
+    p.add_argument("--scope", choices=["model", "decoder"], default=None,
+                   help="what --target (and a preset's target) is a fraction of: the whole model (the paper's, "
+                   "default) or the decoder layers alone (small models keep most parameters in the embedding)")
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--ratio", type=float, help="approximation ratio k / min(d_out, d_in) of every factorised "
+                      "unit, in (0, 1]")
+    rule.add_argument("--rank", type=int, help="one absolute rank k for every factorised unit")
+    rule.add_argument("--target", type=float, help="fraction of the --scope's parameters to remove, e.g. 0.2; "
+                      "one ratio is solved for")
+    for group, flag in GROUP_FLAGS.items():
+        joinable = group in ("qk", "gate_up")
+        p.add_argument(flag, dest=f"group_{group}", metavar="METHOD[@LAYERS]",
+                       help=f"{'keep | separate | joint' if joinable else 'keep | separate'} for {group}, "
+                       "optionally on some layers only, e.g. joint@last:8 or separate@0-5,20-31")
+    p.add_argument("--layers", default="all", help="layers for group flags given without @LAYERS: all, first:N, "
+                   "last:N, last:A/B (a fraction), or 0-5,20-31 (default: all)")
+    p.add_argument("--solver", choices=["auto", "svd", "gram"], default="auto",
+                   help="how factors are computed: exact SVD, or Gram matrix + eigh in float64 (faster on tall "
+                   "matrices); auto picks by shape")
+    p.add_argument("--keep-unprofitable", action="store_true",
+                   help="factorise even units whose factors are not smaller than their weights (for experiments)")
+
+
+def config_from_args(args):
+    from .plan import PRESETS, GroupRule, JointRankConfig, validate
+
+    if args.preset:
+        base = PRESETS[args.preset]
+        rules = dict(base.rules)
+        target = base.target
+    else:
+        rules, target = {}, None
+    for group in GROUP_FLAGS:
+        value = getattr(args, f"group_{group}")
+        if value:
+            method, _, layers = value.partition("@")
+            rules[group] = GroupRule(method.strip(), layers.strip() or args.layers)
+    if args.ratio is not None or args.rank is not None or args.target is not None:
+        target = args.target
+    config = JointRankConfig(rules=rules, ratio=args.ratio, rank=args.rank, target=target,
+                             scope=args.scope or "model", solver=args.solver,
+                             only_if_smaller=not args.keep_unprofitable, preset=args.preset)
+    validate(config)
+    return config
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from .architectures import describe
+    from .plan import make_plan
+    from .sources import load_model, resolve
+
+    config = config_from_args(args)
+    resolve(args.model)
+    model, _, _ = load_model(args.model)
+    plan = make_plan(describe(model), config)
+    _print_plan(plan)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(plan.to_dict(), f, indent=2)
+    return 0
+
+
+def _print_plan(plan) -> None:
+    from .tables import params_summary, plan_summary
+
+    entries = [vars(e) for e in plan.entries if e.method != "keep" or e.note]
+    print(plan_summary(entries) if entries else "(nothing to factorise)")
+    if plan.ratio is not None:
+        print(f"\napproximation ratio: {plan.ratio:.4f}")
+    print()
+    print(params_summary(plan.params_total_before, plan.params_total_after, plan.params_decoder_before,
+                         plan.params_decoder_after))
+
+
+def cmd_compress(args) -> int:
+    from .checkpoint import check_output, save
+    from .compress import compress_, merge_
+    from .sources import load_model, resolve
+    from .tables import params_summary
+
+    config = config_from_args(args)  # bad flags fail here, before anything is loaded
+    resolve(args.model)
+    check_output(args.out, args.overwrite)
+    started = time.perf_counter()
+    model, tokenizer, source = load_model(args.model)
+    load_seconds = time.perf_counter() - started
+    evals = {}
+    if args.eval:
+        evals["before"] = _evaluate(model, tokenizer, args)
+    from .compress import plan_for
+
+    plan = plan_for(model, config)
+    _print_plan(plan)
+    print()
+    result = compress_(model, plan, device=args.device)
+    if args.eval:
+        evals["after"] = _evaluate(model, tokenizer, args)
+    manifest = manifest_for(result, source=args.model, config=config, dense=args.dense, evals=evals)
+    if args.dense:
+        merge_(model)
+    save(model, tokenizer, args.out, manifest, overwrite=args.overwrite)
+    print(params_summary(result.params_total_before, result.params_total_after, result.params_decoder_before,
+                         result.params_decoder_after))
+    print(f"\nload {load_seconds:.1f} s, factorise {result.seconds:.1f} s, total {time.perf_counter() - started:.1f} s;"
+          f" saved {'dense ' if args.dense else ''}checkpoint to {args.out}")
+    if evals:
+        _print_evals(evals)
+    return 0
+
+
+def manifest_for(result, *, source: str, config, dense: bool = False, evals: dict | None = None) -> dict:
+    energies = [u.energy_kept for u in result.units]
+    return {
+        "source": source,
+        "format_kind": "dense" if dense else "factorised",
+        "config": config.to_dict(),
+        "plan": result.plan.to_dict(),
+        "result": result.to_dict(),
+        "summary": {
+            "units_factorised": len(result.units),
+            "min_energy_kept": min(energies) if energies else None,
+            "params_total_ratio": result.params_total_after / result.params_total_before,
+            "params_decoder_ratio": result.params_decoder_after / result.params_decoder_before,
+        },
+        "evaluation": evals or {},
+    }
+
+
+def _evaluate(model, tokenizer, args) -> dict:
+    try:
+        from .evaluate import evaluate
+    except ImportError as exc:
+        raise JointRankError(f"--eval needs the eval extra: pip install 'jointrank[eval]' ({exc})") from exc
+    return evaluate(model, tokenizer, [t.strip() for t in args.eval.split(",") if t.strip()],
+                    data_dir=args.data_dir, limit=args.eval_limit, max_windows=args.eval_max_windows)
+
+
+def _print_evals(evals: dict) -> None:
+    try:
+        from .evaluate.report import comparison_table
+    except ImportError:
+        comparison_table = None
+    if comparison_table is not None:
+        print()
+        print(comparison_table(evals["before"], evals["after"]))
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import read_manifest
+    from .tables import format_table, params_summary, plan_summary
+
+    manifest = read_manifest(args.checkpoint)
+    plan, result = manifest["plan"], manifest["result"]
+    stats = {tuple(u["members"]): u for u in result["units"]}
+    print(f"{args.checkpoint}: {manifest.get('format_kind', 'factorised')} checkpoint of {manifest['source']} "
+          f"({plan['model_type']}, {plan['num_layers']} layers), jointrank {manifest['versions']['jointrank']}")
+    cfg = manifest["config"]
+    rule = (f"ratio {cfg['ratio']}" if cfg.get("ratio") is not None else f"rank {cfg['rank']}"
+            if cfg.get("rank") is not None else f"target {cfg['target']:.0%} of {cfg['scope']}")
+    print(f"preset: {cfg.get('preset') or '-'}; rule: {rule}; solved ratio: {plan.get('ratio')}\n")
+    if args.layers:
+        rows = []
+        for e in plan["entries"]:
+            if e["method"] == "keep":
+                continue
+            s = stats.get(tuple(e["members"]), {})
+            rows.append([e["layer"], e["group"], "+".join(m.rsplit(".", 1)[1] for m in e["members"]), e["method"],
+                         e["rank"], e["params_before"], e["params_after"], s.get("energy_kept"),
+                         "/".join(f"{x:.3f}" for x in s.get("member_rel_errors", []))])
+        print(format_table(["layer", "group", "members", "method", "rank", "params before", "params after",
+                            "energy kept", "rel. error per member"], rows))
+    else:
+        print(plan_summary([e for e in plan["entries"] if e["method"] != "keep" or e.get("note")]))
+        energies = [u["energy_kept"] for u in result["units"]]
+        if energies:
+            print(f"\nenergy kept per unit: min {min(energies):.4f}, mean {sum(energies) / len(energies):.4f}, "
+                  f"max {max(energies):.4f}  (use --layers for each unit)")
+    p = result["params"]
+    print()
+    print(params_summary(p["total_before"], p["total_after"], p["decoder_before"], p["decoder_after"]))
+    for phase in ("before", "after"):
+        if manifest.get("evaluation", {}).get(phase):
+            _print_evals(manifest["evaluation"])
+            break
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

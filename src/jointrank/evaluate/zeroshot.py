@@ -1,0 +1,189 @@
+"""Zero-shot accuracy through lm-evaluation-harness, reading local data files.
+
+Each local task is a YAML generated at run time that ``include``s lm-eval's own built-in task YAML (found in the
+installed package) and overrides only where the documents come from: ``dataset_path: json`` with
+``dataset_kwargs.data_files`` pointing at a JSONL that ``data.py`` rebuilt, in the built-in's HF schema, from the data
+dir. Prompts, target/choice functions, ``process_docs`` and metrics are therefore the built-in task's, not copies of
+them. Nothing is written into the repo: the JSONL and YAML live in a temporary directory for the run.
+
+``--limit N`` picks N document indices with a seeded RNG (the same documents on every run, independent per task)
+and hands them to lm-eval's ``samples=``; the indices are returned so the results file can record them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import JointRankError
+from . import data as data_mod
+
+TASKS = ("piqa", "hellaswag", "winogrande", "boolq", "openbookqa", "arc_easy", "arc_challenge", "lambada_openai")
+
+# task -> (built-in YAML relative to lm_eval/tasks, split the built-in scores on)
+BUILTIN = {
+    "piqa": ("piqa/piqa.yaml", "validation"),
+    "hellaswag": ("hellaswag/hellaswag.yaml", "validation"),
+    "winogrande": ("winogrande/default.yaml", "validation"),
+    "boolq": ("super_glue/boolq/default.yaml", "validation"),
+    "openbookqa": ("openbookqa/openbookqa.yaml", "test"),
+    "arc_easy": ("arc/arc_easy.yaml", "test"),
+    "arc_challenge": ("arc/arc_challenge.yaml", "test"),
+    "lambada_openai": ("lambada/lambada_openai.yaml", "test"),
+}
+
+LOCAL_PREFIX = "jointrank_"
+
+
+def builtin_yaml(task: str) -> Path:
+    import lm_eval.tasks
+
+    path = Path(lm_eval.tasks.__file__).parent / BUILTIN[task][0]
+    if not path.is_file():
+        raise JointRankError(f"lm-eval {_lm_eval_version()} has no built-in task file {BUILTIN[task][0]} for {task}")
+    return path
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+def sample_indices(task: str, n_docs: int, limit: int | None, seed: int) -> list[int] | None:
+    """Seeded, sorted sample of LIMIT document indices (None = all). Same seed, same documents, every run."""
+    if limit is None or limit >= n_docs:
+        return None
+    if limit < 1:
+        raise JointRankError(f"--limit must be positive, got {limit}")
+    # A string seed is hashed with SHA-512 by random.Random, so this is stable across processes and Python runs.
+    return sorted(random.Random(f"{seed}:{task}").sample(range(n_docs), limit))
+
+
+def write_local_task(task: str, docs: list[dict], out_dir: Path) -> str:
+    """Write DOCS as JSONL plus a YAML that includes the built-in task; returns the local task name."""
+    split = BUILTIN[task][1]
+    data_file = out_dir / f"{task}.jsonl"
+    with open(data_file, "w", encoding="utf-8") as fh:
+        for doc in docs:
+            fh.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    name = LOCAL_PREFIX + task
+    config = {
+        "include": str(builtin_yaml(task)),
+        "task": name,
+        "tag": [],  # do not join the built-in's tag groups (e.g. ai2_arc)
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {split: str(data_file)}},
+        "training_split": None,
+        "validation_split": split if split == "validation" else None,
+        "test_split": split if split == "test" else None,
+        "fewshot_split": None,
+    }
+    # JSON is valid YAML; lm-eval's loader reads it with its !function-aware YAML loader.
+    (out_dir / f"{name}.yaml").write_text(json.dumps(config, indent=1), encoding="utf-8")
+    return name
+
+
+@contextlib.contextmanager
+def local_tasks(tasks: list[str], data_dir: Path):
+    """Temporary task dir holding our local tasks; yields (TaskManager, {task: (local name, n_docs)})."""
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory(prefix="jointrank-tasks-") as tmp:
+        names = {}
+        for task in tasks:
+            docs = data_mod.load_docs(task, data_dir)
+            names[task] = (write_local_task(task, docs, Path(tmp)), len(docs))
+        yield TaskManager(include_path=tmp), names
+
+
+def _metrics(task_result: dict) -> dict:
+    """lm-eval's 'acc,none' / 'acc_stderr,none' keys -> {'acc': .., 'acc_stderr': ..}; perplexity kept too."""
+    out = {}
+    for key, value in task_result.items():
+        metric, _, filt = key.partition(",")
+        if filt != "none" or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        out[metric] = float(value)
+    return out
+
+
+def run_tasks(
+    model,
+    tokenizer,
+    tasks: list[str],
+    *,
+    data_dir: Path | None,
+    limit: int | None = None,
+    seed: int = 1234,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
+    """Score TASKS with lm-eval; returns {task: {metrics..., n, n_total, indices, wall_time_s, source}}."""
+    unknown = [t for t in tasks if t not in BUILTIN]
+    if unknown:
+        raise JointRankError(f"unknown zero-shot task(s): {', '.join(unknown)}; known: {', '.join(TASKS)}")
+    if tokenizer is None:
+        raise JointRankError("zero-shot evaluation needs a tokenizer, and the model came without one")
+    if data_dir is None and data_mod.offline():
+        needed = [f for t in tasks for f in data_mod.FILES[t]]
+        raise JointRankError(
+            f"offline and no data dir: give --data-dir or {data_mod.ENV_VAR} holding {', '.join(needed)}"
+        )
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    # One HFLM for all tasks. It takes the model object as is (dense, compressed or reloaded) on its own device.
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
+    results = {}
+    with contextlib.ExitStack() as stack:
+        if data_dir is not None:
+            manager, names = stack.enter_context(local_tasks(tasks, data_dir))
+            source = f"local:{data_dir}"
+        else:
+            from lm_eval.tasks import TaskManager
+
+            manager, source = TaskManager(), "hub"
+            names = {t: (t, data_mod.OFFICIAL_ROWS[t]) for t in tasks}
+        for task in tasks:  # one task per call, so each gets its own wall time
+            name, n_total = names[task]
+            indices = sample_indices(task, n_total, limit, seed)
+            started = time.perf_counter()
+            out = simple_evaluate(
+                model=lm,
+                tasks=[name],
+                task_manager=manager,
+                num_fewshot=0,
+                samples={name: indices} if indices is not None else None,
+                log_samples=False,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+                verbosity="ERROR",
+            )
+            wall = time.perf_counter() - started
+            n_eff = out["n-samples"][name]["effective"]
+            if n_eff != (len(indices) if indices is not None else n_total):
+                raise JointRankError(f"{task}: lm-eval scored {n_eff} documents, expected {len(indices) if indices else n_total}")
+            results[task] = {
+                **_metrics(out["results"][name]),
+                "n": n_eff,
+                "n_total": n_total,
+                "sample_seed": seed if indices is not None else None,
+                "indices": indices,
+                "wall_time_s": wall,
+                "source": source,
+                "lm_eval_task": name,
+                "builtin_task_version": out.get("versions", {}).get(name),
+            }
+    return results
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # lm-eval forks; silence the tokenizers warning

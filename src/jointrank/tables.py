@@ -1,0 +1,80 @@
+"""Plain-text and Markdown tables, and the summaries every command prints."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+
+def format_table(headers: list[str], rows: list[list], markdown: bool = False) -> str:
+    cells = [[str(h) for h in headers]] + [[_cell(c) for c in row] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in cells[1:]]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [all(_is_number(r[i]) for r in cells[1:]) and len(cells) > 1 for i in range(len(headers))]
+    out = []
+    for n, row in enumerate(cells):
+        out.append("  ".join(c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in out)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "" if value is None else str(value)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", "").rstrip("%x"))
+        return True
+    except ValueError:
+        return text == ""
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """[0,1,2,5,6] -> '0-2,5-6'."""
+    if not layers:
+        return "-"
+    layers = sorted(layers)
+    parts, start, prev = [], layers[0], layers[0]
+    for x in layers[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+        if x is not None:
+            start = prev = x
+    return ",".join(parts)
+
+
+def plan_summary(entries: list[dict]) -> str:
+    """One row per (group, member, method, rank): which layers, parameters before and after."""
+    rows = defaultdict(lambda: {"layers": [], "before": 0, "after": 0, "notes": set()})
+    for e in entries:
+        who = "+".join(m.rsplit(".", 1)[1] for m in e["members"])
+        key = (e["group"], who, e["method"], e["rank"])
+        rows[key]["layers"].append(e["layer"])
+        rows[key]["before"] += e["params_before"]
+        rows[key]["after"] += e["params_after"]
+        if e.get("note"):
+            rows[key]["notes"].add(e["note"].split(":")[0])
+    body = []
+    for (group, who, method, rank), r in rows.items():
+        body.append([group, who, method, rank if rank is not None else "-", layer_ranges(r["layers"]),
+                     r["before"], r["after"], "; ".join(sorted(r["notes"]))])
+    return format_table(["group", "members", "method", "rank", "layers", "params before", "params after", "note"],
+                        body)
+
+
+def params_summary(total_before: int, total_after: int, decoder_before: int, decoder_after: int) -> str:
+    rows = []
+    for name, before, after in (("whole model", total_before, total_after),
+                                ("decoder layers", decoder_before, decoder_after)):
+        rows.append([name, before, after, f"{after / before:.2%}", f"{1 - after / before:.2%}"])
+    return format_table(["scope", "params before", "params after", "kept (after/before)", "removed"], rows)
