@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 
 from .errors import JointRankError
@@ -83,11 +84,11 @@ def describe(model: nn.Module) -> ModelLayout:
     layers_path, layers = decoder_layers(model)
     table = ARCHITECTURES.get(model_type)
     if table is None:
-        found = sorted({n.split(".")[-1] for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)})
-        other = sorted({type(m).__name__ for m in layers[0].modules()} - {"ModuleList"})[:8]
+        found = [f"{n} ({type(m).__name__})" for n, m in layers[0].named_modules()
+                 if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
         raise JointRankError(
-            f"unsupported architecture {model_type!r}: layer 0 has linear layers {found or 'none'} "
-            f"(module types {other}); supported: {', '.join(sorted(ARCHITECTURES))}"
+            f"unsupported architecture {model_type!r}: layer 0 ({type(layers[0]).__name__}) has weight matrices "
+            f"{', '.join(found) or 'none'}; supported: {', '.join(sorted(ARCHITECTURES))}"
         )
     groups = []
     for index, layer in enumerate(layers):
