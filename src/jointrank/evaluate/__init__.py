@@ -1,0 +1,152 @@
+"""Evaluation: perplexity and zero-shot accuracy of any causal LM (dense, compressed in memory, or reloaded).
+
+    from jointrank.evaluate import evaluate
+    results = evaluate(model, tokenizer, ["wikitext2", "piqa"], data_dir="../shared/data", limit=500)
+
+returns the same dict that ``jointrank eval --out`` writes (see report.SCHEMA).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from ..errors import JointRankError
+from . import data
+from .perplexity import TEXTS as PERPLEXITY_TEXTS
+from .report import SCHEMA
+
+ZEROSHOT_TASKS = ("piqa", "hellaswag", "winogrande", "boolq", "openbookqa", "arc_easy", "arc_challenge", "lambada_openai")
+GROUPS = {
+    "paper7": ["piqa", "hellaswag", "winogrande", "boolq", "openbookqa", "arc_easy", "arc_challenge"],
+    "zeroshot": list(ZEROSHOT_TASKS),
+    "all": ["wikitext2", *ZEROSHOT_TASKS],
+}
+KNOWN = (*PERPLEXITY_TEXTS, *ZEROSHOT_TASKS)
+
+__all__ = ["evaluate", "parse_tasks", "KNOWN", "GROUPS"]
+
+
+def parse_tasks(spec: str | list[str]) -> list[str]:
+    """'wikitext2,piqa' or a group name (paper7, zeroshot, all) -> ordered, de-duplicated task list."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    tasks: list[str] = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        for task in GROUPS.get(item, [item]):
+            if task not in KNOWN:
+                raise JointRankError(f"unknown task {task}; known: {', '.join(KNOWN)} or groups {', '.join(GROUPS)}")
+            if task not in tasks:
+                tasks.append(task)
+    if not tasks:
+        raise JointRankError("no tasks given (--tasks)")
+    return tasks
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("jointrank", "torch", "transformers", "lm_eval", "datasets"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _load_avg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def read_manifest(model_dir: str | None) -> dict | None:
+    """The compression manifest (jointrank_manifest.json) of a model directory, if it has one."""
+    from ..sources import MANIFEST_NAME
+
+    if not model_dir:
+        return None
+    path = Path(model_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise JointRankError(f"{path} is not valid JSON ({exc.msg})") from None
+
+
+def evaluate(
+    model,
+    tokenizer,
+    tasks: list[str] | str,
+    *,
+    data_dir=None,
+    limit: int | None = None,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 8,
+    ppl_batch_size: int = 1,
+    seed: int = 1234,
+    progress: bool = True,
+    model_spec: str | None = None,
+    model_dir: str | None = None,
+    command: str | None = None,
+) -> dict:
+    """Evaluate MODEL on TASKS; returns the results dict (schema jointrank.eval/1, as written by ``eval --out``).
+
+    data_dir: flag value (None falls back to $JOINTRANK_DATA, then the hub when online). limit: seeded sample of
+    documents per zero-shot task. seqlen / max_windows: perplexity windows. model_dir: where to look for a
+    compression manifest. The model is evaluated as given (its dtype and device).
+    """
+    import torch
+
+    from .perplexity import load_text, perplexity
+    from .zeroshot import run_tasks
+
+    tasks = parse_tasks(tasks)
+    root = data.resolve_data_dir(data_dir)
+    started_utc = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    load_start, t0 = _load_avg(), time.perf_counter()
+    # Fail on missing data before any model time is spent.
+    for task in tasks:
+        if root is not None or (data.offline() and task in data.FILES) or task == "c4":
+            data.require_files(task, root)
+    results: dict = {}
+    for task in tasks:
+        if task in PERPLEXITY_TEXTS:
+            text = load_text(task, root)
+            results[task] = perplexity(model, tokenizer, text, seqlen=seqlen, max_windows=max_windows,
+                                       batch_size=ppl_batch_size, progress=progress, desc=task)
+            results[task]["source"] = f"local:{root}" if root else "hub"
+    zs = [t for t in tasks if t in ZEROSHOT_TASKS]
+    if zs:
+        zs_results = run_tasks(model, tokenizer, zs, data_dir=root, limit=limit, seed=seed, batch_size=batch_size,
+                               progress=progress)
+        results.update(zs_results)
+    params = sum(p.numel() for p in model.parameters())
+    return {
+        "schema": SCHEMA,
+        "model": {"spec": model_spec or type(model).__name__, "class": type(model).__name__, "parameters": params,
+                  "dir": model_dir},
+        "manifest": read_manifest(model_dir),
+        "command": command or shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+        "settings": {"tasks": tasks, "limit": limit, "seed": seed, "seqlen": seqlen, "max_windows": max_windows,
+                     "batch_size": batch_size, "ppl_batch_size": ppl_batch_size,
+                     "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                     "data_source": f"local:{root}" if root else "hub"},
+        "versions": _versions(),
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+                    "load_avg_start": load_start, "load_avg_end": _load_avg()},
+        "started_utc": started_utc,
+        "wall_time_s": time.perf_counter() - t0,
+        "results": {t: results[t] for t in tasks},
+    }

@@ -38,6 +38,8 @@ BUILTIN = {
 }
 
 LOCAL_PREFIX = "jointrank_"
+# Only bootstrapped stderrs use this (lambada perplexity); acc stderrs are analytic. 100k (the default) costs minutes.
+BOOTSTRAP_ITERS = 1000
 
 
 def builtin_yaml(task: str) -> Path:
@@ -103,6 +105,51 @@ def local_tasks(tasks: list[str], data_dir: Path):
         yield TaskManager(include_path=tmp), names
 
 
+def _continuation_only_hflm():
+    """HFLM that projects to the vocabulary only where a continuation can be scored.
+
+    HFLM computes [batch, positions, vocab] logits for every input position and keeps only the continuation's.
+    With Gemma's 262k vocabulary that projection costs more than the whole decoder. lm-eval slices each row with
+    ``ctx_len = inplen + (logits.shape[1] - padding_len)``, i.e. it accepts logits that cover only the *last*
+    positions of the padded batch; so we return logits from position ``start`` on, where ``start`` is a safe lower
+    bound on every row's first scored position: (shortest row length) - (longest continuation of the task).
+    Rows are right-padded with zeros, so counting trailing zeros can only under-estimate a row's length, which only
+    makes ``start`` smaller (safe). Scores are identical to HFLM's (tested on a tiny model).
+    """
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from .perplexity import _split_model
+
+    class ContinuationOnlyHFLM(HFLM):
+        _max_cont = None
+
+        def _loglikelihood_tokens(self, requests, *args, **kwargs):
+            self._max_cont = max((len(r[2]) for r in requests), default=0)
+            try:
+                return super()._loglikelihood_tokens(requests, *args, **kwargs)
+            finally:
+                self._max_cont = None
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            parts = _split_model(self.model)
+            if attn_mask is not None or labels is not None or parts is None or self._max_cont is None:
+                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            decoder, head, softcap = parts
+            with torch.no_grad():
+                padded = inps.shape[1]
+                is_pad = (inps == 0).flip(1).cumprod(1)  # 1 on the trailing run of zeros
+                lengths = padded - is_pad.sum(1)
+                start = max(0, int(lengths.min()) - self._max_cont)
+                hidden = decoder(input_ids=inps, use_cache=False).last_hidden_state[:, start:]
+                logits = head(hidden)
+                if softcap:
+                    logits = torch.tanh(logits / softcap) * softcap
+                return logits
+
+    return ContinuationOnlyHFLM
+
+
 def _metrics(task_result: dict) -> dict:
     """lm-eval's 'acc,none' / 'acc_stderr,none' keys -> {'acc': .., 'acc_stderr': ..}; perplexity kept too."""
     out = {}
@@ -137,10 +184,8 @@ def run_tasks(
             f"offline and no data dir: give --data-dir or {data_mod.ENV_VAR} holding {', '.join(needed)}"
         )
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-
     # One HFLM for all tasks. It takes the model object as is (dense, compressed or reloaded) on its own device.
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
+    lm = _continuation_only_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
     results = {}
     with contextlib.ExitStack() as stack:
         if data_dir is not None:
@@ -162,6 +207,7 @@ def run_tasks(
                 num_fewshot=0,
                 samples={name: indices} if indices is not None else None,
                 log_samples=False,
+                bootstrap_iters=BOOTSTRAP_ITERS,
                 random_seed=seed,
                 numpy_random_seed=seed,
                 torch_random_seed=seed,

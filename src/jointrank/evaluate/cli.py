@@ -1,0 +1,122 @@
+"""`jointrank eval` and `jointrank compare`: a thin layer over evaluate() and report.
+
+Wire in with ``register(subparsers)``; each subcommand sets ``func`` (called with the parsed args, returns an exit
+code). JointRankError is left to the main CLI, which prints it and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from ..errors import JointRankError
+from . import GROUPS, KNOWN
+from .data import ENV_VAR
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="perplexity and zero-shot accuracy of a model (dense or compressed)",
+        description="Evaluate MODEL. Tasks: " + ", ".join(KNOWN) + "; groups: "
+        + ", ".join(f"{k} ({','.join(v)})" for k, v in GROUPS.items()),
+    )
+    p.add_argument("model", help="local HF dir, .gguf, hub id, jointrank checkpoint dir, or the alias gemma-3-270m")
+    p.add_argument("--tasks", default="wikitext2", help="comma-separated tasks or groups (default: wikitext2)")
+    p.add_argument("--limit", type=_positive, help="score a fixed seeded sample of N documents per zero-shot task")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the --limit sample (default 1234)")
+    p.add_argument("--seqlen", type=_positive, default=2048, help="perplexity window length in tokens (default 2048)")
+    p.add_argument("--max-windows", type=_positive, help="score only the first N perplexity windows")
+    p.add_argument("--batch-size", type=_positive, default=8, help="zero-shot batch size (default 8)")
+    p.add_argument("--ppl-batch-size", type=_positive, default=1, help="windows per perplexity forward (default 1)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="dtype to run the model in (default float32; on CPUs without bf16 kernels bfloat16 is slower)")
+    p.add_argument("--data-dir", help=f"evaluation data dir (default: ${ENV_VAR}; else the hub when online)")
+    p.add_argument("--out", help="write the results JSON here, and its Markdown beside it (.md)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_eval)
+
+    c = subparsers.add_parser("compare", help="base vs compressed results: delta and retention per task and on average")
+    c.add_argument("base", help="results JSON of the base model")
+    c.add_argument("compressed", help="results JSON of the compressed model")
+    c.add_argument("--metric", choices=("acc", "acc_norm"), default="acc",
+                   help="accuracy to compare (acc_norm falls back to acc where a task has none); default acc")
+    c.add_argument("--out", help="also write the comparison as Markdown here")
+    c.set_defaults(func=run_compare)
+
+
+def run_eval(args) -> int:
+    import torch
+
+    from ..sources import load_model
+    from . import evaluate
+    from .report import render_results, write_json
+
+    from . import parse_tasks
+
+    tasks = parse_tasks(args.tasks)  # fail on a typo before spending time on loading the model
+    if args.out and not args.out.endswith(".json"):
+        raise JointRankError(f"--out must name a .json file, got {args.out}")
+    model, tokenizer, source = load_model(args.model, dtype=getattr(torch, args.dtype))
+    results = evaluate(
+        model, tokenizer, tasks, data_dir=args.data_dir, limit=args.limit, seqlen=args.seqlen,
+        max_windows=args.max_windows, batch_size=args.batch_size, ppl_batch_size=args.ppl_batch_size,
+        seed=args.seed, progress=not args.no_progress, model_spec=args.model,
+        model_dir=source.path if os.path.isdir(source.path) else None,
+        command=_command_line(),
+    )
+    results["model"]["source_kind"] = source.kind
+    text = render_results(results)
+    if args.out:
+        out = write_json(results, args.out)
+        out.with_suffix(".md").write_text(text, encoding="utf-8")
+        print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+    print(text)
+    return 0
+
+
+def _command_line() -> str:
+    prog = ["jointrank"] if Path(sys.argv[0]).name == "jointrank" else [Path(sys.executable).name, "-m", "jointrank.evaluate.cli"]
+    return shlex.join([*prog, *sys.argv[1:]])
+
+
+def run_compare(args) -> int:
+    from .report import compare, read_json, render_compare
+
+    cmp = compare(read_json(args.base), read_json(args.compressed), metric=args.metric)
+    print(render_compare(cmp, markdown=False), end="")
+    if args.out:
+        Path(args.out).write_text(render_compare(cmp, markdown=True), encoding="utf-8")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (python -m jointrank.evaluate.cli ...) until the main CLI wires register() in."""
+    parser = argparse.ArgumentParser(prog="jointrank")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except JointRankError as exc:
+        print(f"jointrank: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
