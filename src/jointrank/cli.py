@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -126,6 +127,20 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    "matrices); auto picks by shape")
     p.add_argument("--keep-unprofitable", action="store_true",
                    help="factorise even units whose factors are not smaller than their weights (for experiments)")
+    p.add_argument("--keep-slow", nargs="?", type=float, const=0.0, default=None, metavar="MARGIN",
+                   help="keep dense every unit that would be slower or larger than dense at its rank (per-token "
+                   "multiply-adds and weight bytes, see the plan's cost column); with MARGIN, also those saving "
+                   "less than that fraction, e.g. 0.1, since two thin matmuls run below peak speed")
+    p.add_argument("--method", default="svd", metavar="NAME[:OPTION]",
+                   help="decomposition: svd (plain, the paper's; default), balanced[:norm|heads|alone] (joint "
+                   "members weighted before stacking); with --calibration: asvd, svd_llm, llm_rom")
+    p.add_argument("--allocation", choices=["uniform", "global"], default="uniform",
+                   help="uniform: one ratio for every unit; global: every unit's rank (or dense) chosen together "
+                   "from the weights' spectra to meet --target (data-free)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="calibration text (documents one per line) for the data-aware methods")
+    p.add_argument("--calibration-tokens", type=int, default=16384, metavar="N",
+                   help="calibration tokens to use, in windows of 512 (default: 16384)")
 
 
 def config_from_args(args):
@@ -146,7 +161,8 @@ def config_from_args(args):
         target = args.target
     config = JointRankConfig(rules=rules, ratio=args.ratio, rank=args.rank, target=target,
                              scope=args.scope or "model", solver=args.solver,
-                             only_if_smaller=not args.keep_unprofitable, preset=args.preset)
+                             only_if_smaller=not args.keep_unprofitable, preset=args.preset,
+                             method=args.method, allocation=args.allocation, keep_slow=args.keep_slow)
     validate(config)
     return config
 
@@ -154,14 +170,13 @@ def config_from_args(args):
 def cmd_plan(args) -> int:
     import json
 
-    from .architectures import describe
-    from .plan import make_plan
+    from .compress import plan_for
     from .sources import load_model, resolve
 
     config = config_from_args(args)
     resolve(args.model)
     model, _, _ = load_model(args.model)
-    plan = make_plan(describe(model), config)
+    plan = plan_for(model, config)
     _print_plan(plan)
     if args.json:
         with open(args.json, "w") as f:
@@ -188,6 +203,7 @@ def cmd_compress(args) -> int:
     from .tables import params_summary
 
     config = config_from_args(args)  # bad flags fail here, before anything is loaded
+    _calibration(args, config, None)
     resolve(args.model)
     check_output(args.out, args.overwrite)
     started = time.perf_counter()
@@ -201,7 +217,7 @@ def cmd_compress(args) -> int:
     plan = plan_for(model, config)
     _print_plan(plan)
     print()
-    result = compress_(model, plan, device=args.device)
+    result = compress_(model, plan, device=args.device, calibration=_calibration(args, config, tokenizer))
     if args.eval:
         evals["after"] = _evaluate(model, tokenizer, args)
     manifest = manifest_for(result, source=args.model, config=config, dense=args.dense, evals=evals)
@@ -215,6 +231,27 @@ def cmd_compress(args) -> int:
     if evals:
         _print_evals(evals)
     return 0
+
+
+def _calibration(args, config, tokenizer):
+    """Calibration windows for a data-aware method (None for a data-free one); refuses a mismatch either way."""
+    from .methods import parse
+    from .methods.calibration import load_text
+
+    method, _ = parse(config.method)
+    if not method.needs_calibration:
+        if args.calibration:
+            raise JointRankError(f"method {method.name!r} is data-free and takes no --calibration")
+        return None
+    if not args.calibration:
+        raise JointRankError(f"method {method.name!r} needs calibration text: give --calibration FILE")
+    if tokenizer is None:  # only checking the flags, before the model is loaded
+        if not os.path.isfile(args.calibration):
+            raise JointRankError(f"calibration file {args.calibration} does not exist")
+        if args.calibration_tokens < 1:
+            raise JointRankError(f"--calibration-tokens must be positive (got {args.calibration_tokens})")
+        return None
+    return load_text(args.calibration, tokenizer, tokens=args.calibration_tokens)
 
 
 def manifest_for(result, *, source: str, config, dense: bool = False, evals: dict | None = None) -> dict:

@@ -49,19 +49,25 @@ class CompressionResult:
             },
             "seconds": self.seconds,
             "units": [vars(u) for u in self.units],
+            **({"extra": self.extra} if self.extra else {}),
         }
 
 
 def plan_for(model: nn.Module, config: JointRankConfig) -> CompressionPlan:
+    if getattr(config, "allocation", "uniform") == "global":  # ranks chosen from the weights' spectra
+        from .methods.allocation import plan_global
+
+        return plan_global(model, config)
     return make_plan(describe(model), config)
 
 
 def compress_(model: nn.Module, config: JointRankConfig | CompressionPlan, *, device: str | None = None,
-              progress: bool = True) -> CompressionResult:
+              progress: bool = True, calibration=None) -> CompressionResult:
     """Compress `model` in place following a config (planned here) or a ready plan; returns what was done.
 
     The SVDs run on `device` (default: where each weight lives), in float32 or better; the factors are stored in
-    the weight's own dtype and device.
+    the weight's own dtype and device. The decomposition is the config's `method` (jointrank.methods; default
+    "svd"); a data-aware method needs `calibration` (methods.calibration.load_text).
     """
     start = time.perf_counter()
     layout = describe(model)
@@ -69,17 +75,30 @@ def compress_(model: nn.Module, config: JointRankConfig | CompressionPlan, *, de
         plan = config
         solver = plan.config.get("solver", "auto")
     else:
-        plan = make_plan(layout, config)
+        plan = plan_for(model, config)
         solver = config.solver
     _check_plan_fits(plan, layout)
+    from . import methods
+
+    spec = plan.config.get("method", "svd")
+    method, _ = methods.parse(spec)
     results = []
     work = plan.factorised
-    for entry in tqdm(work, desc="factorising", unit="unit", disable=not progress or not work):
-        modules = [model.get_submodule(name) for name in entry.members]
-        weights = [m.weight.detach().to(device) if device else m.weight.detach() for m in modules]
-        factors = joint_rank_k(weights, entry.rank, solver=solver)
-        install_unit(model, entry.members, entry.rank, shared=entry.method == "joint", group=entry.group)
-        _load_factors(model, entry.members, factors, originals=modules, shared=entry.method == "joint")
+    extra = {}
+    if method.needs_calibration:
+        from .methods.apply import compress_calibrated
+
+        done, extra = compress_calibrated(model, plan, calibration, solver=solver, progress=progress,
+                                          install=lambda entry, factors: install_factors(model, entry, factors))
+    else:
+        done = []
+        for entry in tqdm(work, desc="factorising", unit="unit", disable=not progress or not work):
+            modules = [model.get_submodule(name) for name in entry.members]
+            weights = [m.weight.detach().to(device) if device else m.weight.detach() for m in modules]
+            factors = methods.factorise(spec, weights, entry.rank, solver=solver)
+            install_factors(model, entry, factors)
+            done.append((entry, factors))
+    for entry, factors in done:
         results.append(UnitResult(entry.layer, entry.group, entry.method, entry.members, entry.rank,
                                   factors.energy_kept, factors.rel_error, factors.member_rel_errors))
     attach_quantization_config(model, plan)
@@ -92,7 +111,15 @@ def compress_(model: nn.Module, config: JointRankConfig | CompressionPlan, *, de
         params_decoder_before=layout.params_decoder,
         params_decoder_after=count_parameters(layers),
         seconds=time.perf_counter() - start,
+        extra=extra,
     )
+
+
+def install_factors(model: nn.Module, entry, factors) -> None:
+    """Replace one plan unit's dense members by low-rank modules holding `factors` (any method's)."""
+    modules = [model.get_submodule(name) for name in entry.members]
+    install_unit(model, entry.members, entry.rank, shared=entry.method == "joint", group=entry.group)
+    _load_factors(model, entry.members, factors, originals=modules, shared=entry.method == "joint")
 
 
 def _check_plan_fits(plan: CompressionPlan, layout) -> None:

@@ -18,6 +18,7 @@ from .linalg import SOLVERS, joint_params, max_rank
 
 METHODS = ("keep", "separate", "joint")
 SCOPES = ("model", "decoder")
+ALLOCATIONS = ("uniform", "global")
 CONFIG_VERSION = 1
 
 
@@ -40,6 +41,9 @@ class JointRankConfig:
     only_if_smaller: bool = True  # keep a unit dense when its factors would not be smaller than its weights
     preset: str | None = None
     version: int = CONFIG_VERSION
+    method: str = "svd"  # how each unit is factorised: a name in jointrank.methods (svd, balanced, svd_llm, ...)
+    allocation: str = "uniform"  # uniform: one ratio everywhere; global: ranks chosen per unit (methods.allocation)
+    keep_slow: float | None = None  # keep dense a unit whose modelled cost is not this fraction below dense (unit_cost)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -63,6 +67,39 @@ PRESETS: dict[str, JointRankConfig] = {
         rules={"qk": GroupRule("separate"), "gate_up": GroupRule("joint", "last:22/32")}, target=0.20, preset="paper-20"
     ),
 }
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    """Per-token cost of one unit, dense vs factorised at rank k: multiply-adds (compute-bound prefill) and weights
+    read (memory-bound decode; bytes = this x the dtype's size, the same for both, so the ratio is dtype-free)."""
+
+    dense_macs: int
+    factorised_macs: int
+    dense_params: int
+    factorised_params: int
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_macs / self.factorised_macs
+
+    def verdict(self, margin: float = 0.0) -> str:
+        """'' if the factorised unit is cheaper than dense in both measures by more than `margin`, else why not."""
+        slower, larger = self.factorised_macs >= self.dense_macs, self.factorised_params >= self.dense_params
+        if slower or larger:
+            return " and ".join(w for w, bad in (("slower", slower), ("larger", larger)) if bad) + " than dense"
+        saving = 1 - max(self.factorised_macs / self.dense_macs, self.factorised_params / self.dense_params)
+        return f"saves less than {margin:.0%} of dense cost" if saving < margin else ""
+
+
+def unit_cost(d_outs: tuple[int, ...] | list[int], d_in: int, rank: int, *, shared_projection: bool = True) -> UnitCost:
+    """Dense: Σd_out·d_in multiply-adds per token. Rank k: k·d_in for the projection x Bᵀ (once for a joint group,
+    as modules.SharedBasis computes it once; per member if it were not shared) + k·Σd_out for the output factors.
+    With the projection shared, multiply-adds per token equal the weights stored, so "slower" and "larger" agree;
+    real kernels lose some efficiency on two thin matmuls, which is what a keep_slow margin is for."""
+    dense = sum(d_outs) * d_in
+    projections = 1 if shared_projection else len(d_outs)
+    return UnitCost(dense, rank * d_in * projections + rank * sum(d_outs), dense, joint_params(d_outs, d_in, rank))
 
 
 @dataclass(frozen=True)
@@ -177,6 +214,16 @@ def validate(config: JointRankConfig) -> None:
         raise JointRankError(f"--scope must be one of {', '.join(SCOPES)}; got {config.scope!r}")
     if config.solver not in SOLVERS:
         raise JointRankError(f"--solver must be one of {', '.join(SOLVERS)}; got {config.solver!r}")
+    from .methods import parse as parse_method
+
+    parse_method(config.method)
+    if config.keep_slow is not None and not 0 <= config.keep_slow < 1:
+        raise JointRankError(f"--keep-slow margin must be in [0, 1); got {config.keep_slow}")
+    if config.allocation not in ALLOCATIONS:
+        raise JointRankError(f"--allocation must be one of {', '.join(ALLOCATIONS)}; got {config.allocation!r}")
+    if config.allocation == "global" and config.target is None:
+        raise JointRankError("--allocation global chooses every rank from a parameter budget: give --target "
+                             "(or a preset), not --ratio or --rank")
     for group, rule in config.rules.items():
         if group not in GROUP_NAMES:
             raise JointRankError(f"unknown group {group!r}; groups are {', '.join(GROUP_NAMES)}")
@@ -195,7 +242,8 @@ def make_plan(layout: ModelLayout, config: JointRankConfig) -> CompressionPlan:
         ratio = _solve_ratio(layout, config, units)
     else:
         ratio = config.ratio
-    entries = _entries(layout, units, ratio=ratio, rank=config.rank, only_if_smaller=config.only_if_smaller)
+    entries = _entries(layout, units, ratio=ratio, rank=config.rank, only_if_smaller=config.only_if_smaller,
+                       keep_slow=config.keep_slow)
     return CompressionPlan(layout.model_type, layout.num_layers, tuple(entries), layout.params_total,
                            layout.params_decoder, config.to_dict(), ratio)
 
@@ -215,7 +263,8 @@ def _units(layout: ModelLayout, config: JointRankConfig) -> list[tuple[GroupLayo
     return units
 
 
-def _entries(layout, units, *, ratio: float | None, rank: int | None, only_if_smaller: bool = True) -> list[PlanEntry]:
+def _entries(layout, units, *, ratio: float | None, rank: int | None, only_if_smaller: bool = True,
+             keep_slow: float | None = None) -> list[PlanEntry]:
     entries = []
     for g, method, idx in units:
         members = tuple(g.members[i] for i in idx)
@@ -239,7 +288,15 @@ def _entries(layout, units, *, ratio: float | None, rank: int | None, only_if_sm
             note = f"rank {k} would not reduce parameters ({after:,} >= {before:,} dense): kept dense"
             entries.append(PlanEntry(g.layer, g.group, "keep", names, d_outs, d_in, g.parent, None, before, before, note))
             continue
-        entries.append(PlanEntry(g.layer, g.group, method, names, d_outs, d_in, g.parent, k, before, after))
+        cost = unit_cost(d_outs, d_in, k)
+        verdict = cost.verdict(keep_slow or 0.0)
+        macs = f"{cost.factorised_macs:,} vs {cost.dense_macs:,} multiply-adds/token"
+        if verdict and keep_slow is not None:
+            note = f"rank {k} would be {verdict} ({macs}): kept dense"
+            entries.append(PlanEntry(g.layer, g.group, "keep", names, d_outs, d_in, g.parent, None, before, before, note))
+            continue
+        note = f"modelled {cost.verdict()}: {macs}" if cost.verdict() else ""
+        entries.append(PlanEntry(g.layer, g.group, method, names, d_outs, d_in, g.parent, k, before, after, note))
     return entries
 
 
@@ -248,7 +305,9 @@ def _solve_ratio(layout: ModelLayout, config: JointRankConfig, units) -> float:
     scope_total = layout.params_total if config.scope == "model" else layout.params_decoder
 
     def reduction(r: float) -> float:
-        return sum(e.params_before - e.params_after for e in _entries(layout, units, ratio=r, rank=None)) / scope_total
+        entries = _entries(layout, units, ratio=r, rank=None, only_if_smaller=config.only_if_smaller,
+                           keep_slow=config.keep_slow)
+        return sum(e.params_before - e.params_after for e in entries) / scope_total
 
     lo, hi = 1e-9, 1.0  # reduction is non-increasing in r
     best = reduction(lo)

@@ -1,0 +1,78 @@
+"""Decomposition methods by name: one file each, all producing the same factor structure.
+
+Every method turns the weights of one plan unit (one matrix, or the members of a joint group, which read the same
+input) and a rank k into `linalg.Factors`: one input basis B (k, d_in) shared by the unit and one output factor
+A_i (d_out_i, k) per member, with A_i B ≈ W_i. That is the structure `compress.install_unit` builds and checkpoints
+store, so a new method costs one file here and one row in tests/test_methods.py, and nothing downstream changes.
+Data-aware methods also receive the statistics of the unit's input on calibration text (`InputStats`); their basis
+is in general not orthonormal, which storage does not care about.
+
+A method is named in `JointRankConfig.method` as NAME or NAME:OPTION (e.g. ``balanced:heads``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import JointRankError
+from ..linalg import Factors
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    # factorise(weights, k, *, option, stats, solver) -> Factors
+    factorise: Callable[..., Factors]
+    needs_calibration: bool = False
+    # data-aware only: statistics of layer i come from the model with layers < i already compressed (LLM-ROM,
+    # GPTQ-style), instead of from the dense model (ASVD, SVD-LLM as published)
+    sequential: bool = False
+    options: tuple[str, ...] = ()
+    default_option: str | None = None
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in _REGISTRY:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def available() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def parse(spec: str) -> tuple[Method, str | None]:
+    """'balanced:heads' -> (the balanced method, 'heads'); one clear error for an unknown name or option."""
+    name, _, option = (spec or "svd").strip().partition(":")
+    method = _REGISTRY.get(name)
+    if method is None:
+        raise JointRankError(f"unknown method {name!r}; available: {', '.join(available())}")
+    if option and option not in method.options:
+        allowed = ", ".join(method.options) if method.options else "none"
+        raise JointRankError(f"method {name!r} has no option {option!r} (options: {allowed})")
+    return method, option or method.default_option
+
+
+def factorise(spec: str, weights: list[torch.Tensor], k: int, *, stats=None, solver: str = "auto") -> Factors:
+    method, option = parse(spec)
+    if method.needs_calibration and stats is None:
+        raise JointRankError(f"method {method.name!r} needs calibration text (--calibration FILE)")
+    return method.factorise(weights, k, option=option, stats=stats, solver=solver)
+
+
+# Registration happens on import; the order here is the order of `available()` and of the CLI help.
+from . import svd as _svd  # noqa: E402,F401
+from . import balanced as _balanced  # noqa: E402,F401
+from . import asvd as _asvd  # noqa: E402,F401
+from . import svd_llm as _svd_llm  # noqa: E402,F401
+from . import llm_rom as _llm_rom  # noqa: E402,F401
+
+__all__ = ["Method", "available", "factorise", "parse", "register"]

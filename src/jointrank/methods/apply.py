@@ -1,0 +1,59 @@
+"""Run a data-aware method over a plan: statistics layer by layer, factorise each unit, install it.
+
+Called by compress.compress_ when the plan's method needs calibration. Besides the usual per-unit results it
+records, for every unit, the relative output error on the calibration inputs it was factorised with, for the
+method and for plain SVD at the same rank: the quantity the data-aware methods exist to reduce.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import JointRankError
+from ..linalg import joint_rank_k
+from . import factorise, parse
+from .calibration import Calibration, layerwise
+from .common import output_error
+
+
+def compress_calibrated(model, plan, calibration: Calibration | None, *, solver: str, install, progress: bool = True):
+    """install(entry, factors) puts one unit's factors into the model; returns (unit results, extra)."""
+    spec = plan.config.get("method", "svd")
+    method, _ = parse(spec)
+    if calibration is None:
+        raise JointRankError(f"method {method.name!r} needs calibration text: give --calibration FILE")
+    by_layer = defaultdict(list)
+    for entry in plan.factorised:
+        by_layer[entry.layer].append(entry)
+    # one statistic per group and layer: all members of a group read the same input
+    watch = {layer: {e.group: e.members[0] for e in entries} for layer, entries in by_layer.items()}
+    done: list[tuple] = []
+    errors: list[dict] = []
+    bar = tqdm(total=len(plan.factorised), desc=f"{method.name} (calibrated)", unit="unit", disable=not progress)
+
+    def on_layer(index, stats):
+        for entry in by_layer[index]:
+            modules = [model.get_submodule(name) for name in entry.members]
+            weights = [m.weight.detach() for m in modules]
+            unit_stats = stats[entry.group]
+            factors = factorise(spec, weights, entry.rank, stats=unit_stats, solver=solver)
+            plain = joint_rank_k(weights, entry.rank, solver=solver)
+            errors.append({"layer": entry.layer, "group": entry.group, "members": list(entry.members),
+                           "rank": entry.rank, "tokens": unit_stats.tokens,
+                           "calib_rel_error": output_error(weights, factors, unit_stats.second_moment),
+                           "svd_calib_rel_error": output_error(weights, plain, unit_stats.second_moment)})
+            install(entry, factors)
+            done.append((entry, factors))
+            bar.update()
+
+    try:
+        layerwise(model, calibration, watch, on_layer, sequential=method.sequential)
+    finally:
+        bar.close()
+    extra = {"method": spec, "sequential": method.sequential, "calibration_tokens": calibration.tokens,
+             "calibration_source": calibration.source, "calibration_seed": calibration.seed,
+             "calibration_errors": errors}
+    return done, extra

@@ -1,0 +1,30 @@
+"""asvd: activation-aware SVD (arXiv 2312.05821): scale input channels by their activation size, truncate, unscale.
+
+W ≈ (W S)_k S⁻¹ with S = diag(mean|x_j|^α), α = 0.5 (the paper's default): channels that carry large activations
+(the outliers of LLM hidden states) are preserved first. The basis V_kᵀ S⁻¹ is stored as is (not orthonormal). A
+joint unit scales its stacked members with the one S of their shared input. Heuristic: unlike svd_llm it is not
+the minimiser of the output error, so it can lose to plain SVD on a unit; the tests and results measure how often.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Method, register
+from .common import build, check, stacked64
+
+ALPHA = 0.5
+
+
+def factorise(weights, k, *, option=None, stats=None, solver="auto"):
+    check(weights, k)
+    scale = stats.mean_abs.to(torch.float64).clamp_min(0) ** ALPHA
+    # a channel that never fired would get scale 0 and an infinite inverse: give it the smallest positive scale
+    positive = scale[scale > 0]
+    scale = scale.clamp_min(float(positive.min()) if positive.numel() else 1.0)
+    u, s, vh = torch.linalg.svd(stacked64(weights) * scale, full_matrices=False)
+    return build(weights, vh[:k] / scale, u[:, :k] * s[:k], s, k)
+
+
+register(Method("asvd", "activation-aware SVD: input channels scaled by mean |activation|^0.5; needs calibration",
+                factorise, needs_calibration=True, sequential=False))

@@ -1,0 +1,13 @@
+"""svd: plain (joint) truncated SVD of the weights, the paper's data-free method (arXiv 2402.16319)."""
+
+from __future__ import annotations
+
+from ..linalg import joint_rank_k
+from . import Method, register
+
+
+def factorise(weights, k, *, option=None, stats=None, solver="auto"):
+    return joint_rank_k(weights, k, solver=solver)
+
+
+register(Method("svd", "plain truncated SVD of the (stacked) weights; data-free, the paper's method", factorise))

@@ -1,0 +1,45 @@
+"""svd_llm: truncation-aware whitening (SVD-LLM, arXiv 2403.07378).
+
+With C = E[x xᵀ] the second moment of the unit's input on calibration text, damped to C + λ·mean(diag C)·I
+(λ = 0.01, as GPTQ), and S its Cholesky factor (C = S Sᵀ): SVD of W S = U Σ Vᵀ, keep k, W' = U_k Σ_k V_kᵀ S⁻¹.
+Then ‖(W - W')S‖_F² = E‖(W - W')x‖² (+ the damping term), so truncating the k-th singular value costs exactly
+σ_k² of output error: this W' is the best rank-k approximation in that metric, and its output error is never above
+plain SVD's (the damping term only favours the smaller weight-space error, which SVD has). Stored as basis
+V_kᵀ S⁻¹ (a triangular solve, not an inverse) and output factor U_k Σ_k. A joint unit whitens its stacked members
+with the one S of their shared input: a joint whitened decomposition. Statistics from the dense model, as published.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Method, register
+from .common import build, check, stacked64
+
+DAMPING = 0.01
+
+
+def cholesky_factor(second_moment: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    c = second_moment.to(torch.float64)
+    c = (c + c.T) / 2
+    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    lam = damping * float(torch.diagonal(c).mean().clamp_min(1e-12))
+    for _ in range(6):  # raise the damping until the factorisation succeeds (rank-deficient calibration)
+        factor, info = torch.linalg.cholesky_ex(c + lam * eye)
+        if int(info) == 0:
+            return factor
+        lam *= 10
+    raise ValueError("the calibration second moment is not positive definite even after damping")
+
+
+def factorise(weights, k, *, option=None, stats=None, solver="auto"):
+    check(weights, k)
+    s_chol = cholesky_factor(stats.second_moment)
+    u, s, vh = torch.linalg.svd(stacked64(weights) @ s_chol, full_matrices=False)
+    # basis = V_kᵀ S⁻¹  <=>  Sᵀ basisᵀ = V_k: an upper-triangular solve
+    basis = torch.linalg.solve_triangular(s_chol.T, vh[:k].T, upper=True).T
+    return build(weights, basis, u[:, :k] * s[:k], s, k)
+
+
+register(Method("svd_llm", "SVD-LLM: SVD of the weights whitened by the Cholesky factor of the damped input "
+                "second moment; needs calibration", factorise, needs_calibration=True, sequential=False))
