@@ -7,6 +7,7 @@ State-dict names (what a checkpoint holds):
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -19,8 +20,17 @@ class SharedBasis(nn.Module):
     Members of a group are called one after another on the *same* input tensor (q_proj(h), k_proj(h)), so the
     projection x Bᵀ is computed by the first caller and handed to the others: a joint group then costs
     k·d_in multiply-adds once per token instead of once per member. The cache is keyed on the identity of the
-    input tensor (held weakly) and its version counter, so a different or modified input is never served stale.
+    input tensor (held weakly), its version counter and the basis weight's version, so a different or modified
+    input, or a reloaded basis, is never served stale.
+
+    Under torch.inference_mode tensors carry no version counter; the projection is then still shared, keyed on
+    identity alone. That is safe for model code that can be trained: a Linear saves its input for the weight
+    gradient, so code modifying q_proj's input in place before calling k_proj on it would already fail under
+    autograd. Not sharing there would cost one extra k·d_in matmul per group and token (measured in
+    bench/inference_speed.py). `shared_projection(False)` turns sharing off, for tests and measurements.
     """
+
+    enabled = True  # class-wide switch, see shared_projection()
 
     def __init__(self, rank: int, in_features: int, num_members: int, device=None, dtype=None):
         super().__init__()
@@ -29,14 +39,17 @@ class SharedBasis(nn.Module):
         self._cache: tuple | None = None  # (weakref to input, version, projection, uses left)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
+        if not SharedBasis.enabled or self.num_members < 2:
+            self._cache = None
+            return nn.functional.linear(x, self.weight)
         cache = self._cache
-        version = _version(x)
-        if cache is not None and cache[0]() is x and cache[1] == version and version is not None:
-            ref, ver, projected, uses_left = cache
-            self._cache = (ref, ver, projected, uses_left - 1) if uses_left > 1 else None
+        key = (_version(x), _version(self.weight))
+        if cache is not None and cache[0]() is x and cache[1] == key:
+            ref, _, projected, uses_left = cache
+            self._cache = (ref, key, projected, uses_left - 1) if uses_left > 1 else None
             return projected
         projected = nn.functional.linear(x, self.weight)
-        self._cache = (weakref.ref(x), version, projected, self.num_members - 1) if self.num_members > 1 else None
+        self._cache = (weakref.ref(x), key, projected, self.num_members - 1)
         return projected
 
     def extra_repr(self) -> str:
@@ -46,8 +59,18 @@ class SharedBasis(nn.Module):
 def _version(x: torch.Tensor) -> int | None:
     try:
         return x._version
-    except RuntimeError:  # inference-mode tensors have no version counter: do not cache them
+    except RuntimeError:  # an inference tensor has no version counter: identity alone (see SharedBasis)
         return None
+
+
+@contextlib.contextmanager
+def shared_projection(enabled: bool):
+    """Turn sharing of joint projections on or off inside a block (every member then projects for itself)."""
+    previous, SharedBasis.enabled = SharedBasis.enabled, enabled
+    try:
+        yield
+    finally:
+        SharedBasis.enabled = previous
 
 
 class LowRankLinear(nn.Module):

@@ -89,7 +89,7 @@ class UnitCost:
         if slower or larger:
             return " and ".join(w for w, bad in (("slower", slower), ("larger", larger)) if bad) + " than dense"
         saving = 1 - max(self.factorised_macs / self.dense_macs, self.factorised_params / self.dense_params)
-        return f"saves less than {margin:.0%} of dense cost" if saving < margin else ""
+        return f"less than {margin:.0%} cheaper than dense" if saving < margin else ""
 
 
 def unit_cost(d_outs: tuple[int, ...] | list[int], d_in: int, rank: int, *, shared_projection: bool = True) -> UnitCost:

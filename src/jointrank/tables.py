@@ -54,22 +54,30 @@ def layer_ranges(layers: list[int]) -> str:
 
 
 def plan_summary(entries: list[dict]) -> str:
-    """One row per (group, member, method, rank): which layers, parameters before and after."""
-    rows = defaultdict(lambda: {"layers": [], "before": 0, "after": 0, "notes": set()})
+    """One row per (group, member, method, rank): which layers, parameters before and after, and the modelled
+    per-token cost against dense (plan.unit_cost: multiply-adds, shared projection counted once)."""
+    from .plan import unit_cost
+
+    rows = defaultdict(lambda: {"layers": [], "before": 0, "after": 0, "notes": set(), "macs": [0, 0]})
     for e in entries:
         who = "+".join(m.rsplit(".", 1)[1] for m in e["members"])
         key = (e["group"], who, e["method"], e["rank"])
         rows[key]["layers"].append(e["layer"])
         rows[key]["before"] += e["params_before"]
         rows[key]["after"] += e["params_after"]
+        if e["rank"] is not None:
+            cost = unit_cost(e["d_outs"], e["d_in"], e["rank"])
+            rows[key]["macs"][0] += cost.factorised_macs
+            rows[key]["macs"][1] += cost.dense_macs
         if e.get("note"):
             rows[key]["notes"].add(e["note"].split(":")[0])
     body = []
     for (group, who, method, rank), r in rows.items():
+        macs = f"{r['macs'][0] / r['macs'][1]:.2f}x" if r["macs"][1] else "-"
         body.append([group, who, method, rank if rank is not None else "-", layer_ranges(r["layers"]),
-                     r["before"], r["after"], "; ".join(sorted(r["notes"]))])
-    return format_table(["group", "members", "method", "rank", "layers", "params before", "params after", "note"],
-                        body)
+                     r["before"], r["after"], macs, "; ".join(sorted(r["notes"]))])
+    return format_table(["group", "members", "method", "rank", "layers", "params before", "params after",
+                         "MACs/token vs dense", "note"], body)
 
 
 def params_summary(total_before: int, total_after: int, decoder_before: int, decoder_after: int) -> str:

@@ -1,0 +1,458 @@
+"""Inference speed and memory of dense vs compressed Gemma-3-270M, in one run: prefill, decode, memory, bytes.
+
+    flock -x /tmp/jointrank-cpu.lock python bench/inference_speed.py --out results/inference_speed
+
+What is measured (all timings under torch.inference_mode, OMP threads as --threads, medians of --repeats runs;
+every model is timed in the same process, in an order rotated between repeats, so ratios compare like with like):
+
+- prefill tokens/s: one forward over batch x 512 random tokens with the KV cache being filled and the logits of the
+  last position only (what generate() does for a prompt), batch 1 and 8;
+- decode tokens/s: generate() greedy with KV cache, batch 1, from a 32-token prompt: 127 / (t(128 new) - t(1 new)),
+  i.e. the cost of the decode steps alone;
+- decode time shares: one more 128-token generate() per model with timing hooks on the decoder layers and the
+  lm_head, so what bounds a decode speedup is measured, not guessed;
+- weight bytes: unique parameter and buffer bytes; peak resident memory: a child process per model and dtype
+  builds it, resets the kernel's high-water mark (/proc/self/clear_refs) and runs prefill batch 8 x 512 plus a
+  32-token generate(); its VmHWM is the peak of inference (load and SVD excluded), VmRSS before it the resident
+  size of the loaded model.
+
+Compressed models: two structures at 10/20/40% decoder-parameter reduction (JointRankConfig target, scope decoder):
+  paper20  - the paper's 20% structure: separate rank-k Q and K in every layer, joint gate/up in the last 22/32;
+  joint    - joint Q/K and joint gate/up in every layer (every projection shared; V, O, down dense).
+The factors are computed once in float32; the bfloat16 models are the same models cast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+STRUCTURES = {
+    "paper20": {"qk": ("separate", "all"), "gate_up": ("joint", "last:22/32")},
+    "joint": {"qk": ("joint", "all"), "gate_up": ("joint", "all")},
+}
+PROMPT_LEN = 32
+
+
+def config_for(structure: str, target: float):
+    from jointrank.plan import GroupRule, JointRankConfig
+
+    rules = {g: GroupRule(m, layers) for g, (m, layers) in STRUCTURES[structure].items()}
+    return JointRankConfig(rules=rules, target=target, scope="decoder")
+
+
+def variants(args) -> list[dict]:
+    """Every model timed: dense, each structure at each reduction, and the joint structure at 20% with the
+    shared projection switched off (what sharing saves)."""
+    out = [{"name": "dense", "structure": None, "target": None, "share": True}]
+    for structure in args.structures:
+        for target in args.reductions:
+            out.append({"name": f"{structure}@{target:.0%}", "structure": structure, "target": target, "share": True})
+    if "joint" in args.structures and 0.2 in args.reductions:
+        out.append({"name": "joint@20% unshared", "structure": "joint", "target": 0.2, "share": False,
+                    "same_model_as": "joint@20%"})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- measurement
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _sync_time() -> float:
+    return time.perf_counter()
+
+
+def time_prefill(model, ids) -> float:
+    start = _sync_time()
+    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return _sync_time() - start
+
+
+def time_generate(model, prompt, new_tokens: int) -> float:
+    start = _sync_time()
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+    elapsed = _sync_time() - start
+    assert out.shape[1] == prompt.shape[1] + new_tokens
+    return elapsed
+
+
+def decode_shares(model, prompt, new_tokens: int) -> dict:
+    """Seconds spent in the decoder layers and in the lm_head during one generate(), measured with hooks."""
+    from jointrank.architectures import decoder_layers
+
+    _, layers = decoder_layers(model)
+    spent = {"layers": 0.0, "lm_head": 0.0}
+    marks = {}
+
+    def pre(key):
+        return lambda *a, **k: marks.__setitem__(key, time.perf_counter())
+
+    def post(key):
+        return lambda *a, **k: spent.__setitem__(key, spent[key] + time.perf_counter() - marks[key])
+
+    handles = [layers[0].register_forward_pre_hook(pre("layers")), layers[-1].register_forward_hook(post("layers")),
+               model.lm_head.register_forward_pre_hook(pre("lm_head")),
+               model.lm_head.register_forward_hook(post("lm_head"))]
+    try:
+        total = time_generate(model, prompt, new_tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    return {"total_s": total, "layers_s": spent["layers"], "lm_head_s": spent["lm_head"],
+            "layers_share": spent["layers"] / total, "lm_head_share": spent["lm_head"] / total,
+            "other_share": 1 - (spent["layers"] + spent["lm_head"]) / total}
+
+
+# ----------------------------------------------------------------------------------------------- building models
+
+
+def build_models(args, log) -> tuple[dict, dict]:
+    """All models in float32, sharing the (untouched) embedding/lm_head tensor so they fit in memory together."""
+    from jointrank import compress_
+    from jointrank.sources import load_model
+
+    dense, _, _ = load_model("gemma-3-270m")
+    embedding = dense.get_input_embeddings().weight
+    models, info = {"dense": dense}, {}
+    for v in variants(args):
+        if v["structure"] is None or "same_model_as" in v:
+            continue
+        model = copy.deepcopy(dense, memo={id(embedding): embedding})
+        started = time.perf_counter()
+        result = compress_(model, config_for(v["structure"], v["target"]), progress=False)
+        info[v["name"]] = {
+            "params_total": result.params_total_after, "params_decoder": result.params_decoder_after,
+            "params_decoder_reduction": 1 - result.params_decoder_after / result.params_decoder_before,
+            "params_total_reduction": 1 - result.params_total_after / result.params_total_before,
+            "ratio": result.plan.ratio, "units": len(result.units), "compress_s": time.perf_counter() - started,
+            "ranks": sorted({(u.group, u.method, u.rank) for u in result.units}),
+        }
+        models[v["name"]] = model.eval()
+        log(f"built {v['name']}: decoder -{info[v['name']]['params_decoder_reduction']:.2%}, "
+            f"ratio {result.plan.ratio:.4f}, {info[v['name']]['compress_s']:.1f} s")
+    from jointrank.architectures import count_parameters, decoder_layers
+
+    info["dense"] = {"params_total": count_parameters(dense), "params_decoder": count_parameters(decoder_layers(dense)[1]),
+                     "params_decoder_reduction": 0.0, "params_total_reduction": 0.0}
+    return models, info
+
+
+def time_all(models: dict, args, dtype_name: str, log) -> dict:
+    from jointrank.modules import shared_projection
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = models["dense"].config.vocab_size
+    inputs = {b: torch.randint(0, vocab, (b, args.prefill_len), generator=gen) for b in args.prefill_batches}
+    prompt = torch.randint(0, vocab, (1, PROMPT_LEN), generator=gen)
+    vs = variants(args)
+    samples = {v["name"]: {"prefill": {b: [] for b in args.prefill_batches}, "gen_long": [], "gen_one": []}
+               for v in vs}
+    with torch.inference_mode():
+        for v in vs:  # warm-up: first calls allocate and pick kernels
+            with shared_projection(v["share"]):
+                model = models[v.get("same_model_as", v["name"])]
+                time_prefill(model, inputs[min(args.prefill_batches)][:, :64])
+                time_generate(model, prompt, 4)
+        for rep in range(args.repeats):
+            order = vs[rep % len(vs):] + vs[:rep % len(vs)]  # rotate, so no model always runs first
+            for v in order:
+                model = models[v.get("same_model_as", v["name"])]
+                s = samples[v["name"]]
+                with shared_projection(v["share"]):
+                    for b in args.prefill_batches:
+                        s["prefill"][b].append(time_prefill(model, inputs[b]))
+                    s["gen_one"].append(time_generate(model, prompt, 1))
+                    s["gen_long"].append(time_generate(model, prompt, args.decode_tokens))
+            log(f"{dtype_name}: repeat {rep + 1}/{args.repeats} done")
+        shares = {}
+        for v in vs:
+            if v["name"] == "dense" or v["target"] == 0.2:
+                with shared_projection(v["share"]):
+                    shares[v["name"]] = decode_shares(models[v.get("same_model_as", v["name"])], prompt,
+                                                      args.decode_tokens)
+    out = {}
+    for v in vs:
+        s = samples[v["name"]]
+        decode_s = [long - one for long, one in zip(s["gen_long"], s["gen_one"])]
+        out[v["name"]] = {
+            "prefill_tokens_per_s": {str(b): b * args.prefill_len / statistics.median(t) for b, t in s["prefill"].items()},
+            "prefill_seconds": {str(b): t for b, t in s["prefill"].items()},
+            "decode_tokens_per_s": (args.decode_tokens - 1) / statistics.median(decode_s),
+            "decode_seconds": decode_s,
+            "decode_shares": shares.get(v["name"]),
+            "weight_bytes": weight_bytes(models[v.get("same_model_as", v["name"])]),
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- peak memory
+
+
+def _status(key: str) -> int:
+    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
+
+
+def memory_child(spec: dict) -> dict:
+    """Run in a fresh process: build one model, then measure the resident peak of inference alone."""
+    torch.set_num_threads(spec["threads"])
+    from jointrank import compress_
+    from jointrank.sources import load_model
+
+    model, _, _ = load_model("gemma-3-270m")
+    if spec["structure"]:
+        compress_(model, config_for(spec["structure"], spec["target"]), progress=False)
+    model = model.to(getattr(torch, spec["dtype"])).eval()
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed SVD/dense buffers back, so RSS is the model's
+    resident = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    with torch.inference_mode():
+        model(input_ids=torch.randint(0, vocab, (max(spec["batches"]), spec["prefill_len"]), generator=gen),
+              use_cache=True, logits_to_keep=1)
+        time_generate(model, torch.randint(0, vocab, (1, PROMPT_LEN), generator=gen), 32)
+    return {"resident_bytes": resident, "peak_bytes": _status("VmHWM"), "weight_bytes": weight_bytes(model)}
+
+
+def measure_memory(args, log) -> dict:
+    out = {}
+    for dtype in args.dtypes:
+        for v in variants(args):
+            if "same_model_as" in v:
+                continue
+            spec = {"structure": v["structure"], "target": v["target"], "dtype": dtype, "threads": args.threads,
+                    "prefill_len": args.prefill_len, "batches": args.prefill_batches}
+            proc = subprocess.run([sys.executable, __file__, "--memory-child", json.dumps(spec)],
+                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            if proc.returncode != 0:
+                raise RuntimeError(f"memory child {v['name']} {dtype} failed:\n{proc.stderr[-3000:]}")
+            out.setdefault(dtype, {})[v["name"]] = json.loads(proc.stdout.strip().splitlines()[-1])
+            log(f"memory {dtype} {v['name']}: peak {out[dtype][v['name']]['peak_bytes'] / 2**20:.0f} MiB")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def ratios(results: dict) -> dict:
+    """Per dtype and model: every measure divided by dense's (higher is better for speeds, lower for sizes)."""
+    out = {}
+    for dtype, timing in results["timing"].items():
+        dense = timing["dense"]
+        mem = results["memory"].get(dtype, {})
+        for name, t in timing.items():
+            base = name.replace(" unshared", "")
+            r = {f"prefill_b{b}": t["prefill_tokens_per_s"][b] / dense["prefill_tokens_per_s"][b]
+                 for b in t["prefill_tokens_per_s"]}
+            r["decode"] = t["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+            r["weight_bytes"] = t["weight_bytes"] / dense["weight_bytes"]
+            if base in mem:
+                r["peak_memory"] = mem[base]["peak_bytes"] / mem["dense"]["peak_bytes"]
+                r["resident_memory"] = mem[base]["resident_bytes"] / mem["dense"]["resident_bytes"]
+            out.setdefault(dtype, {})[name] = r
+    return out
+
+
+def targets(results: dict) -> list[dict]:
+    checks = []
+    params = results["params"]
+    for dtype, rs in results["ratios"].items():
+        for name, r in rs.items():
+            if name == "dense" or "unshared" in name:
+                continue
+            if name.endswith("@20%"):
+                checks.append({"dtype": dtype, "model": name, "target": "decode >= 1.15x dense",
+                               "value": r["decode"], "met": r["decode"] >= 1.15})
+            worst = min(v for k, v in r.items() if k.startswith("prefill"))
+            checks.append({"dtype": dtype, "model": name, "target": "prefill >= 1.00x dense (both batches)",
+                           "value": worst, "met": worst >= 1.0})
+            if "weight_bytes" in r:
+                expected = params[name]["params_total"] / params["dense"]["params_total"]
+                checks.append({"dtype": dtype, "model": name,
+                               "target": "weight bytes ratio = parameter ratio (within 1%)",
+                               "value": r["weight_bytes"], "expected": expected,
+                               "met": abs(r["weight_bytes"] - expected) <= 0.01 * expected})
+    return checks
+
+
+def bound(results: dict) -> dict:
+    """The decode speedup a purely memory-bound model predicts from weight bytes read per token (the lm_head
+    reads all of its 262144 x 640 weights per token; the embedding lookup reads one row)."""
+    out = {}
+    p = results["params"]
+    head = results["lm_head_params"]
+    for name, info in p.items():
+        if name == "dense":
+            continue
+        out[name] = (p["dense"]["params_decoder"] + head) / (info["params_decoder"] + head)
+    return out
+
+
+def markdown(results: dict) -> str:
+    from jointrank.tables import format_table
+
+    a = results["args"]
+    lines = [
+        "# Inference speed and memory: dense vs compressed Gemma-3-270M",
+        "",
+        "Generated by `bench/inference_speed.py` from `inference_speed.json`; do not edit by hand.",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, torch "
+        f"{results['machine']['torch']}, transformers {results['machine']['transformers']}, "
+        f"{a['threads']} threads; {a['repeats']} repeats (medians), run {results['started']} "
+        f"({results['seconds'] / 60:.1f} min).",
+        "",
+        "Structures (target = fraction of decoder-layer parameters removed, one ratio solved per model): "
+        "**paper20** = separate rank-k Q and K in every layer + joint gate/up in the last 22/32 of the layers "
+        "(the paper's 20% structure); **joint** = joint Q/K + joint gate/up in every layer. "
+        "*unshared* = the same joint model with the shared projection switched off (each member projects).",
+        "",
+        "Prefill: batch x 512 tokens, KV cache filled, last-position logits. Decode: batch 1, greedy generate() "
+        f"with KV cache, {a['decode_tokens']} new tokens after a {PROMPT_LEN}-token prompt, "
+        f"({a['decode_tokens']}-1) / (t({a['decode_tokens']}) - t(1)).",
+        "",
+    ]
+    for dtype in a["dtypes"]:
+        timing, r, mem = results["timing"][dtype], results["ratios"][dtype], results["memory"].get(dtype, {})
+        rows = []
+        for name, t in timing.items():
+            base = name.replace(" unshared", "")
+            p = results["params"][base]
+            m = mem.get(base, {})
+            rows.append([name, f"{p['params_decoder_reduction']:.1%}", f"{p['params_total_reduction']:.1%}"]
+                        + [f"{t['prefill_tokens_per_s'][b]:.0f} ({r[name][f'prefill_b{b}']:.2f}x)"
+                           for b in t["prefill_tokens_per_s"]]
+                        + [f"{t['decode_tokens_per_s']:.1f} ({r[name]['decode']:.2f}x)",
+                           f"{t['weight_bytes'] / 2**20:.0f} ({r[name]['weight_bytes']:.3f}x)",
+                           f"{m['peak_bytes'] / 2**20:.0f} ({r[name]['peak_memory']:.3f}x)" if m else ""])
+        headers = (["model", "decoder params removed", "model params removed"]
+                   + [f"prefill b{b} tok/s" for b in timing["dense"]["prefill_tokens_per_s"]]
+                   + ["decode tok/s", "weight MiB", "peak RSS MiB"])
+        lines += [f"## {dtype}", "", format_table(headers, rows, markdown=True), ""]
+    lines += ["## Where decode time goes (one 128-token generate() with timing hooks)", ""]
+    rows = []
+    for dtype in a["dtypes"]:
+        for name, t in results["timing"][dtype].items():
+            s = t["decode_shares"]
+            if s:
+                rows.append([dtype, name, f"{s['lm_head_share']:.1%}", f"{s['layers_share']:.1%}",
+                             f"{s['other_share']:.1%}", f"{s['lm_head_s'] * 1000 / a['decode_tokens']:.1f}",
+                             f"{s['layers_s'] * 1000 / a['decode_tokens']:.1f}"])
+    lines += [format_table(["dtype", "model", "lm_head", "decoder layers", "other (embedding, norm, generate)",
+                            "lm_head ms/token", "layers ms/token"], rows, markdown=True), ""]
+    lines += ["Memory-bound bound on the decode speedup: (decoder + lm_head weights) before / after, the "
+              "speedup if decode time were proportional to the weight bytes it reads:", ""]
+    lines += [format_table(["model", "bytes-bound decode speedup"],
+                           [[k, f"{v:.3f}x"] for k, v in results["bound"].items()], markdown=True), ""]
+    lines += ["## Targets", ""]
+    lines += [format_table(["dtype", "model", "target", "measured", "met"],
+                           [[c["dtype"], c["model"], c["target"],
+                             f"{c['value']:.3f}" + (f" (expected {c['expected']:.3f})" if "expected" in c else ""),
+                             "yes" if c["met"] else "**no**"] for c in results["targets"]], markdown=True), ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="results/inference_speed", help="output prefix: writes .json and .md")
+    p.add_argument("--structures", nargs="+", default=list(STRUCTURES), choices=list(STRUCTURES))
+    p.add_argument("--reductions", nargs="+", type=float, default=[0.1, 0.2, 0.4])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--prefill-batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return 0
+    torch.set_num_threads(args.threads)
+    started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    import transformers
+
+    models, params = build_models(args, log)
+    results = {
+        "command": "flock -x /tmp/jointrank-cpu.lock python " + " ".join(shlex.quote(x) for x in sys.argv),
+        "started": started,
+        "args": vars(args),
+        "machine": {"cpu": platform.processor() or _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+                    "transformers": transformers.__version__},
+        "params": params,
+        "lm_head_params": models["dense"].lm_head.weight.numel(),
+        "timing": {},
+        "memory": {},
+    }
+    for dtype in args.dtypes:
+        for model in models.values():
+            model.to(getattr(torch, dtype))  # the shared embedding is cast once, then left alone
+        log(f"timing {dtype}")
+        results["timing"][dtype] = time_all(models, args, dtype, log)
+    del models
+    gc.collect()
+    if not args.no_memory:
+        results["memory"] = measure_memory(args, log)
+    results["ratios"] = ratios(results)
+    results["targets"] = targets(results)
+    results["bound"] = bound(results)
+    results["seconds"] = time.perf_counter() - t0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+    text = markdown(results)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
