@@ -60,8 +60,7 @@ def resolve(spec: str) -> Source:
             f"{spec} is a directory but not a model: no config.json (Hugging Face), no {MANIFEST_NAME} (jointrank) "
             f"and {'several' if ggufs else 'no'} .gguf files"
         )
-    looks_local = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", os.sep, 1)[1:]
-    if _HUB_ID.match(spec) and not looks_local:
+    if _HUB_ID.match(spec):  # org/name with no leading . / ~: not meant as a local path
         return Source(spec, "hub", spec)
     aliases = ", ".join(ALIASES)
     raise JointRankError(f"model not found: {spec} (not a path on disk, not a hub id like org/name, not an alias: {aliases})")
