@@ -100,14 +100,16 @@ def evaluate(
     model_spec: str | None = None,
     model_dir: str | None = None,
     command: str | None = None,
+    on_progress=None,
 ) -> dict:
     """Evaluate MODEL on TASKS; returns the results dict (schema jointrank.eval/1, as written by ``eval --out``).
 
     data_dir: flag value (None falls back to $JOINTRANK_DATA, then the hub when online). limit: seeded sample of
     documents per zero-shot task. seqlen / max_windows: perplexity windows. model_dir: where to look for a
-    compression manifest. The model is evaluated as given (its dtype and device).
+    compression manifest. on_progress(partial_results) is called after each task with the results so far
+    (``complete`` False until the end), so a long run can be saved as it goes. The model is evaluated as given
+    (its dtype and device).
     """
-    import torch
 
     from .perplexity import load_text, perplexity
     from .zeroshot import run_tasks
@@ -121,17 +123,37 @@ def evaluate(
         if root is not None or (data.offline() and task in data.FILES) or task == "c4":
             data.require_files(task, root)
     results: dict = {}
+
+    def document(complete: bool) -> dict:
+        return _document(model, tasks, results, complete, model_spec=model_spec, model_dir=model_dir, command=command,
+                         limit=limit, seed=seed, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size,
+                         ppl_batch_size=ppl_batch_size, root=root, started_utc=started_utc, load_start=load_start,
+                         wall=time.perf_counter() - t0)
+
+    def done(task: str, entry: dict) -> None:
+        results[task] = entry
+        if on_progress is not None:
+            on_progress(document(complete=False))
+
     for task in tasks:
         if task in PERPLEXITY_TEXTS:
             text = load_text(task, root)
-            results[task] = perplexity(model, tokenizer, text, seqlen=seqlen, max_windows=max_windows,
-                                       batch_size=ppl_batch_size, progress=progress, desc=task)
-            results[task]["source"] = f"local:{root}" if root else "hub"
+            entry = perplexity(model, tokenizer, text, seqlen=seqlen, max_windows=max_windows,
+                               batch_size=ppl_batch_size, progress=progress, desc=task)
+            done(task, {**entry, "source": f"local:{root}" if root else "hub"})
     zs = [t for t in tasks if t in ZEROSHOT_TASKS]
     if zs:
-        zs_results = run_tasks(model, tokenizer, zs, data_dir=root, limit=limit, seed=seed, batch_size=batch_size,
-                               progress=progress)
-        results.update(zs_results)
+        run_tasks(model, tokenizer, zs, data_dir=root, limit=limit, seed=seed, batch_size=batch_size,
+                  progress=progress, on_task_done=done)
+    return document(complete=True)
+
+
+def _document(model, tasks, results, complete, *, model_spec, model_dir, command, limit, seed, seqlen, max_windows,
+              batch_size, ppl_batch_size, root, started_utc, load_start, wall) -> dict:
+    import torch
+
+    from .zeroshot import BOOTSTRAP_ITERS
+
     params = sum(p.numel() for p in model.parameters())
     return {
         "schema": SCHEMA,
@@ -140,13 +162,15 @@ def evaluate(
         "manifest": read_manifest(model_dir),
         "command": command or shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
         "settings": {"tasks": tasks, "limit": limit, "seed": seed, "seqlen": seqlen, "max_windows": max_windows,
-                     "batch_size": batch_size, "ppl_batch_size": ppl_batch_size,
+                     "batch_size": batch_size, "ppl_batch_size": ppl_batch_size, "bootstrap_iters": BOOTSTRAP_ITERS,
                      "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                      "data_source": f"local:{root}" if root else "hub"},
         "versions": _versions(),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "load_avg_start": load_start, "load_avg_end": _load_avg()},
         "started_utc": started_utc,
-        "wall_time_s": time.perf_counter() - t0,
-        "results": {t: results[t] for t in tasks},
+        "wall_time_s": wall,
+        "complete": complete,
+        "pending": [t for t in tasks if t not in results],
+        "results": {t: results[t] for t in tasks if t in results},
     }

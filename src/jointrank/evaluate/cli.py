@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="dtype to run the model in (default float32; on CPUs without bf16 kernels bfloat16 is slower)")
     p.add_argument("--data-dir", help=f"evaluation data dir (default: ${ENV_VAR}; else the hub when online)")
+    p.add_argument("--threads", type=_positive,
+                   help="torch CPU threads (default: torch's choice); 1 is much faster when other jobs share the cores")
     p.add_argument("--out", help="write the results JSON here, and its Markdown beside it (.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_eval)
@@ -72,13 +74,20 @@ def run_eval(args) -> int:
     tasks = parse_tasks(args.tasks)  # fail on a typo before spending time on loading the model
     if args.out and not args.out.endswith(".json"):
         raise JointRankError(f"--out must name a .json file, got {args.out}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer, source = load_model(args.model, dtype=getattr(torch, args.dtype))
+
+    def save_partial(partial: dict) -> None:  # a long run keeps what it has measured if it is stopped
+        partial["model"]["source_kind"] = source.kind
+        write_json(partial, args.out)
+
     results = evaluate(
         model, tokenizer, tasks, data_dir=args.data_dir, limit=args.limit, seqlen=args.seqlen,
         max_windows=args.max_windows, batch_size=args.batch_size, ppl_batch_size=args.ppl_batch_size,
         seed=args.seed, progress=not args.no_progress, model_spec=args.model,
         model_dir=source.path if os.path.isdir(source.path) else None,
-        command=_command_line(),
+        command=_command_line(), on_progress=save_partial if args.out else None,
     )
     results["model"]["source_kind"] = source.kind
     text = render_results(results)

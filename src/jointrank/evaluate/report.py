@@ -86,6 +86,8 @@ def render_results(results: dict) -> str:
             f"{m.get('load_avg_start')} at start and {m.get('load_avg_end')} at the end (wall times include any "
             "other work running on the machine)."
         )
+    if not results.get("complete", True):
+        lines.append(f"**Incomplete run**: not measured: {', '.join(results.get('pending', []))}.")
     lines.append("")
     ppl = [(t, e) for t, e in results["results"].items() if t in PERPLEXITY_TASKS]
     if ppl:

@@ -171,6 +171,7 @@ def run_tasks(
     seed: int = 1234,
     batch_size: int = 8,
     progress: bool = True,
+    on_task_done=None,
 ) -> dict:
     """Score TASKS with lm-eval; returns {task: {metrics..., n, n_total, indices, wall_time_s, source}}."""
     unknown = [t for t in tasks if t not in BUILTIN]
@@ -229,6 +230,8 @@ def run_tasks(
                 "lm_eval_task": name,
                 "builtin_task_version": out.get("versions", {}).get(name),
             }
+            if on_task_done is not None:
+                on_task_done(task, results[task])
     return results
 
 
