@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="write the rank-reduced weights back into the original shapes: a plain transformers "
                           "checkpoint of the original size (for denoising experiments and other runtimes)")
     compress.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda (default: with the weights)")
+    compress.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                          help="dtype the model is loaded and saved in (the SVDs always run in float32 or better)")
     compress.add_argument("--eval", default=None, metavar="TASKS",
                           help="evaluate before and after, e.g. wikitext2 or wikitext2,piqa (see `jointrank eval`)")
     compress.add_argument("--eval-limit", type=int, default=None, help="examples per zero-shot task for --eval")
@@ -207,7 +209,9 @@ def cmd_compress(args) -> int:
     resolve(args.model)
     check_output(args.out, args.overwrite)
     started = time.perf_counter()
-    model, tokenizer, source = load_model(args.model)
+    import torch
+
+    model, tokenizer, source = load_model(args.model, dtype=getattr(torch, args.dtype))
     load_seconds = time.perf_counter() - started
     evals = {}
     if args.eval:
