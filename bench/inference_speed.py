@@ -369,10 +369,25 @@ def markdown(results: dict) -> str:
                              f"{s['layers_s'] * 1000 / a['decode_tokens']:.1f}"])
     lines += [format_table(["dtype", "model", "lm_head", "decoder layers", "other (embedding, norm, generate)",
                             "lm_head ms/token", "layers ms/token"], rows, markdown=True), ""]
-    lines += ["Memory-bound bound on the decode speedup: (decoder + lm_head weights) before / after, the "
-              "speedup if decode time were proportional to the weight bytes it reads:", ""]
-    lines += [format_table(["model", "bytes-bound decode speedup"],
-                           [[k, f"{v:.3f}x"] for k, v in results["bound"].items()], markdown=True), ""]
+    lines += ["What a decode speedup can be at most, two ways: *bytes* = (decoder + lm_head weights) before / after, "
+              "the speedup if decode time were proportional to the weights read per token; *measured shares* = "
+              "1 / (1 - s + s·p), the speedup if the decoder layers' measured share s of dense decode time shrank "
+              "in proportion p to their parameters and nothing else changed (lm_head, embedding, generate() "
+              "overhead stay).", ""]
+    rows = []
+    for name, v in results["bound"].items():
+        if "unshared" in name:
+            continue
+        p = results["params"][name]["params_decoder"] / results["params"]["dense"]["params_decoder"]
+        cells = [name, f"{v:.3f}x"]
+        for dtype in a["dtypes"]:
+            s = results["timing"][dtype]["dense"]["decode_shares"]["layers_share"]
+            cells += [f"{1 / (1 - s + s * p):.3f}x", f"{results['ratios'][dtype][name]['decode']:.3f}x"]
+        rows.append(cells)
+    headers = ["model", "bytes bound"]
+    for dtype in a["dtypes"]:
+        headers += [f"{dtype}: shares bound", f"{dtype}: measured"]
+    lines += [format_table(headers, rows, markdown=True), ""]
     lines += ["## Targets", ""]
     lines += [format_table(["dtype", "model", "target", "measured", "met"],
                            [[c["dtype"], c["model"], c["target"],
@@ -396,6 +411,7 @@ def parse_args(argv=None):
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--render", default=None, metavar="JSON", help="only rewrite the .md next to a results JSON")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -404,6 +420,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return 0
+    if args.render:
+        path = Path(args.render)
+        path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())))
         return 0
     torch.set_num_threads(args.threads)
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
