@@ -1,0 +1,105 @@
+"""Results files, Markdown and base-vs-compressed comparison (synthetic results; no model needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from jointrank.errors import JointRankError
+from jointrank.evaluate import parse_tasks, report
+from jointrank.evaluate.cli import main
+
+
+def results(spec: str, accs: dict, ppl: float, n: int = 400) -> dict:
+    res = {"wikitext2": {"perplexity": ppl, "mean_nll": math.log(ppl), "seqlen": 2048, "windows": 4,
+                         "windows_available": 142, "tokens_in_text": 292283, "predicted_tokens": 8188,
+                         "wall_time_s": 10.0, "source": "local:/data"}}
+    for task, acc in accs.items():
+        se = math.sqrt(acc * (1 - acc) / (n - 1))
+        res[task] = {"acc": acc, "acc_stderr": se, "acc_norm": acc + 0.01, "acc_norm_stderr": se, "n": n,
+                     "n_total": 1838, "sample_seed": 1234, "indices": list(range(n)), "wall_time_s": 5.0,
+                     "source": "local:/data", "lm_eval_task": f"jointrank_{task}", "builtin_task_version": 1.0}
+    return {"schema": report.SCHEMA, "model": {"spec": spec, "parameters": 10}, "manifest": None,
+            "command": f"jointrank eval {spec}", "settings": {"tasks": list(res), "limit": n, "seed": 1234,
+            "seqlen": 2048, "max_windows": 4, "batch_size": 8, "ppl_batch_size": 1, "dtype": "float32",
+            "data_source": "local:/data"}, "versions": {"torch": "x"}, "machine": {}, "started_utc": "now",
+            "wall_time_s": 20.0, "complete": True, "pending": [], "results": res}
+
+
+BASE = results("base", {"piqa": 0.70, "arc_easy": 0.60}, ppl=20.0)
+COMP = results("comp", {"piqa": 0.63, "arc_easy": 0.59}, ppl=25.0)
+
+
+def test_retention_per_task_and_of_the_average():
+    cmp = report.compare(BASE, COMP)
+    rows = {r["task"]: r for r in cmp["rows"]}
+    assert rows["piqa"]["retention"] == pytest.approx(0.63 / 0.70)
+    assert rows["piqa"]["delta"] == pytest.approx(-0.07)
+    se = math.sqrt(BASE["results"]["piqa"]["acc_stderr"] ** 2 + COMP["results"]["piqa"]["acc_stderr"] ** 2)
+    assert rows["piqa"]["delta_stderr"] == pytest.approx(se)
+    assert rows["piqa"]["beyond_2se"] is True and rows["arc_easy"]["beyond_2se"] is False  # 7 points vs 1 point
+    assert rows["wikitext2"]["metric"] == "perplexity" and rows["wikitext2"]["retention"] == pytest.approx(1.25)
+    avg = cmp["average"]
+    assert avg["tasks"] == ["piqa", "arc_easy"]  # perplexity is not averaged with accuracies
+    assert avg["retention_of_mean"] == pytest.approx((0.63 + 0.59) / (0.70 + 0.60))
+    assert avg["mean_of_retentions"] == pytest.approx((0.63 / 0.70 + 0.59 / 0.60) / 2)
+    assert report.compare(BASE, COMP, metric="acc_norm")["rows"][1]["base"] == pytest.approx(0.71)
+
+
+def test_compare_flags_different_samples():
+    other = results("comp", {"piqa": 0.63}, ppl=25.0, n=300)
+    notes = report.compare(BASE, other)["notes"]
+    assert any(n.startswith("piqa:") for n in notes)
+    assert not any(n.startswith("wikitext2") for n in notes)  # same windows on both sides
+
+
+def test_compare_cli_prints_table_and_writes_markdown(tmp_path, capsys):
+    b, c, md = tmp_path / "b.json", tmp_path / "c.json", tmp_path / "cmp.md"
+    report.write_json(BASE, b)
+    report.write_json(COMP, c)
+    assert main(["compare", str(b), str(c), "--out", str(md)]) == 0
+    out = capsys.readouterr().out
+    assert "piqa" in out and "90.00" in out and "average" in out and "93.85" in out  # 1.22 / 1.30
+    text = md.read_text()
+    assert text.startswith("# `comp` vs `base`") and "| piqa | acc | 70.00 ± " in text and " *" in text
+
+
+def test_results_markdown_states_sample_and_errors():
+    text = report.render_results(BASE)
+    assert "first 4 of 142 windows" in text and "400 / 1838" in text and "seeded sample (seed 1234)" in text
+    assert "70.00 ± 2.29" in text and "jointrank eval base" in text
+    partial = dict(BASE, complete=False, pending=["boolq"])
+    assert "Incomplete run" in report.render_results(partial)
+
+
+def test_bad_results_files_are_clear_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(JointRankError, match="not valid JSON"):
+        report.read_json(bad)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(JointRankError, match="not a jointrank eval results file"):
+        report.read_json(other)
+    assert main(["compare", str(tmp_path / "missing.json"), str(other)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "results file not found" in err
+
+
+def test_eval_cli_rejects_bad_input_before_loading(tmp_path, capsys):
+    assert main(["eval", "no-such-model-xyz", "--tasks", "piqa,pika"]) == 1
+    assert "unknown task pika" in capsys.readouterr().err
+    assert main(["eval", "no-such-model-xyz", "--tasks", "piqa", "--out", str(tmp_path / "x.txt")]) == 1
+    assert "--out must name a .json file" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nope"), "--tasks", "wikitext2"]) == 1
+    assert "model not found" in capsys.readouterr().err
+
+
+def test_task_groups():
+    assert parse_tasks("wikitext2,paper7") == ["wikitext2", "piqa", "hellaswag", "winogrande", "boolq", "openbookqa",
+                                               "arc_easy", "arc_challenge"]
+    assert parse_tasks("piqa,piqa, zeroshot")[:2] == ["piqa", "hellaswag"]
+    with pytest.raises(JointRankError, match="no tasks"):
+        parse_tasks(",")
