@@ -1,0 +1,484 @@
+"""Compress a safetensors checkpoint layer by layer, without ever building the model: bounded memory, resumable.
+
+The layout comes from config.json and the tensors' shapes (header reads only), the plan from the same make_plan as
+in-memory compression, and then each decoder layer is one job: read that layer's tensors (memory-mapped), factorise
+its units, write one output shard. Resident memory is about one layer's working set, whatever the model size.
+
+Output is what `compress_` + `checkpoint.save` produce for the same plan (same tensor names and values, same
+`quantization_config`, a manifest), so `jointrank.load` and `AutoModelForCausalLM.from_pretrained` read it alike.
+It is sharded one shard per layer plus one for everything else, with a `model.safetensors.index.json`.
+
+Atomic and resumable: work happens in `.NAME.partial/` beside the output; every finished layer's shard is renamed
+into place there and recorded in `progress.json`. A rerun with resume=True skips recorded layers (after checking
+the settings and source are the same); the output directory appears, complete, only at the end. Each layer's
+result depends only on its inputs and the seed, never on what ran before, so a resumed run writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .architectures import ARCHITECTURES, GroupLayout, Member, ModelLayout
+from .errors import JointRankError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PROGRESS_NAME = "progress.json"
+# Besides config.json and the weights, these files of the source travel with the checkpoint (tokenizer,
+# generation config, chat template). Never code (.py): outputs must load without trust_remote_code.
+COPY_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken")
+NOT_COPIED = {"config.json", INDEX_NAME, "jointrank_manifest.json"}
+BUFFER_SUFFIXES = (".inv_freq", ".masked_bias", ".attn.bias")  # buffers some old checkpoints store: not parameters
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    solver: str = "auto"
+    seed: int = 0
+    device: str | None = None  # where the linear algebra runs; tensors are read and written on the CPU
+    workers: int = 1  # units factorised at once (local backend) or concurrent layer tasks (ray)
+    backend: str = "local"  # local | ray
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def fingerprint(self) -> dict:
+        # what determines the output bytes; workers/backend are not in it (see test_parallel for why that holds)
+        return {"solver": self.solver, "seed": self.seed}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading: a checkpoint's tensor names, shapes and files, without loading a tensor
+
+
+@dataclass
+class TensorSource:
+    """The tensors of a (sharded) safetensors checkpoint: name -> file, shape and dtype from the headers."""
+
+    root: Path
+    files: dict[str, str]  # tensor name -> file name
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    config: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "TensorSource":
+        from safetensors import safe_open
+
+        root = Path(path)
+        if not (root / "config.json").is_file():
+            raise JointRankError(f"{root} has no config.json: streaming needs a Hugging Face safetensors directory")
+        if (root / INDEX_NAME).is_file():
+            weight_map = json.loads((root / INDEX_NAME).read_text())["weight_map"]
+        elif (root / SINGLE_NAME).is_file():
+            weight_map = None
+        else:
+            raise JointRankError(f"{root} has no {SINGLE_NAME} or {INDEX_NAME}: streaming reads safetensors only")
+        names = sorted(set(weight_map.values())) if weight_map else [SINGLE_NAME]
+        files, shapes, dtypes = {}, {}, {}
+        for name in names:
+            if not (root / name).is_file():
+                raise JointRankError(f"{root / INDEX_NAME} lists {name}, which is missing")
+            with safe_open(str(root / name), "pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    files[key], shapes[key], dtypes[key] = name, tuple(sl.get_shape()), sl.get_dtype()
+        return cls(root, files, shapes, dtypes, json.loads((root / "config.json").read_text()))
+
+    def fingerprint(self) -> dict:
+        return {name: [os.stat(self.root / name).st_size, os.stat(self.root / name).st_mtime_ns]
+                for name in sorted(set(self.files.values()))}
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Copies of the named tensors. Files are mapped only while reading, so pages read for one layer are not
+        still counted in this process's resident memory while the next one is processed."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[n], []).append(n)
+        out = {}
+        for file, keys in by_file.items():
+            with safe_open(str(self.root / file), "pt") as f:
+                for k in keys:
+                    out[k] = f.get_tensor(k).clone()
+        return out
+
+
+def read_layout(source: TensorSource) -> ModelLayout:
+    """The ModelLayout `describe(model)` would give, from config.json and tensor shapes alone."""
+    config = source.config
+    model_type = config.get("model_type")
+    table = ARCHITECTURES.get(model_type)
+    if table is None:
+        raise JointRankError(f"unsupported architecture {model_type!r} for streaming; supported: "
+                             f"{', '.join(sorted(ARCHITECTURES))}")
+    first_parent, first_member = next(iter(table.values()))[0], next(iter(table.values()))[1][0]
+    pattern = re.compile(rf"^(.*)\.(\d+)\.{re.escape(first_parent)}\.{re.escape(first_member)}\.weight$")
+    found = [pattern.match(n) for n in source.shapes]
+    prefixes = {m.group(1) for m in found if m}
+    if len(prefixes) != 1:
+        raise JointRankError(f"cannot find the decoder layers of this {model_type} checkpoint "
+                             f"(layer prefixes found: {sorted(prefixes) or 'none'})")
+    layers_path = prefixes.pop()
+    num_layers = 1 + max(int(m.group(2)) for m in found if m)
+    expected = config.get("num_hidden_layers", num_layers)
+    if expected != num_layers:
+        raise JointRankError(f"config.json says {expected} layers, the checkpoint holds {num_layers}")
+    groups = []
+    for index in range(num_layers):
+        for group, (parent_name, names) in table.items():
+            members = []
+            for name in names:
+                full = f"{layers_path}.{index}.{parent_name}.{name}"
+                shape = source.shapes.get(f"{full}.weight")
+                if shape is None or len(shape) != 2:
+                    raise JointRankError(f"{model_type} layer {index}: {full}.weight is missing or not a matrix")
+                members.append(Member(full, shape[0], shape[1], f"{full}.bias" in source.shapes))
+            if len({m.d_in for m in members}) != 1:
+                raise JointRankError(f"{model_type} layer {index}: members of {group} read inputs of different sizes")
+            groups.append(GroupLayout(index, group, f"{layers_path}.{index}.{parent_name}", tuple(members)))
+    params = _parameter_names(source)
+    decoder = [n for n in params if n.startswith(layers_path + ".")]
+    return ModelLayout(model_type=model_type, num_layers=num_layers, groups=tuple(groups),
+                       params_total=sum(_numel(source.shapes[n]) for n in params),
+                       params_decoder=sum(_numel(source.shapes[n]) for n in decoder), layers_path=layers_path)
+
+
+def _parameter_names(source: TensorSource) -> list[str]:
+    """Stored tensors that are parameters, each counted once (a tied lm_head stored anyway is the embedding)."""
+    tied = source.config.get("tie_word_embeddings", False)
+    return [n for n in source.shapes
+            if not n.endswith(BUFFER_SUFFIXES) and not (tied and n == "lm_head.weight")]
+
+
+def _numel(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One layer: read, factorise, return the output tensors
+
+
+@dataclass(frozen=True)
+class LayerJob:
+    """Everything one worker needs to produce one output shard: plain data, so it pickles to a Ray task."""
+
+    source: str  # checkpoint directory (shared storage for Ray)
+    layer: int
+    prefix: str  # "model.layers.3."
+    entries: tuple  # the plan's factorised PlanEntry of this layer
+    method: str
+    shard: str  # output shard file name
+    staging: str  # where the shard is written
+
+
+def layer_tensor_names(source: TensorSource, prefix: str) -> list[str]:
+    return sorted(n for n in source.shapes if n.startswith(prefix))
+
+
+def factorise_unit(source: TensorSource, entry, method: str, options: StreamOptions):
+    """Read one unit's weights and factorise them; returns (output tensors by name, UnitResult, seconds)."""
+    from .compress import UnitResult, basis_name
+
+    start = time.perf_counter()
+    names = [f"{m}.weight" for m in entry.members]
+    bias_names = [f"{m}.bias" for m in entry.members if f"{m}.bias" in source.shapes]
+    read = source.read(names + bias_names)
+    weights = [read[n] for n in names]
+    factors = _factorise(weights, entry.rank, method, options)
+    out = {}
+    for i, (member, w) in enumerate(zip(entry.members, weights)):
+        dtype = w.dtype  # as compress_: factors are stored in the weight's own dtype
+        out[f"{member}.out.weight"] = factors.outs[i].to(device="cpu", dtype=dtype, copy=True)
+        if f"{member}.bias" in read:
+            out[f"{member}.out.bias"] = read[f"{member}.bias"]  # biases are kept exact
+        if entry.method == "joint":
+            if i == 0:
+                parent = member.rsplit(".", 1)[0]  # where install_unit registers the shared basis
+                out[f"{basis_name(parent, entry.group)}.weight"] = factors.basis.to(device="cpu", dtype=dtype,
+                                                                                   copy=True)
+        else:
+            out[f"{member}.basis.weight"] = factors.basis.to(device="cpu", dtype=dtype, copy=True)
+    result = UnitResult(entry.layer, entry.group, entry.method, tuple(entry.members), entry.rank,
+                        factors.energy_kept, factors.rel_error, factors.member_rel_errors)
+    return out, result, time.perf_counter() - start
+
+
+def _factorise(weights, k, method: str, options: StreamOptions):
+    from . import methods
+    from .linalg import joint_rank_k
+
+    if methods.parse(method)[0].name == "svd":  # the data-free default: pass the seed and device through
+        return joint_rank_k(weights, k, solver=options.solver, seed=options.seed, device=options.device)
+    if options.device:
+        weights = [w.to(options.device) for w in weights]
+    return methods.factorise(method, weights, k, solver=options.solver)
+
+
+def passthrough(source: TensorSource, job: LayerJob) -> dict[str, torch.Tensor]:
+    """The layer's tensors that are not replaced by factors (norms, kept groups), unchanged."""
+    replaced = {f"{m}.{suffix}" for e in job.entries for m in e.members for suffix in ("weight", "bias")}
+    return source.read([n for n in layer_tensor_names(source, job.prefix) if n not in replaced])
+
+
+def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write one safetensors file atomically (temporary name, then rename)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def run_layer_job(job: LayerJob, options: StreamOptions) -> dict:
+    """Factorise one layer's units one after another and write its shard. Used by the Ray backend's tasks."""
+    source = TensorSource.open(job.source)
+    start = time.perf_counter()
+    tensors, units = passthrough(source, job), []
+    for entry in job.entries:
+        out, result, seconds = factorise_unit(source, entry, job.method, options)
+        tensors.update(out)
+        units.append(_unit_record(result, seconds))
+    write_shard(tensors, Path(job.staging) / job.shard)
+    return {"layer": job.layer, "units": units, "seconds": time.perf_counter() - start}
+
+
+def _unit_record(result, seconds: float) -> dict:
+    d = dict(vars(result))
+    d["members"] = list(d["members"])
+    d["seconds"] = seconds
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole run: plan, staging directory, progress, final assembly
+
+
+@dataclass
+class StreamResult:
+    out: Path
+    result: object  # compress.CompressionResult, as compress_ returns it
+    layers_done_before: int  # layers found finished in the staging directory (resume)
+    seconds: float
+
+
+def compress_checkpoint(source_dir: str | Path, out: str | Path, config, *, options: StreamOptions | None = None,
+                        source_label: str | None = None, stop_after_layers: int | None = None) -> StreamResult:
+    """Stream-compress the safetensors checkpoint in `source_dir` into `out`, following `config`.
+
+    `stop_after_layers` is for tests: raise after that many layers were finished in this call, as a crash would.
+    """
+    from .checkpoint import check_output
+    from .plan import CompressionPlan, make_plan
+
+    options = options or StreamOptions()
+    start = time.perf_counter()
+    out = Path(out)
+    check_output(out, options.overwrite)
+    source = TensorSource.open(source_dir)
+    layout = read_layout(source)
+    if isinstance(config, CompressionPlan):
+        plan, config_obj = config, None
+    else:
+        _check_streamable(config)
+        plan, config_obj = make_plan(layout, config), config
+    method = plan.config.get("method", "svd")
+    jobs_by_layer = _jobs(source, layout, plan, method)
+    staging = out.parent / f".{out.name}.partial"
+    fingerprint = _fingerprint(source, plan, method, options)
+    progress = _open_staging(staging, fingerprint, options)
+    before = len(progress["layers"])
+    todo = [job for layer, job in sorted(jobs_by_layer.items()) if str(layer) not in progress["layers"]
+            or not (staging / job.shard).is_file()]
+    for job in todo:
+        progress["layers"].pop(str(job.layer), None)
+    todo = [replace(j, staging=str(staging)) for j in todo]
+
+    rest_shard = _shard_name(layout.num_layers, layout.num_layers + 1)
+    if not progress.get("rest_done") or not (staging / rest_shard).is_file():
+        rest = [n for n in source.shapes if not n.startswith(layout.layers_path + ".")]
+        write_shard(source.read(rest), staging / rest_shard)
+        progress["rest_done"] = True
+        _write_json(staging / PROGRESS_NAME, progress)
+
+    finished_here = 0
+
+    def record(done: dict) -> None:
+        nonlocal finished_here
+        progress["layers"][str(done["layer"])] = {"units": done["units"], "seconds": done["seconds"]}
+        _write_json(staging / PROGRESS_NAME, progress)  # after the shard's rename: a recorded layer is complete
+        finished_here += 1
+        if stop_after_layers is not None and finished_here >= stop_after_layers and len(progress["layers"]) < len(
+                jobs_by_layer):
+            raise _Interrupted(f"stopped after {finished_here} layers (test hook)")
+
+    from .parallel import run_jobs
+
+    run_jobs(source, todo, options, method, record)
+    result = _assemble(staging, source, layout, plan, progress, jobs_by_layer, rest_shard, method,
+                       time.perf_counter() - start, options)
+    _finish(staging, out, source, plan, result, config_obj, source_label or str(source_dir), options)
+    return StreamResult(out, result, before, time.perf_counter() - start)
+
+
+class _Interrupted(RuntimeError):
+    pass
+
+
+def _check_streamable(config) -> None:
+    from . import methods
+    from .plan import validate
+
+    validate(config)
+    if getattr(config, "allocation", "uniform") != "uniform":
+        raise JointRankError("--allocation global reads every weight's spectrum before planning; it needs the "
+                             "in-memory path (drop --stream)")
+    method, _ = methods.parse(getattr(config, "method", "svd"))
+    if method.needs_calibration:
+        raise JointRankError(f"method {method.name!r} needs calibration data run through the model; it needs the "
+                             "in-memory path (drop --stream)")
+
+
+def _shard_name(index: int, total: int) -> str:
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def _jobs(source: TensorSource, layout: ModelLayout, plan, method: str) -> dict[int, LayerJob]:
+    total = layout.num_layers + 1
+    by_layer: dict[int, list] = {i: [] for i in range(layout.num_layers)}
+    for e in plan.factorised:
+        by_layer[e.layer].append(e)
+    return {i: LayerJob(str(source.root), i, f"{layout.layers_path}.{i}.", tuple(entries), method,
+                        _shard_name(i, total), "") for i, entries in by_layer.items()}
+
+
+def _fingerprint(source: TensorSource, plan, method: str, options: StreamOptions) -> str:
+    from . import __version__
+
+    blob = json.dumps({"plan": plan.to_dict(), "method": method, "options": options.fingerprint(),
+                       "source": source.fingerprint(), "jointrank": __version__, "torch": torch.__version__},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _open_staging(staging: Path, fingerprint: str, options: StreamOptions) -> dict:
+    if staging.exists():
+        if options.resume:
+            try:
+                progress = json.loads((staging / PROGRESS_NAME).read_text())
+            except (OSError, ValueError):
+                progress = None
+            if progress is not None and progress.get("fingerprint") != fingerprint:
+                raise JointRankError(f"{staging} holds an interrupted run with a different source, plan or "
+                                     "settings; delete it, or rerun with the same ones to resume")
+            if progress is not None:
+                return progress
+        elif not options.overwrite:
+            raise JointRankError(f"{staging} holds an interrupted run: pass --resume to continue it (or "
+                                 "--overwrite to start over)")
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    progress = {"fingerprint": fingerprint, "layers": {}, "rest_done": False}
+    _write_json(staging / PROGRESS_NAME, progress)
+    return progress
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _assemble(staging, source, layout, plan, progress, jobs_by_layer, rest_shard, method, seconds, options):
+    """The CompressionResult of the whole run (from progress records) and the shard index."""
+    from safetensors import safe_open
+
+    from .compress import CompressionResult, UnitResult
+
+    units, unit_seconds, layer_seconds = [], [], []
+    for layer in sorted(jobs_by_layer):
+        rec = progress["layers"][str(layer)]
+        layer_seconds.append(rec["seconds"])
+        for u in rec["units"]:
+            unit_seconds.append(u["seconds"])
+            units.append(UnitResult(u["layer"], u["group"], u["method"], tuple(u["members"]), u["rank"],
+                                    u["energy_kept"], u["rel_error"], u["member_rel_errors"]))
+    weight_map, total_size, params_total, params_decoder = {}, 0, 0, 0
+    tied = source.config.get("tie_word_embeddings", False)
+    for shard in [jobs_by_layer[i].shard for i in sorted(jobs_by_layer)] + [rest_shard]:
+        with safe_open(str(staging / shard), "pt") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                weight_map[key] = shard
+                n = _numel(shape)
+                total_size += n * _itemsize(f.get_slice(key).get_dtype())
+                if key.endswith(BUFFER_SUFFIXES) or (tied and key == "lm_head.weight"):
+                    continue
+                params_total += n
+                if key.startswith(layout.layers_path + "."):
+                    params_decoder += n
+    result = CompressionResult(plan=plan, units=units, params_total_before=layout.params_total,
+                               params_total_after=params_total, params_decoder_before=layout.params_decoder,
+                               params_decoder_after=params_decoder, seconds=seconds,
+                               extra={"stream": {"solver": options.solver, "seed": options.seed,
+                                                 "workers": options.workers, "backend": options.backend,
+                                                 "layer_seconds": layer_seconds,
+                                                 "factorise_seconds": sum(unit_seconds)}})
+    index = {"metadata": {"total_size": total_size},
+             "weight_map": {k: weight_map[k] for k in sorted(weight_map)}}
+    _write_json(staging / INDEX_NAME, index)
+    return result
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _itemsize(dtype: str) -> int:
+    return _ITEMSIZE.get(dtype, 4)
+
+
+def _finish(staging, out, source, plan, result, config_obj, source_label, options) -> None:
+    """config.json with the quantization_config, copied tokenizer files, manifest last, then into place."""
+    from .checkpoint import MANIFEST_FORMAT, _swap_into_place, versions
+    from .cli import manifest_for
+    from .compress import units_of
+    from .hf_integration import JointRankQuantizationConfig
+    from .plan import JointRankConfig
+    from .sources import MANIFEST_NAME
+
+    config = dict(source.config)
+    config["quantization_config"] = JointRankQuantizationConfig(units=units_of(plan)).to_dict()
+    _write_json(staging / "config.json", config)
+    for f in sorted(source.root.iterdir()):
+        if f.is_file() and f.suffix in COPY_SUFFIXES and f.name not in NOT_COPIED and not f.name.startswith("."):
+            shutil.copyfile(f, staging / f.name)
+    cfg = config_obj if config_obj is not None else JointRankConfig.from_dict(plan.config)
+    manifest = manifest_for(result, source=source_label, config=cfg)
+    full = {"format": MANIFEST_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": versions(), **manifest}
+    (staging / PROGRESS_NAME).unlink(missing_ok=True)
+    (staging / MANIFEST_NAME).write_text(json.dumps(full, indent=2) + "\n")
+    _swap_into_place(staging, out)
+
+
+def is_streamable_source(path: str | Path) -> bool:
+    """A local Hugging Face directory holding safetensors weights (what streaming can read)."""
+    root = Path(path)
+    with contextlib.suppress(OSError):
+        return (root / "config.json").is_file() and ((root / INDEX_NAME).is_file() or (root / SINGLE_NAME).is_file())
+    return False
