@@ -55,6 +55,7 @@ def write_json(path: Path, payload: dict) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=1, default=_jsonable)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
 
@@ -278,11 +279,15 @@ class RankSweep:
                                         solver=solver)
 
     @torch.no_grad()
-    def apply(self, ratio: float | None = None, ranks: dict[int, int] | None = None) -> dict:
-        """Set each unit to rank round(ratio·limit) (or ranks[unit index]); returns parameter counts and errors."""
+    def apply(self, ratio: float | None = None, ranks: dict[int, int] | None = None,
+              layers: set[int] | None = None) -> dict:
+        """Set each unit to rank round(ratio·limit) (or ranks[unit index]); units outside `layers` (when given)
+        keep their original weights. Returns parameter counts and errors of the units changed."""
         self.restore()
         rows, before, after = [], 0, 0
         for i, unit in enumerate(self.units):
+            if layers is not None and unit.layer not in layers:
+                continue
             k = ranks[i] if ranks is not None else rank_for(unit, ratio)
             f = unit.factors
             s2 = f.singular_values.double() ** 2

@@ -1,0 +1,250 @@
+"""The experiment commands, run end to end on a tiny random Gemma-3 (GQA: 4 query heads, 1 KV head) with a tiny
+word-level tokenizer built here, asserting properties that would fail if the code were wrong."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from jointrank.cli import main
+from jointrank.experiments import common
+
+WORDS = ("the a of and to in is was on for with as by at from it his her that this river city king army ship song "
+         "town north south war year first new old great small long black white red green stone house road book "
+         "light night day water fire iron gold bridge tower field forest hill lake").split()
+SENTENCE = "the black river of iron city was on fire in the first year ."
+
+
+def tiny_text(n_words: int = 3000, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines = []
+    while n_words > 0:
+        k = rng.randint(6, 14)
+        n_words -= k
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(k)) + " .")
+    return "\n".join(lines)
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", ".", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def tiny_gemma(vocab: int, seed: int = 0):
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=16,
+                           query_pre_attn_scalar=16, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                           pad_token_id=0)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A saved tiny model directory (what a user passes as MODEL) and a text file for perplexity."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok = tiny_tokenizer()
+    model = tiny_gemma(len(tok))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "text.txt").write_text(tiny_text(), encoding="utf-8")
+    return root
+
+
+def run_cli(argv, capsys=None) -> int:
+    return main([str(a) for a in argv])
+
+
+def read(path) -> dict:
+    return json.loads(open(path).read())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Core properties of the shared machinery.
+
+
+def test_per_head_joint_at_full_rank_is_exact_and_gqa_expansion_keeps_logits():
+    tok = tiny_tokenizer()
+    model = tiny_gemma(len(tok))
+    ids = torch.randint(5, len(tok), (2, 20), generator=torch.Generator().manual_seed(0))
+    before = model(input_ids=ids).logits
+    assert common.expand_kv_heads(model) == 4
+    assert model.model.layers[0].self_attn.k_proj.out_features == 64
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+    units = common.make_units(model, "qk", "joint", per_head=True)
+    assert [u.label for u in units[:4]] == ["q_h0+k_h0", "q_h1+k_h1", "q_h2+k_h2", "q_h3+k_h3"]
+    sweep = common.RankSweep(model, units)
+    stats = sweep.apply(1.0)
+    assert all(max(u["member_rel_errors"]) < 1e-5 for u in stats["units"])
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+    # below full rank each member's error is what the singular values say it must be, not zero
+    stats = sweep.apply(0.5)
+    assert all(min(u["member_rel_errors"]) > 1e-3 for u in stats["units"])
+
+
+def test_rank_sweep_equals_compress_and_counts_eq9():
+    from jointrank.compress import compress_
+    from jointrank.plan import GroupRule, JointRankConfig
+
+    tok = tiny_tokenizer()
+    ids = torch.randint(5, len(tok), (1, 16), generator=torch.Generator().manual_seed(1))
+    swept = tiny_gemma(len(tok))
+    sweep = common.RankSweep(swept, common.make_units(swept, "gate_up", "joint")
+                             + common.make_units(swept, "qk", "separate"))
+    stats = sweep.apply(0.3)
+    reference = tiny_gemma(len(tok))
+    config = JointRankConfig(rules={"gate_up": GroupRule("joint"), "qk": GroupRule("separate")}, ratio=0.3,
+                             only_if_smaller=False)
+    result = compress_(reference, config, progress=False)
+    torch.testing.assert_close(swept(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    # Eq. 9: joint gate/up k(d_gate + d_up + d_in); separate Q and K k(d_out + d_in) each
+    d, f, q, kv = 64, 128, 64, 16
+    k_gu, k_q, k_k = round(0.3 * 64), round(0.3 * 64), round(0.3 * 16)
+    per_layer = k_gu * (f + f + d) + k_q * (q + d) + k_k * (kv + d)
+    assert stats["params_factored"] == 2 * per_layer == sum(e.params_after for e in result.plan.factorised)
+    sweep.restore()
+    torch.testing.assert_close(swept(input_ids=ids).logits, tiny_gemma(len(tok))(input_ids=ids).logits)
+
+
+def test_principal_angles_of_identical_row_spaces_are_zero():
+    from jointrank.experiments.spectra import principal_cosines, random_baseline, top_right
+
+    w = torch.randn(12, 40, generator=torch.Generator().manual_seed(0))
+    mix = torch.randn(12, 12, generator=torch.Generator().manual_seed(1))
+    a, b = top_right(w, 12), top_right(mix @ w, 12)  # same row space, different matrix
+    torch.testing.assert_close(principal_cosines(a, b), torch.ones(12, dtype=torch.float64), atol=1e-8, rtol=0)
+    orth = torch.linalg.qr(torch.randn(40, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)).Q.T
+    assert float(principal_cosines(orth[:5], orth[5:10]).max()) < 1e-8  # orthogonal subspaces: angles of 90 degrees
+    base = random_baseline(640, 64, draws=5)
+    assert 0.2 < base["mean_cos"] < 0.35  # random 64-dim subspaces of R^640 are far from aligned
+
+
+def test_paired_standard_error():
+    base = {"window_nll": [1.0, 2.0, 3.0]}
+    other = {"window_nll": [1.1, 2.3, 3.2]}
+    p = common.paired(base, other)
+    assert p["delta_nll"] == pytest.approx(0.2)
+    assert p["delta_nll_se"] == pytest.approx(math.sqrt(0.01) / math.sqrt(3))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every experiment command, end to end on the tiny model.
+
+
+def test_spectra_command(tiny, tmp_path):
+    assert run_cli(["experiment", "spectra", tiny / "model", "--out", tmp_path]) == 0
+    r = read(tmp_path / "spectra.json")
+    layer = r["layers"][0]
+    # joint spectrum energy = sum of member energies (Frobenius norms add over stacked rows)
+    for joint, parts in (("q+k", ("q", "k")), ("gate+up", ("gate", "up"))):
+        total = sum(s * s for s in layer["spectra"][joint])
+        assert total == pytest.approx(sum(s * s for p in parts for s in layer["spectra"][p]), rel=1e-4)
+    assert r["meta"]["command"].startswith("jointrank experiment spectra")
+    assert (tmp_path / "energy.png").stat().st_size > 0 and (tmp_path / "qk_angles.png").stat().st_size > 0
+
+
+def test_joint_vs_separate_command(tiny, tmp_path):
+    assert run_cli(["experiment", "joint-vs-separate", tiny / "model", "--text-file", tiny / "text.txt",
+                    "--seqlen", 32, "--max-windows", 3, "--ratios", "1,0.5", "--out", tmp_path]) == 0
+    for setting in ("gate_up", "qk", "qk_head"):
+        r = read(tmp_path / f"{setting}.json")
+        full = [p for p in r["points"] if p["ratio"] == 1.0]
+        # at full rank both methods reproduce the dense model: errors ~0 and the same perplexity
+        assert all(max(p["member_rel_error"].values()) < 1e-4 for p in full)
+        assert all(abs(p["delta_nll"]) < 1e-4 for p in full)
+        half = {p["method"]: p for p in r["points"] if p["ratio"] == 0.5}
+        assert half["joint"]["params_factored"] < half["separate"]["params_factored"] or setting == "qk_head"
+        assert (tmp_path / f"{setting}.png").stat().st_size > 0
+    # per-head GQA accounting: the reference is the unexpanded Q+K (64 + 16 rows) x 64 per layer, 2 layers
+    assert read(tmp_path / "qk_head.json")["points"][0]["params_reference"] == 2 * (64 + 16) * 64
+    # Eq. 9 for the whole-matrix joint Q/K at ratio 0.5: k = 32, k (64 + 16 + 64) per layer
+    joint = [p for p in read(tmp_path / "qk.json")["points"] if p["method"] == "joint" and p["ratio"] == 0.5][0]
+    assert joint["params_factored"] == 2 * 32 * (64 + 16 + 64)
+
+
+def test_layers_command(tiny, tmp_path):
+    assert run_cli(["experiment", "layers", tiny / "model", "--text-file", tiny / "text.txt", "--seqlen", 32,
+                    "--max-windows", 3, "--ratio", 0.25, "--out", tmp_path]) == 0
+    r = read(tmp_path / "layers.json")
+    rows = {(x["kind"], tuple(x["approximated_layers"])): x for x in r["rows"]}
+    # 2 layers: quarters are [0], [1], [], [] -> only the non-empty ones change anything
+    assert r["quarters"] == [[0], [1], [], []] or all(len(q) <= 1 for q in r["quarters"])
+    single = [x for x in r["rows"] if x["kind"] == "single"]
+    assert [x["approximated_layers"] for x in single] == [[0], [1]]
+    # approximating one layer removes exactly half of what approximating both removes
+    both = rows[("all_approximated", (0, 1))]
+    assert single[0]["params_removed"] * 2 == both["params_removed"]
+    assert (tmp_path / "layers.png").stat().st_size > 0
+
+
+def test_denoise_command(tiny, tmp_path):
+    assert run_cli(["experiment", "denoise", tiny / "model", "--text-file", tiny / "text.txt", "--seqlen", 32,
+                    "--max-windows", 3, "--ratios", "1,0.9", "--configs", "gate_up,all", "--noise-seeds", 1,
+                    "--out", tmp_path]) == 0
+    r = read(tmp_path / "denoise.json")
+    full = [p for p in r["points"] if p["ratio"] == 1.0]
+    assert all(abs(p["delta_nll"]) < 1e-4 and not p["improves_beyond_2se"] for p in full)
+    assert r["window_noise"][0]["window_indices"] != r["probe"]["window_indices"]
+
+
+def test_table1_command_records_infeasible_budgets(tiny, tmp_path):
+    assert run_cli(["experiment", "table1", tiny / "model", "--text-file", tiny / "text.txt", "--seqlen", 32,
+                    "--max-windows", 2, "--targets", "0.1,0.2", "--out", tmp_path]) == 0
+    r = read(tmp_path / "table1.json")
+    done = [x for x in r["rows"] if "infeasible" not in x]
+    assert done, "some structure must fit"
+    for row in done:  # the planner's target is met in its scope
+        assert row[f"reduction_{row['scope']}"] >= row["target"] - 1e-9
+    assert len(r["rows"]) == 2 * 2 * 3
+
+
+def test_watermark_command_memorises_then_sweeps(tiny, tmp_path):
+    # a random tiny model needs a larger learning rate than the paper's 7B models to memorise in a few steps
+    assert run_cli(["watermark", tiny / "model", "--sentence", SENTENCE, "--text-file", tiny / "text.txt",
+                    "--lr", 3e-3, "--max-steps", 40, "--batch", 4, "--context-tokens", 16, "--layers", "all",
+                    "--ratios", "1,0.2", "--seqlen", 32, "--max-windows", 2, "--out", tmp_path]) == 0
+    r = read(tmp_path / "watermark.json")
+    assert not r["before"]["reproduced"]
+    assert r["after_fine_tune"]["reproduced"], "fine-tuning did not make greedy decoding reproduce the sentence"
+    assert r["training"]["reproduced_at_step"] is not None
+    assert r["after_fine_tune"]["sentence_ppl"] < r["before"]["sentence_ppl"]
+    full = [p for p in r["points"] if p["ratio"] == 1.0][0]
+    assert full["reproduced"] and full["sentence_ppl"] == pytest.approx(r["after_fine_tune"]["sentence_ppl"], rel=1e-3)
+    low = [p for p in r["points"] if p["ratio"] == 0.2][0]
+    assert low["sentence_ppl"] > full["sentence_ppl"]
+
+
+def test_bad_input_is_one_clear_error(tiny, tmp_path, capsys):
+    assert run_cli(["experiment", "joint-vs-separate", tiny / "model", "--settings", "nope", "--no-eval",
+                    "--out", tmp_path / "x"]) == 1
+    assert "unknown setting" in capsys.readouterr().err
+    assert run_cli(["watermark", tiny / "model", "--sentence", "too short", "--prompt-words", 3,
+                    "--text-file", tiny / "text.txt", "--no-eval", "--out", tmp_path / "y"]) == 1
+    assert "--prompt-words" in capsys.readouterr().err
+    assert not (tmp_path / "y" / "watermark.json").exists()
+
+
+def test_report_regenerates_from_json(tiny, tmp_path):
+    from jointrank.experiments import report
+
+    out = tmp_path / "results"
+    assert run_cli(["experiment", "spectra", tiny / "model", "--out", out / "experiments" / "spectra"]) == 0
+    path = report.write(out)
+    text = path.read_text()
+    spectra = read(out / "experiments" / "spectra" / "spectra.json")
+    assert spectra["meta"]["command"] in text
+    assert f"{spectra['summary']['qk_angles']['8']['mean_cos_over_layers']:.4g}" in text
+    assert "not run" in text  # experiments without results say so
