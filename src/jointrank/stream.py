@@ -53,8 +53,16 @@ class StreamOptions:
     progress: bool = True
 
     def fingerprint(self) -> dict:
-        # what determines the output bytes; workers/backend are not in it (see test_parallel for why that holds)
-        return {"solver": self.solver, "seed": self.seed}
+        """What determines the output bytes. BLAS rounding depends on the thread count, so the threads each unit
+        runs on are part of it (a resumed run must split the cores the same way to write the same bytes)."""
+        return {"solver": self.solver, "seed": self.seed, "device": self.device, "unit_threads": self.unit_threads()}
+
+    def unit_threads(self) -> int:
+        from .parallel import RAY_TASK_CPUS
+
+        if self.backend == "ray":
+            return RAY_TASK_CPUS
+        return max(1, torch.get_num_threads() // max(1, self.workers))
 
 
 # ---------------------------------------------------------------------------------------------------------------
