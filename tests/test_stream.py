@@ -166,3 +166,21 @@ def test_plan_is_the_in_memory_plan(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(src)
     preset = jointrank.PRESETS["paper-20"]
     assert make_plan(read_layout(TensorSource.open(src)), preset) == make_plan(describe(model), preset)
+
+
+def test_cli_stream_flags(tmp_path, capsys):
+    from jointrank.cli import main
+
+    src = tiny("llama", tmp_path / "src")
+    args = ["compress", str(src), "--qk", "joint", "--ratio", "0.5"]
+    assert main(args + ["--stream", "--eval", "wikitext2", "--out", str(tmp_path / "e")]) == 1
+    assert "--eval need the whole model in memory" in capsys.readouterr().err
+    assert main(args + ["--workers", "2", "--seed", "5", "--dtype", "float16", "--out", str(tmp_path / "o")]) == 0
+    assert "streamed 3 layers" in capsys.readouterr().out
+    assert {t.dtype for t in saved_tensors(tmp_path / "o").values()} == {torch.float16}
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["dtype"] == "float16"
+    manifest = jointrank.read_manifest(tmp_path / "o")
+    assert manifest["result"]["extra"]["stream"]["seed"] == 5 and manifest["result"]["extra"]["stream"]["workers"] == 2
+    assert jointrank.load(tmp_path / "o").model.layers[0].self_attn.q_proj.rank == 32  # 0.5 * min(64 + 32, 64)
+    assert main(args + ["--resume", "--out", str(tmp_path / "o")]) == 1  # finished output: refused, not redone
+    assert "already exists" in capsys.readouterr().err

@@ -58,8 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
                           help="write the rank-reduced weights back into the original shapes: a plain transformers "
                           "checkpoint of the original size (for denoising experiments and other runtimes)")
     compress.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda (default: with the weights)")
-    compress.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                          help="dtype the model is loaded and saved in (the SVDs always run in float32 or better)")
+    compress.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                          help="dtype the model is loaded and saved in (the SVDs always run in float32 or better; "
+                          "default float32, or with --stream the checkpoint's own)")
+    stream = compress.add_argument_group(
+        "streaming", "read a local safetensors checkpoint layer by layer and write it shard by shard, never holding "
+        "the model: memory stays at about one layer whatever the model size. Opt-in because an interrupted run keeps "
+        "its finished layers (in .OUT.partial, for --resume) and --eval/--dense/calibration need the whole model")
+    stream.add_argument("--stream", action="store_true", help="stream (implied by the flags below)")
+    stream.add_argument("--resume", action="store_true", help="continue an interrupted streaming run from its last "
+                        "finished layer; the output is byte-identical to an uninterrupted run")
+    stream.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="units factorised at once, the cores split between them (local); layer tasks in "
+                        "flight (ray, default: all)")
+    stream.add_argument("--backend", choices=["local", "ray"], default="local",
+                        help="ray: one task per layer on the cluster named by RAY_ADDRESS (or a local one); the "
+                        "checkpoint and --out must be on storage every node sees")
+    stream.add_argument("--seed", type=int, default=None, help="seed of the randomized solver (default 0)")
     compress.add_argument("--eval", default=None, metavar="TASKS",
                           help="evaluate before and after, e.g. wikitext2 or wikitext2,piqa (see `jointrank eval`)")
     compress.add_argument("--eval-limit", type=int, default=None, help="examples per zero-shot task for --eval")
@@ -124,9 +139,10 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
                        "optionally on some layers only, e.g. joint@last:8 or separate@0-5,20-31")
     p.add_argument("--layers", default="all", help="layers for group flags given without @LAYERS: all, first:N, "
                    "last:N, last:A/B (a fraction), or 0-5,20-31 (default: all)")
-    p.add_argument("--solver", choices=["auto", "svd", "gram"], default="auto",
-                   help="how factors are computed: exact SVD, or Gram matrix + eigh in float64 (faster on tall "
-                   "matrices); auto picks by shape")
+    p.add_argument("--solver", choices=["auto", "svd", "gram", "gram32", "rsvd"], default="auto",
+                   help="how factors are computed: exact SVD; Gram matrix + eigh in float64 (faster on tall "
+                   "matrices) or in float32 with a float64 fallback (gram32); seeded randomized SVD (rsvd, for low "
+                   "ranks of large matrices); auto picks by shape and rank")
     p.add_argument("--keep-unprofitable", action="store_true",
                    help="factorise even units whose factors are not smaller than their weights (for experiments)")
     p.add_argument("--keep-slow", nargs="?", type=float, const=0.0, default=None, metavar="MARGIN",
@@ -205,13 +221,17 @@ def cmd_compress(args) -> int:
     from .tables import params_summary
 
     config = config_from_args(args)  # bad flags fail here, before anything is loaded
+    from .stream import run_cli, wants_stream
+
+    if wants_stream(args):
+        return run_cli(args, config)
     _calibration(args, config, None)
     resolve(args.model)
     check_output(args.out, args.overwrite)
     started = time.perf_counter()
     import torch
 
-    model, tokenizer, source = load_model(args.model, dtype=getattr(torch, args.dtype))
+    model, tokenizer, source = load_model(args.model, dtype=getattr(torch, args.dtype or "float32"))
     load_seconds = time.perf_counter() - started
     evals = {}
     if args.eval:

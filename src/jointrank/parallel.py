@@ -50,10 +50,10 @@ def _progress(jobs, options):
     return tqdm(jobs, desc="layers", unit="layer", disable=not options.progress)
 
 
-def _finish_layer(source, job: LayerJob, futures, started: float) -> dict:
+def _finish_layer(source, options, job: LayerJob, futures, started: float) -> dict:
     import time
 
-    tensors, units = passthrough(source, job), []
+    tensors, units = passthrough(source, job, options), []
     for future in futures:
         out, result, seconds = future.result()
         tensors.update(out)
@@ -78,9 +78,9 @@ def _run_threads(source, jobs, options, method, record) -> None:
             futures = [pool.submit(factorise_unit, source, e, method, options) for e in job.entries]
             in_flight.append((job, futures, time.perf_counter()))
             if len(in_flight) >= 2:
-                record(_finish_layer(source, *in_flight.popleft()))
+                record(_finish_layer(source, options, *in_flight.popleft()))
         while in_flight:
-            record(_finish_layer(source, *in_flight.popleft()))
+            record(_finish_layer(source, options, *in_flight.popleft()))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(budget)

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,6 +47,7 @@ class StreamOptions:
     solver: str = "auto"
     seed: int = 0
     device: str | None = None  # where the linear algebra runs; tensors are read and written on the CPU
+    dtype: str | None = None  # output dtype of floating tensors (default: each tensor keeps the source's)
     workers: int = 1  # units factorised at once (local backend) or concurrent layer tasks (ray)
     backend: str = "local"  # local | ray
     resume: bool = False
@@ -55,7 +57,11 @@ class StreamOptions:
     def fingerprint(self) -> dict:
         """What determines the output bytes. BLAS rounding depends on the thread count, so the threads each unit
         runs on are part of it (a resumed run must split the cores the same way to write the same bytes)."""
-        return {"solver": self.solver, "seed": self.seed, "device": self.device, "unit_threads": self.unit_threads()}
+        return {"solver": self.solver, "seed": self.seed, "device": self.device, "dtype": self.dtype,
+                "unit_threads": self.unit_threads()}
+
+    def cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(getattr(torch, self.dtype)) if self.dtype and t.is_floating_point() else t
 
     def unit_threads(self) -> int:
         from .parallel import RAY_TASK_CPUS
@@ -210,10 +216,10 @@ def factorise_unit(source: TensorSource, entry, method: str, options: StreamOpti
     factors = _factorise(weights, entry.rank, method, options)
     out = {}
     for i, (member, w) in enumerate(zip(entry.members, weights)):
-        dtype = w.dtype  # as compress_: factors are stored in the weight's own dtype
+        dtype = getattr(torch, options.dtype) if options.dtype else w.dtype  # as compress_: the weight's own
         out[f"{member}.out.weight"] = factors.outs[i].to(device="cpu", dtype=dtype, copy=True)
         if f"{member}.bias" in read:
-            out[f"{member}.out.bias"] = read[f"{member}.bias"]  # biases are kept exact
+            out[f"{member}.out.bias"] = options.cast(read[f"{member}.bias"])  # biases are kept exact
         if entry.method == "joint":
             if i == 0:
                 parent = member.rsplit(".", 1)[0]  # where install_unit registers the shared basis
@@ -237,10 +243,11 @@ def _factorise(weights, k, method: str, options: StreamOptions):
     return methods.factorise(method, weights, k, solver=options.solver)
 
 
-def passthrough(source: TensorSource, job: LayerJob) -> dict[str, torch.Tensor]:
-    """The layer's tensors that are not replaced by factors (norms, kept groups), unchanged."""
+def passthrough(source: TensorSource, job: LayerJob, options: StreamOptions) -> dict[str, torch.Tensor]:
+    """The layer's tensors that are not replaced by factors (norms, kept groups), unchanged but for --dtype."""
     replaced = {f"{m}.{suffix}" for e in job.entries for m in e.members for suffix in ("weight", "bias")}
-    return source.read([n for n in layer_tensor_names(source, job.prefix) if n not in replaced])
+    read = source.read([n for n in layer_tensor_names(source, job.prefix) if n not in replaced])
+    return {k: options.cast(v) for k, v in read.items()}
 
 
 def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -256,7 +263,7 @@ def run_layer_job(job: LayerJob, options: StreamOptions) -> dict:
     """Factorise one layer's units one after another and write its shard. Used by the Ray backend's tasks."""
     source = TensorSource.open(job.source)
     start = time.perf_counter()
-    tensors, units = passthrough(source, job), []
+    tensors, units = passthrough(source, job, options), []
     for entry in job.entries:
         out, result, seconds = factorise_unit(source, entry, job.method, options)
         tensors.update(out)
@@ -319,7 +326,7 @@ def compress_checkpoint(source_dir: str | Path, out: str | Path, config, *, opti
     rest_shard = _shard_name(layout.num_layers, layout.num_layers + 1)
     if not progress.get("rest_done") or not (staging / rest_shard).is_file():
         rest = [n for n in source.shapes if not n.startswith(layout.layers_path + ".")]
-        write_shard(source.read(rest), staging / rest_shard)
+        write_shard({k: options.cast(v) for k, v in source.read(rest).items()}, staging / rest_shard)
         progress["rest_done"] = True
         _write_json(staging / PROGRESS_NAME, progress)
 
@@ -471,6 +478,8 @@ def _finish(staging, out, source, plan, result, config_obj, source_label, option
 
     config = dict(source.config)
     config["quantization_config"] = JointRankQuantizationConfig(units=units_of(plan)).to_dict()
+    if options.dtype:
+        config["dtype"] = config["torch_dtype"] = options.dtype
     _write_json(staging / "config.json", config)
     for f in sorted(source.root.iterdir()):
         if f.is_file() and f.suffix in COPY_SUFFIXES and f.name not in NOT_COPIED and not f.name.startswith("."):
@@ -490,3 +499,46 @@ def is_streamable_source(path: str | Path) -> bool:
     with contextlib.suppress(OSError):
         return (root / "config.json").is_file() and ((root / INDEX_NAME).is_file() or (root / SINGLE_NAME).is_file())
     return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `jointrank compress --stream`
+
+
+def wants_stream(args) -> bool:
+    """Streaming is opt-in (--stream); --resume, --workers N>1, --backend ray and --seed only exist there."""
+    return bool(getattr(args, "stream", False) or getattr(args, "resume", False)
+                or (getattr(args, "workers", 1) or 1) > 1 or getattr(args, "backend", "local") != "local"
+                or getattr(args, "seed", None) is not None)
+
+
+def run_cli(args, config) -> int:
+    """The streaming branch of `jointrank compress`: checks, runs, prints what the in-memory branch prints."""
+    from .sources import resolve
+    from .tables import params_summary
+
+    refused = [flag for flag, on in (("--eval", args.eval), ("--dense", args.dense),
+                                     ("--calibration", getattr(args, "calibration", None))) if on]
+    if refused:
+        raise JointRankError(f"{' and '.join(refused)} need the whole model in memory: drop --stream, --resume, "
+                             "--workers, --backend and --seed")
+    source = resolve(args.model)
+    if source.kind != "hf_dir" or not is_streamable_source(source.path):
+        raise JointRankError(f"streaming reads a local Hugging Face directory with safetensors weights; {args.model} "
+                             f"is a {source.kind.replace('_', ' ')}")
+    options = StreamOptions(solver=config.solver, seed=0 if args.seed is None else args.seed, device=args.device,
+                            dtype=args.dtype, workers=args.workers or 1, backend=args.backend, resume=args.resume,
+                            overwrite=args.overwrite)
+    try:
+        done = compress_checkpoint(source.path, args.out, config, options=options, source_label=args.model)
+    except KeyboardInterrupt:
+        print(f"jointrank: finished layers are kept in {Path(args.out).parent / ('.' + Path(args.out).name)}"
+              ".partial; rerun with --resume to continue", file=sys.stderr)
+        raise
+    r = done.result
+    print(params_summary(r.params_total_before, r.params_total_after, r.params_decoder_before,
+                         r.params_decoder_after))
+    resumed = f" ({done.layers_done_before} layers resumed)" if done.layers_done_before else ""
+    print(f"\nstreamed {r.plan.num_layers} layers{resumed}: factorise {r.extra['stream']['factorise_seconds']:.1f} s, "
+          f"total {done.seconds:.1f} s; saved checkpoint to {args.out}")
+    return 0
