@@ -142,6 +142,7 @@ def test_run_tasks_on_local_data_scores_the_seeded_sample(tokenizer):
         assert r["n"] == 4 and r["n_total"] == n_total
         assert r["indices"] == zeroshot.sample_indices(task, n_total, 4, 7)
         assert 0.0 <= r["acc"] <= 1.0 and r["acc_stderr"] > 0
+        assert len(r["per_doc"]["acc"]) == 4 and r["per_doc"]["acc"].count("1") / 4 == pytest.approx(r["acc"])
     assert "acc_norm" in out["piqa"] and "acc_norm" not in out["boolq"]  # the built-in metric lists, unchanged
 
 

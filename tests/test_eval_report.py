@@ -48,6 +48,23 @@ def test_retention_per_task_and_of_the_average():
     assert report.compare(BASE, COMP, metric="acc_norm")["rows"][1]["base"] == pytest.approx(0.71)
 
 
+def test_paired_stderr_from_per_document_scores():
+    base, comp = json.loads(json.dumps(BASE)), json.loads(json.dumps(COMP))
+    n = 400
+    # comp = base except 28 documents flipped from right to wrong: acc 0.70 -> 0.63
+    b = "1" * 280 + "0" * 120
+    c = "0" * 28 + "1" * 252 + "0" * 120
+    base["results"]["piqa"]["per_doc"] = {"acc": b}
+    comp["results"]["piqa"]["per_doc"] = {"acc": c}
+    row = report.compare(base, comp)["rows"][1]
+    d = [-1] * 28 + [0] * 372
+    mean = sum(d) / n
+    expected = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
+    assert row["paired"] and row["delta_stderr"] == pytest.approx(expected)
+    assert row["delta_stderr"] < 0.5 * report.compare(BASE, COMP)["rows"][1]["delta_stderr"]  # far tighter
+    assert "paired over the same documents" in report.render_compare(report.compare(base, comp), markdown=True)
+
+
 def test_compare_flags_different_samples():
     other = results("comp", {"piqa": 0.63}, ppl=25.0, n=300)
     notes = report.compare(BASE, other)["notes"]

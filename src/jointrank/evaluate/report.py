@@ -1,9 +1,10 @@
 """Results files and their human forms: the results JSON, its Markdown, and base-vs-compressed comparison.
 
 Retention = compressed / base, per task and of the average (the paper's "retains 93.43%" is the ratio of the
-average accuracies). Every accuracy carries lm-eval's standard error; a delta is shown with the standard error
-sqrt(se_base^2 + se_comp^2) (independent-samples bound; the two runs score the same documents, so the true error
-of the difference is usually smaller) and marked when it exceeds two of them.
+average accuracies). Every accuracy carries lm-eval's standard error. A delta's standard error is *paired* when
+both runs stored per-document scores for the same documents (sd(comp_i - base_i) / sqrt(n): two models that mostly
+agree have a much smaller error of the difference than of each accuracy), else the unpaired upper bound
+sqrt(se_base^2 + se_comp^2). A delta beyond two standard errors is marked.
 """
 
 from __future__ import annotations
@@ -116,6 +117,18 @@ def render_results(results: dict) -> str:
     return "\n".join(lines)
 
 
+def paired_stderr(base_entry: dict, comp_entry: dict, metric: str) -> float | None:
+    """Standard error of mean(comp_i - base_i) over the same documents, from the stored per-document 0/1 scores."""
+    b = (base_entry.get("per_doc") or {}).get(metric)
+    c = (comp_entry.get("per_doc") or {}).get(metric)
+    if not b or not c or len(b) != len(c) or len(b) < 2:
+        return None
+    d = [int(y) - int(x) for x, y in zip(b, c)]
+    mean = sum(d) / len(d)
+    var = sum((v - mean) ** 2 for v in d) / (len(d) - 1)
+    return math.sqrt(var / len(d))
+
+
 def compare(base: dict, comp: dict, metric: str = "acc") -> dict:
     """Per-task and average comparison of two results dicts (only tasks present in both)."""
     tasks = [t for t in base["results"] if t in comp["results"]]
@@ -131,11 +144,15 @@ def compare(base: dict, comp: dict, metric: str = "acc") -> dict:
         if not same_docs:
             notes.append(f"{task}: the two runs scored different documents/windows; the difference includes sampling noise")
         se = math.sqrt(bse**2 + cse**2) if bse is not None and cse is not None else None
+        paired = paired_stderr(b, c, name) if same_docs else None
+        if paired is not None:
+            se = paired
         delta = cv - bv
         rows.append({
             "task": task, "metric": name, "base": bv, "base_stderr": bse, "comp": cv, "comp_stderr": cse,
             "delta": delta, "delta_stderr": se, "retention": cv / bv if bv else None,
             "beyond_2se": se is not None and abs(delta) > 2 * se, "same_documents": same_docs,
+            "paired": paired is not None,
         })
     acc_rows = [r for r in rows if r["task"] not in PERPLEXITY_TASKS]
     summary = None
@@ -168,7 +185,14 @@ def render_compare(cmp: dict, markdown: bool) -> str:
         rows.append(["average", f"mean {cmp['metric']} ({len(avg['tasks'])} tasks)", f"{100 * avg['base_mean']:.2f}",
                      f"{100 * avg['comp_mean']:.2f}", f"{100 * (avg['comp_mean'] - avg['base_mean']):+.2f}",
                      f"{100 * avg['retention_of_mean']:.2f}"])
-    foot = ["* = |delta| larger than 2 standard errors (sqrt(se_base^2 + se_comp^2)); accuracies in %, ± one standard error.",
+    paired = [r["task"] for r in cmp["rows"] if r.get("paired")]
+    unpaired = [r["task"] for r in cmp["rows"] if r["metric"] != "perplexity" and not r.get("paired")]
+    foot = ["accuracies in %, ± one standard error; * = |delta| larger than 2 standard errors of the delta."]
+    if paired:
+        foot.append(f"delta error paired over the same documents (per-document scores): {', '.join(paired)}.")
+    if unpaired:
+        foot.append(f"delta error unpaired, sqrt(se_base^2 + se_comp^2), an upper bound: {', '.join(unpaired)}.")
+    foot += [
             "retention = compressed / base; for perplexity the ratio is shown but lower is better and it is left out of the average."]
     if avg:
         foot.append(f"average retention = mean(compressed) / mean(base) = {100 * avg['retention_of_mean']:.2f}%; "

@@ -161,6 +161,20 @@ def _metrics(task_result: dict) -> dict:
     return out
 
 
+def _per_doc(samples: list[dict]) -> dict:
+    """0/1 correctness per scored document, in document order, as compact strings ('0110...') per metric.
+
+    With these, ``compare`` can compute the *paired* standard error of a difference (both runs score the same
+    documents), which is much smaller than the unpaired one when the two models mostly agree."""
+    ordered = sorted(samples, key=lambda x: x["doc_id"])
+    out = {}
+    for metric in ("acc", "acc_norm"):
+        values = [x.get(metric) for x in ordered]
+        if values and all(v in (0, 1, True, False) for v in values):
+            out[metric] = "".join("1" if v else "0" for v in values)
+    return out
+
+
 def run_tasks(
     model,
     tokenizer,
@@ -207,7 +221,7 @@ def run_tasks(
                 task_manager=manager,
                 num_fewshot=0,
                 samples={name: indices} if indices is not None else None,
-                log_samples=False,
+                log_samples=True,  # per-document correctness, for paired standard errors in compare
                 bootstrap_iters=BOOTSTRAP_ITERS,
                 random_seed=seed,
                 numpy_random_seed=seed,
@@ -229,6 +243,7 @@ def run_tasks(
                 "source": source,
                 "lm_eval_task": name,
                 "builtin_task_version": out.get("versions", {}).get(name),
+                "per_doc": _per_doc(out["samples"][name]),
             }
             if on_task_done is not None:
                 on_task_done(task, results[task])
