@@ -451,7 +451,7 @@ def _assemble(staging, source, layout, plan, progress, jobs_by_layer, rest_shard
                                params_decoder_after=params_decoder, seconds=seconds,
                                extra={"stream": {"solver": options.solver, "seed": options.seed,
                                                  "workers": options.workers, "backend": options.backend,
-                                                 "layer_seconds": layer_seconds,
+                                                 "layer_seconds": layer_seconds, "unit_seconds": unit_seconds,
                                                  "factorise_seconds": sum(unit_seconds)}})
     index = {"metadata": {"total_size": total_size},
              "weight_map": {k: weight_map[k] for k in sorted(weight_map)}}
