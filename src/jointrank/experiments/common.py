@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shlex
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -154,6 +155,7 @@ class PplProbe:
 
         was_training = model.training
         model.eval()
+        started = time.perf_counter()
         per_window = []
         try:
             for i in range(len(self.windows)):
@@ -162,6 +164,8 @@ class PplProbe:
         finally:
             model.train(was_training)
         mean = sum(per_window) / len(per_window)
+        print(f"[{time.strftime('%H:%M:%S')}] perplexity {math.exp(mean):.3f} on {len(per_window)} windows "
+              f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
         return {"ppl": math.exp(mean), "mean_nll": mean, "window_nll": per_window,
                 "nll_se": _se(per_window)}
 

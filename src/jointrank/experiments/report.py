@@ -291,6 +291,15 @@ def _layers(exp: Path) -> str:
     return "\n".join(out)
 
 
+def _premise(a: dict) -> str:
+    above = a["layers_above_random_3sd"] / a["layers"]
+    if above < 0.5:
+        return "Does not hold: in most layers the overlap is within chance."
+    if a["k_energy_in_q_top_mean"] < 0.5:
+        return "Holds weakly (above chance in most layers), not in the strong form the method assumes."
+    return "Holds: the dominant input directions are largely shared."
+
+
 def _spearman(x: list[float], y: list[float]) -> float:
     def ranks(v):
         order = sorted(range(len(v)), key=lambda i: v[i])
@@ -466,8 +475,10 @@ def _spectra(exp: Path) -> str:
                f"random ones in {a64['layers_above_random_3sd']}/{a64['layers']} layers (mean cos "
                f"{a64['mean_cos_over_layers']:.3f} vs {a64['random_mean_cos']:.3f}), but far from identical: Q's top "
                f"subspace holds {a64['k_energy_in_q_top_mean']:.1%} of K's energy vs {a64['random_energy_share']:.1%} "
-               "for a random one. Holds weakly (above chance), not in the strong form the method assumes.")
-    out.append(f"- Low rank: 90% of the energy needs a ratio of {e['gate+up']['ratio_for_90pct_energy_mean']:.2f} "
+               "for a random one. " + _premise(a64))
+    gu = e["gate+up"]["ratio_for_90pct_energy_mean"]
+    out.append(f"- Low rank: 90% of the energy needs a ratio of {gu:.2f} "
                f"(gate+up), {e['q+k']['ratio_for_90pct_energy_mean']:.2f} (q+k), {e['down']['ratio_for_90pct_energy_mean']:.2f} "
-               "(down) on average: these weights are not strongly low-rank, so any sizeable rank cut drops real energy.")
+               "(down) on average: " + ("these weights are not strongly low-rank, so any sizeable rank cut drops real "
+                                        "energy." if gu > 0.5 else "most of the energy sits in a minority of directions."))
     return "\n".join(out) + "\n"
