@@ -168,7 +168,10 @@ def child(args) -> None:
     ratio = float(args.ratio)
     out = Path(args.dir).with_name(Path(args.dir).name + f"-out-{args.child}")
     shutil.rmtree(out, ignore_errors=True)
+    load_before = os.getloadavg()[0]
     result = (run_naive if args.child == "naive" else run_default)(Path(args.dir), out, ratio)
+    # the machine is shared: the 1-minute load average says how many other runnable processes competed
+    result["load_average"] = [load_before, os.getloadavg()[0]]
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
     shutil.rmtree(out, ignore_errors=True)
     print("RESULT " + json.dumps(result))
@@ -207,7 +210,9 @@ def render(data: dict) -> str:
         f"{data['checkpoint_gb']:.2f} GB on disk. Plan: paper-20 structure, ratio {data['ratio']:.4f} solved on "
         "the 32-layer shapes (W_Q, W_K separate; W_gate/W_up joint), every built layer carrying both kinds of unit. "
         "One run of each path, each in its own subprocess; the extrapolation to 32 layers uses per-unit medians "
-        "(32 x (W_Q + W_K) + 22 x gate/up) plus the measured per-layer I/O.",
+        "(32 x (W_Q + W_K) + 22 x gate/up) plus the measured per-layer I/O. Load average (1 min) before/after: "
+        f"naive {n['load_average'][0]:.1f}/{n['load_average'][1]:.1f}, "
+        f"default {d['load_average'][0]:.1f}/{d['load_average'][1]:.1f} (2 cores; other jobs share the machine).",
         "",
         "| | naive (load all, exact SVD) | default (`--stream`, solver auto) |",
         "|---|---:|---:|",
