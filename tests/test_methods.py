@@ -278,3 +278,18 @@ def test_cli_global_balanced_plan_and_compress(model_dir, tmp_path, capsys):
     assert manifest["config"]["method"] == "balanced:heads" and manifest["config"]["allocation"] == "global"
     p = manifest["result"]["params"]
     assert p["decoder_after"] <= 0.8 * p["decoder_before"]
+
+
+def test_residual_prior_follows_the_stream_norm_and_refuses_models_without_post_norms():
+    from jointrank.methods.allocation import plan_global, residual_priors
+
+    model = tiny_model("gemma3_text")  # post-block norms initialised to γ = 0: every block writes with scale 1
+    emb = model.get_input_embeddings().weight.double()
+    stream = float(emb.pow(2).mean()) * emb.shape[1]
+    priors = residual_priors(model)
+    expected = [1 / (stream + j) for j in range(2 * 3)]  # each block adds 1 to the squared stream norm
+    got = [priors[(i, b)] for i in range(3) for b in ("attn", "mlp")]
+    assert got == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(JointRankError, match="needs norms after each block"):
+        plan_global(tiny_model("llama"), JointRankConfig(rules=ALL_GROUPS, target=0.2, scope="decoder"),
+                    prior="residual")

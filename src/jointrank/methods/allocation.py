@@ -12,7 +12,11 @@ dense/factorised jump — with λ bisected to the budget, then a greedy pass han
 reduction per parameter first) while the budget still holds, so the plan lands within one rank step of the target.
 
 Priors (`prior=`): flat (1 everywhere), depth (2 at the first layer falling linearly to 1 at the last: an error
-early in the network passes through more layers). The result is an ordinary CompressionPlan.
+early in the network passes through more layers), residual (models with norms after each block, Gemma-2/3: a
+block writes into the residual stream with the scale of its post-norm, s_b = RMS(1 + γ_b); every later block
+reads the stream through a norm, so what it sees is the perturbation *relative* to the stream, whose norm before
+layer l is estimated, data-free, as R_l² = RMS(embedding)²·d + Σ_{blocks before} s²; prior = (s_b / R_l)²).
+The result is an ordinary CompressionPlan.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from ..linalg import joint_params
 from ..plan import CompressionPlan, PlanEntry, _units, validate
 from . import parse
 
-PRIORS = ("flat", "depth")
+PRIORS = ("flat", "depth", "residual")
+ATTENTION_GROUPS = ("qk", "v", "o")
 
 
 def layer_prior(layer: int, num_layers: int, prior: str) -> float:
@@ -37,6 +42,34 @@ def layer_prior(layer: int, num_layers: int, prior: str) -> float:
     if prior == "depth":
         return 2.0 - layer / max(1, num_layers - 1)
     raise JointRankError(f"unknown allocation prior {prior!r}; use {', '.join(PRIORS)}")
+
+
+@torch.no_grad()
+def residual_priors(model) -> dict[tuple[int, str], float]:
+    """{(layer, 'attn' | 'mlp'): (s_b / R_l)²} from the post-block norms and the embedding (see the module doc)."""
+    from ..architectures import decoder_layers
+
+    _, layers = decoder_layers(model)
+    first = layers[0]
+    if not (hasattr(first, "post_attention_layernorm") and hasattr(first, "post_feedforward_layernorm")
+            and hasattr(first, "pre_feedforward_layernorm")):
+        raise JointRankError("the residual prior needs norms after each block (Gemma-2/3 style); use flat or depth")
+    offset = 1.0 if "Gemma" in type(first.post_attention_layernorm).__name__ else 0.0  # Gemma scales by (1 + γ)
+
+    def scale(norm) -> float:
+        return float((offset + norm.weight.double()).pow(2).mean())
+
+    emb = model.get_input_embeddings().weight.double()
+    d = emb.shape[1]
+    # Gemma multiplies embeddings by sqrt(d); the squared stream norm per coordinate starts at RMS(emb)²·d
+    stream = float(emb.pow(2).mean()) * (d if offset else 1.0)
+    out = {}
+    for i, layer in enumerate(layers):
+        for block, norm in (("attn", layer.post_attention_layernorm), ("mlp", layer.post_feedforward_layernorm)):
+            s2 = scale(norm)
+            out[(i, block)] = s2 / stream
+            stream += s2
+    return out
 
 
 @torch.no_grad()
@@ -54,7 +87,9 @@ def unit_spectrum(weights: list[torch.Tensor], method_spec: str) -> np.ndarray:
     return s**2
 
 
-def plan_global(model, config, *, prior: str = "flat") -> CompressionPlan:
+def plan_global(model, config, *, prior: str = "flat", spectra: dict | None = None) -> CompressionPlan:
+    """`spectra`: an optional cache {member names: squared singular values}, filled here, for planning several
+    budgets of the same (dense) model without recomputing them."""
     validate(config)
     if config.target is None:
         raise JointRankError("global allocation needs a parameter budget (--target)")
@@ -62,6 +97,13 @@ def plan_global(model, config, *, prior: str = "flat") -> CompressionPlan:
     units = _units(layout, config)
     scope_total = layout.params_total if config.scope == "model" else layout.params_decoder
     budget = config.target * scope_total
+
+    block_prior = residual_priors(model) if prior == "residual" else None
+
+    def unit_prior(g) -> float:
+        if block_prior is not None:
+            return block_prior[(g.layer, "attn" if g.group in ATTENTION_GROUPS else "mlp")]
+        return layer_prior(g.layer, layout.num_layers, prior)
 
     cands = []  # per factorisable unit: (index in units, dense params, cost per rank, prior·relative tail energy)
     for index, (g, method, idx) in enumerate(units):
@@ -75,11 +117,17 @@ def plan_global(model, config, *, prior: str = "flat") -> CompressionPlan:
         if k_break < 1:
             continue
         weights = [model.get_submodule(m.name).weight.detach() for m in members]
-        energy = unit_spectrum(weights, config.method)
+        key = tuple(m.name for m in members)
+        if spectra is not None and key in spectra:
+            energy = spectra[key]
+        else:
+            energy = unit_spectrum(weights, config.method)
+            if spectra is not None:
+                spectra[key] = energy
         total = energy.sum()
         # tail[k] = energy lost at rank k, for k = 1..k_break, relative to the unit's total
         tail = (total - np.cumsum(energy)[:k_break]) / total if total > 0 else np.zeros(k_break)
-        cands.append((index, dense, per_rank, layer_prior(g.layer, layout.num_layers, prior) * tail))
+        cands.append((index, dense, per_rank, unit_prior(g) * tail))
 
     def choose(lam: float) -> list[int]:
         ranks = []
