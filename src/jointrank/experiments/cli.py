@@ -35,6 +35,7 @@ def register(sub) -> None:
     p.add_argument("--settings", default="gate_up,qk,qk_head", help="any of gate_up, qk, qk_head (default: all)")
     p.add_argument("--ratios", default="0.9,0.7,0.5,0.3", help="approximation ratios (default: 0.9,0.7,0.5,0.3)")
     p.add_argument("--layers", default="all", help="layer spec (default: all)")
+    p.add_argument("--tag", default=None, help="suffix for the result files, to keep several sweeps of a setting")
     p.set_defaults(func=_joint_vs_separate)
 
     p = names.add_parser("layers", help="Table 2: which layers matter (quarters, and one layer at a time)")
@@ -141,7 +142,7 @@ def _spectra(args) -> int:
 def _joint_vs_separate(args) -> int:
     from . import joint_vs_separate as jvs
 
-    results = jvs.run(args.model, settings=_split(args.settings), ratios=args.ratios, layers=args.layers,
+    results = jvs.run(args.model, settings=_split(args.settings), ratios=args.ratios, layers=args.layers, tag=args.tag,
                       out=args.out, command=_command(args, ["experiment", "joint-vs-separate"]), **_eval_kwargs(args))
     for setting, res in results.items():
         for p in res["points"]:

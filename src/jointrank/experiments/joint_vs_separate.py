@@ -33,7 +33,7 @@ def _reference_params(model, group: str, layers: str) -> int:
 def run(model_spec: str, *, settings=("gate_up", "qk", "qk_head"), ratios=DEFAULT_RATIOS, layers: str = "all",
         seqlen: int = 512, max_windows: int = 4, window_seed: int = 0, data_dir=None, text: str | None = None,
         evaluate: bool = True, out: str | None = None, command: str = "", model=None, tokenizer=None,
-        plot: bool = True) -> dict:
+        plot: bool = True, tag: str | None = None) -> dict:
     set_threads()
     ratios = parse_floats(ratios, "--ratios")
     unknown = [s for s in settings if s not in SETTINGS]
@@ -71,9 +71,11 @@ def run(model_spec: str, *, settings=("gate_up", "qk", "qk_head"), ratios=DEFAUL
                   "model": model_spec, "ratios": ratios, "probe": probe.describe() if probe else None,
                   "dense": dense, "points": points, "equal_params": equal_params(points),
                   "meta": stamp(command, started)}
-        write_json(target / f"{setting}.json", result)
+        stem = f"{setting}_{tag}" if tag else setting  # a tag keeps a second sweep of one setting beside the first
+        result["tag"] = tag
+        write_json(target / f"{stem}.json", result)
         if plot:
-            plot_setting(result, target / f"{setting}.png")
+            plot_setting(result, target / f"{stem}.png")
         results[setting] = result
     return results
 

@@ -94,6 +94,15 @@ def _verdict(d: float, se: float, better: str, worse: str) -> str:
     return "could not tell (within 2 SE)"
 
 
+BROKEN = 10.0  # perplexity ratio beyond which a comparison is between two broken models
+
+
+def _broken(*ratios: float) -> str:
+    if all(r > BROKEN for r in ratios):
+        return f" — but both are broken (perplexity > {BROKEN:.0f}x dense), so this says little about usable budgets"
+    return ""
+
+
 def _missing(title: str, why: str) -> str:
     return f"{title}\n\n**not run**: {why}\n"
 
@@ -190,7 +199,9 @@ def _joint_vs_separate(exp: Path) -> str:
            "unit and the separate units have the same number of basis vectors per unit *limit*, not the same "
            "parameters; the parameter axis (Eq. 9) is the fair one. Member errors are ‖W − Ŵ‖_F / ‖W‖_F, averaged "
            "over layers.\n"]
-    settings = {r["setting"]: (p, r) for p, r in files}
+    settings: dict[str, list] = {}
+    for p, r in sorted(files, key=lambda f: (f[1].get("tag") or "", str(f[0]))):
+        settings.setdefault(r["setting"], []).append((p, r))
     if not settings:
         return _missing(title, "no results yet; run `jointrank experiment joint-vs-separate gemma-3-270m`.")
     names = {"qk_head": "Q/K within each head (GQA expanded: one K copy per query head)",
@@ -200,8 +211,16 @@ def _joint_vs_separate(exp: Path) -> str:
             out.append(_missing(f"### {names[setting]}", f"not run yet: `jointrank experiment joint-vs-separate "
                                 f"gemma-3-270m --settings {setting}`"))
             continue
-        path, r = settings[setting]
-        out += [f"### {names[setting]}", "", _cmd(r), _probe(r["probe"]) + ".", ""]
+        for path, r in settings[setting]:
+            out += _jvs_setting(exp, path, r, names[setting])
+    return "\n".join(out)
+
+
+def _jvs_setting(exp: Path, path: Path, r: dict, name: str) -> list[str]:
+    setting = r["setting"]
+    if True:
+        out = [f"### {name}" + (f" (sweep `{r['tag']}`)" if r.get("tag") else ""), "", _cmd(r),
+               _probe(r["probe"]) + ".", ""]
         if r.get("dense"):
             out.append(f"Dense perplexity on these windows: {r['dense']['ppl']:.3f}.\n")
         members = list(r["points"][0]["member_rel_error"])
@@ -226,14 +245,16 @@ def _joint_vs_separate(exp: Path) -> str:
                     d, se = _diff(s["window_nll"], j["window_nll"])
                     out.append(f"- equal ratio {ratio}: joint − separate Δ NLL {_pm(d, se)} (joint keeps "
                                f"{j['params_kept']:.3f} of the parameters, separate {s['params_kept']:.3f}): "
-                               f"{_verdict(d, se, 'joint better', 'separate better')}.")
+                               f"{_verdict(d, se, 'joint better', 'separate better')}"
+                               f"{_broken(j['ppl_ratio'], s['ppl_ratio'])}.")
             for e in r.get("equal_params", []):
                 d = e["joint_delta_nll"] - e["separate_delta_nll_interp"]
                 se = math.hypot(e["joint_delta_nll_se"], e["separate_delta_nll_se_interp"])
                 out.append(f"- equal parameters ({e['params_kept']:.3f} kept): joint Δ NLL "
                            f"{_pm(e['joint_delta_nll'], e['joint_delta_nll_se'])}, separate (interpolated) "
                            f"{_pm(e['separate_delta_nll_interp'], e['separate_delta_nll_se_interp'])}: "
-                           f"{_verdict(d, se, 'joint better', 'separate better')} (unpaired SE, conservative).")
+                           f"{_verdict(d, se, 'joint better', 'separate better')} (unpaired SE, conservative)"
+                           f"{_broken(math.exp(e['joint_delta_nll']), math.exp(e['separate_delta_nll_interp']))}.")
             if not r.get("equal_params"):
                 out.append("- equal parameters: the two sweeps' parameter ranges do not overlap at any joint point.")
         if setting == "qk":
@@ -244,7 +265,7 @@ def _joint_vs_separate(exp: Path) -> str:
                        + ", ".join(f"{a}: {b:.3f} vs {c:.3f}" for a, b, c in starve)
                        + " — the joint SVD spends its basis on the 4x larger Q.")
         out.append("")
-    return "\n".join(out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
