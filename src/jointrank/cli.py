@@ -136,7 +136,8 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
         joinable = group in ("qk", "gate_up")
         p.add_argument(flag, dest=f"group_{group}", metavar="METHOD[@LAYERS]",
                        help=f"{'keep | separate | joint' if joinable else 'keep | separate'} for {group}, "
-                       "optionally on some layers only, e.g. joint@last:8 or separate@0-5,20-31")
+                       f"optionally on some layers only, e.g. {'joint' if joinable else 'separate'}@last:8 or "
+                       "separate@0-5,20-31")
     p.add_argument("--layers", default="all", help="layers for group flags given without @LAYERS: all, first:N, "
                    "last:N, last:A/B (a fraction), or 0-5,20-31 (default: all)")
     p.add_argument("--solver", choices=["auto", "svd", "gram", "gram32", "rsvd"], default="auto",
