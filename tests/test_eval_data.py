@@ -188,7 +188,7 @@ def test_missing_data_is_one_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.delenv(D.ENV_VAR, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(JointRankError, match=r"piqa needs piqa/valid.jsonl, piqa/valid-labels.lst .*--data-dir or JOINTRANK_DATA"):
+    with pytest.raises(JointRankError, match=r"hub is switched off .*--data-dir or JOINTRANK_DATA holding piqa/valid.jsonl, piqa/valid-labels.lst"):
         evaluate(None, None, ["piqa"])  # fails before touching the model
     with pytest.raises(JointRankError, match="not a directory"):
         D.resolve_data_dir(tmp_path / "nope")
@@ -198,6 +198,16 @@ def test_missing_data_is_one_clear_error(tmp_path, monkeypatch):
         evaluate(None, None, ["wikitext2"])
     with pytest.raises(JointRankError, match="unknown task"):
         evaluate(None, None, ["pika"])
+
+
+def test_unreachable_hub_is_one_clear_error(monkeypatch):
+    import huggingface_hub.constants
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", D.ENV_VAR):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(JointRankError, match=r"hub \(127.0.0.1\) is unreachable .*holding boolq/llm_foundry_boolq.jsonl"):
+        D.require_hub(["boolq"])
 
 
 def test_short_file_fails_the_row_count(tmp_path):

@@ -57,6 +57,28 @@ def offline() -> bool:
     return any(os.environ.get(v, "").strip() not in ("", "0", "false", "False") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
+def require_hub(tasks: list[str]) -> None:
+    """With no data dir we need the hub: fail at once, in one sentence, if it is switched off or unreachable.
+
+    Probing first matters: unreachable, datasets/lm-eval retry for many minutes before failing obscurely."""
+    needed = ", ".join(f for t in tasks for f in FILES.get(t, []))
+    hint = f"give --data-dir or {ENV_VAR} holding {needed}"
+    if offline():
+        raise JointRankError(f"no data dir and the hub is switched off (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE): {hint}")
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub.constants import ENDPOINT
+    except ImportError:
+        ENDPOINT = "https://huggingface.co"
+    url = urlparse(ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+    except OSError as exc:
+        raise JointRankError(f"no data dir and the hub ({url.hostname}) is unreachable ({exc.__class__.__name__}): {hint}") from None
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     """The data dir to read from (flag > env), or None to use the hub. A given dir must exist."""
     chosen, origin = (data_dir, "--data-dir") if data_dir else (os.environ.get(ENV_VAR) or None, ENV_VAR)

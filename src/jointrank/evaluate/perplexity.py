@@ -27,7 +27,8 @@ TEXTS = ("wikitext2", "c4")
 
 def load_text(name: str, data_dir) -> str:
     """The evaluation text for NAME, from the data dir or (online, wikitext2 only) the hub."""
-    if data_dir is None and name == "wikitext2" and not data_mod.offline():
+    if data_dir is None and name == "wikitext2":
+        data_mod.require_hub([name])
         try:
             from datasets import load_dataset
 

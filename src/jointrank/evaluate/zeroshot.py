@@ -161,6 +161,20 @@ def _metrics(task_result: dict) -> dict:
     return out
 
 
+def _evaluate_one(source: str, task: str, simple_evaluate, kwargs: dict) -> dict:
+    """simple_evaluate, with a failure to fetch a hub dataset turned into one clear sentence."""
+    if source != "hub":
+        return simple_evaluate(**kwargs)
+    try:
+        return simple_evaluate(**kwargs)
+    except (OSError, ConnectionError, ValueError, RuntimeError) as exc:
+        files = ", ".join(data_mod.FILES[task])
+        raise JointRankError(
+            f"{task}: could not load the hub dataset ({type(exc).__name__}); for offline use give --data-dir or "
+            f"{data_mod.ENV_VAR} holding {files}"
+        ) from exc
+
+
 def _per_doc(samples: list[dict]) -> dict:
     """0/1 correctness per scored document, in document order, as compact strings ('0110...') per metric.
 
@@ -193,11 +207,8 @@ def run_tasks(
         raise JointRankError(f"unknown zero-shot task(s): {', '.join(unknown)}; known: {', '.join(TASKS)}")
     if tokenizer is None:
         raise JointRankError("zero-shot evaluation needs a tokenizer, and the model came without one")
-    if data_dir is None and data_mod.offline():
-        needed = [f for t in tasks for f in data_mod.FILES[t]]
-        raise JointRankError(
-            f"offline and no data dir: give --data-dir or {data_mod.ENV_VAR} holding {', '.join(needed)}"
-        )
+    if data_dir is None:
+        data_mod.require_hub(tasks)
     from lm_eval import simple_evaluate
     # One HFLM for all tasks. It takes the model object as is (dense, compressed or reloaded) on its own device.
     lm = _continuation_only_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
@@ -215,7 +226,7 @@ def run_tasks(
             name, n_total = names[task]
             indices = sample_indices(task, n_total, limit, seed)
             started = time.perf_counter()
-            out = simple_evaluate(
+            out = _evaluate_one(source, task, simple_evaluate, dict(
                 model=lm,
                 tasks=[name],
                 task_manager=manager,
@@ -228,7 +239,7 @@ def run_tasks(
                 torch_random_seed=seed,
                 fewshot_random_seed=seed,
                 verbosity="ERROR",
-            )
+            ))
             wall = time.perf_counter() - started
             n_eff = out["n-samples"][name]["effective"]
             if n_eff != (len(indices) if indices is not None else n_total):
