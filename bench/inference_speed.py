@@ -1,6 +1,9 @@
 """Inference speed and memory of dense vs compressed Gemma-3-270M, in one run: prefill, decode, memory, bytes.
 
-    flock -x /tmp/jointrank-cpu.lock python bench/inference_speed.py --out results/inference_speed
+    python bench/inference_speed.py --out results/inference_speed
+
+The script takes the shared CPU lock itself (--lock): shared while it builds models and runs the memory children
+(not timing-sensitive), exclusive while it times, so other engineers' jobs never overlap a timing run.
 
 What is measured (all timings under torch.inference_mode, OMP threads as --threads, medians of --repeats runs;
 every model is timed in the same process, in an order rotated between repeats, so ratios compare like with like):
@@ -12,9 +15,9 @@ every model is timed in the same process, in an order rotated between repeats, s
 - decode time shares: one more 128-token generate() per model with timing hooks on the decoder layers and the
   lm_head, so what bounds a decode speedup is measured, not guessed;
 - weight bytes: unique parameter and buffer bytes; peak resident memory: a child process per model and dtype
-  builds it, resets the kernel's high-water mark (/proc/self/clear_refs) and runs prefill batch 8 x 512 plus a
-  32-token generate(); its VmHWM is the peak of inference (load and SVD excluded), VmRSS before it the resident
-  size of the loaded model.
+  loads the model as built here, resets the kernel's high-water mark (/proc/self/clear_refs) and runs prefill
+  --memory-batch x 512 plus a 32-token generate(); its VmHWM is the peak of inference (loading excluded), VmRSS
+  before it the resident size of the loaded model (Python, torch and transformers included).
 
 Compressed models: two structures at 10/20/40% decoder-parameter reduction (JointRankConfig target, scope decoder):
   paper20  - the paper's 20% structure: separate rank-k Q and K in every layer, joint gate/up in the last 22/32;
@@ -28,6 +31,7 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import fcntl
 import gc
 import json
 import os
@@ -36,6 +40,7 @@ import re
 import shlex
 import statistics
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -184,7 +189,7 @@ def time_all(models: dict, args, dtype_name: str, log) -> dict:
                 model = models[v.get("same_model_as", v["name"])]
                 s = samples[v["name"]]
                 with shared_projection(v["share"]):
-                    for b in args.prefill_batches:
+                    for b in args.prefill_batches if v["share"] else ():  # unshared: decode only, to save time
                         s["prefill"][b].append(time_prefill(model, inputs[b]))
                     s["gen_one"].append(time_generate(model, prompt, 1))
                     s["gen_long"].append(time_generate(model, prompt, args.decode_tokens))
@@ -200,7 +205,8 @@ def time_all(models: dict, args, dtype_name: str, log) -> dict:
         s = samples[v["name"]]
         decode_s = [long - one for long, one in zip(s["gen_long"], s["gen_one"])]
         out[v["name"]] = {
-            "prefill_tokens_per_s": {str(b): b * args.prefill_len / statistics.median(t) for b, t in s["prefill"].items()},
+            "prefill_tokens_per_s": {str(b): b * args.prefill_len / statistics.median(t) for b, t in s["prefill"].items()
+                                     if t},
             "prefill_seconds": {str(b): t for b, t in s["prefill"].items()},
             "decode_tokens_per_s": (args.decode_tokens - 1) / statistics.median(decode_s),
             "decode_seconds": decode_s,
@@ -218,43 +224,45 @@ def _status(key: str) -> int:
 
 
 def memory_child(spec: dict) -> dict:
-    """Run in a fresh process: build one model, then measure the resident peak of inference alone."""
+    """Run in a fresh process: load one saved model, then measure the resident peak of inference alone."""
     torch.set_num_threads(spec["threads"])
-    from jointrank import compress_
-    from jointrank.sources import load_model
+    import jointrank  # noqa: F401  (the low-rank module classes the pickle refers to)
 
-    model, _, _ = load_model("gemma-3-270m")
-    if spec["structure"]:
-        compress_(model, config_for(spec["structure"], spec["target"]), progress=False)
-    model = model.to(getattr(torch, spec["dtype"])).eval()
+    model = torch.load(spec["path"], weights_only=False).to(getattr(torch, spec["dtype"])).eval()
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed SVD/dense buffers back, so RSS is the model's
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the float32 copies back, so RSS is the model's
     resident = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     with torch.inference_mode():
-        model(input_ids=torch.randint(0, vocab, (max(spec["batches"]), spec["prefill_len"]), generator=gen),
+        model(input_ids=torch.randint(0, vocab, (spec["batch"], spec["prefill_len"]), generator=gen),
               use_cache=True, logits_to_keep=1)
         time_generate(model, torch.randint(0, vocab, (1, PROMPT_LEN), generator=gen), 32)
     return {"resident_bytes": resident, "peak_bytes": _status("VmHWM"), "weight_bytes": weight_bytes(model)}
 
 
-def measure_memory(args, log) -> dict:
+def measure_memory(args, models: dict, log) -> dict:
+    """One child per model and dtype, each loading the model as built here (so no SVD or dense remnants count).
+    glibc is told to map every large block separately (MALLOC_MMAP_THRESHOLD_), so freed memory leaves RSS."""
     out = {}
-    for dtype in args.dtypes:
-        for v in variants(args):
-            if "same_model_as" in v:
-                continue
-            spec = {"structure": v["structure"], "target": v["target"], "dtype": dtype, "threads": args.threads,
-                    "prefill_len": args.prefill_len, "batches": args.prefill_batches}
-            proc = subprocess.run([sys.executable, __file__, "--memory-child", json.dumps(spec)],
-                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-            if proc.returncode != 0:
-                raise RuntimeError(f"memory child {v['name']} {dtype} failed:\n{proc.stderr[-3000:]}")
-            out.setdefault(dtype, {})[v["name"]] = json.loads(proc.stdout.strip().splitlines()[-1])
-            log(f"memory {dtype} {v['name']}: peak {out[dtype][v['name']]['peak_bytes'] / 2**20:.0f} MiB")
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MALLOC_MMAP_THRESHOLD_": "131072"}
+    with tempfile.TemporaryDirectory(prefix="jointrank-bench-") as tmp:
+        paths = {}
+        for name, model in models.items():
+            paths[name] = Path(tmp) / f"{len(paths)}.pt"
+            torch.save(model, paths[name])
+        for dtype in args.dtypes:
+            for name, path in paths.items():
+                spec = {"path": str(path), "dtype": dtype, "threads": args.threads,
+                        "prefill_len": args.prefill_len, "batch": args.memory_batch}
+                proc = subprocess.run([sys.executable, __file__, "--memory-child", json.dumps(spec)],
+                                      capture_output=True, text=True, env=env)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"memory child {name} {dtype} failed:\n{proc.stderr[-3000:]}")
+                out.setdefault(dtype, {})[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+                log(f"memory {dtype} {name}: peak {out[dtype][name]['peak_bytes'] / 2**20:.0f} MiB")
     return out
 
 
@@ -338,7 +346,9 @@ def markdown(results: dict) -> str:
         "",
         "Prefill: batch x 512 tokens, KV cache filled, last-position logits. Decode: batch 1, greedy generate() "
         f"with KV cache, {a['decode_tokens']} new tokens after a {PROMPT_LEN}-token prompt, "
-        f"({a['decode_tokens']}-1) / (t({a['decode_tokens']}) - t(1)).",
+        f"({a['decode_tokens']}-1) / (t({a['decode_tokens']}) - t(1)). Peak RSS: a fresh process per model "
+        f"and dtype, high-water mark of prefill {a.get('memory_batch', 1)} x {a['prefill_len']} + a 32-token "
+        "generate() after loading (Python, torch and transformers included, ~400 MiB in every row).",
         "",
     ]
     for dtype in a["dtypes"]:
@@ -350,7 +360,7 @@ def markdown(results: dict) -> str:
             m = mem.get(base, {})
             rows.append([name, f"{p['params_decoder_reduction']:.1%}", f"{p['params_total_reduction']:.1%}"]
                         + [f"{t['prefill_tokens_per_s'][b]:.0f} ({r[name][f'prefill_b{b}']:.2f}x)"
-                           for b in t["prefill_tokens_per_s"]]
+                           if b in t["prefill_tokens_per_s"] else "-" for b in timing["dense"]["prefill_tokens_per_s"]]
                         + [f"{t['decode_tokens_per_s']:.1f} ({r[name]['decode']:.2f}x)",
                            f"{t['weight_bytes'] / 2**20:.0f} ({r[name]['weight_bytes']:.3f}x)",
                            f"{m['peak_bytes'] / 2**20:.0f} ({r[name]['peak_memory']:.3f}x)" if m else ""])
@@ -411,6 +421,9 @@ def parse_args(argv=None):
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--memory-batch", type=int, default=1, help="prefill batch of the peak-memory run")
+    p.add_argument("--lock", default="/tmp/jointrank-cpu.lock",
+                   help="shared CPU lock file: held shared to build and measure memory, exclusive to time ('' = none)")
     p.add_argument("--render", default=None, metavar="JSON", help="only rewrite the .md next to a results JSON")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -433,9 +446,19 @@ def main(argv=None) -> int:
 
     import transformers
 
+    lock = open(args.lock, "a") if args.lock else None
+
+    def hold(mode, what):
+        if lock is not None:
+            log(f"waiting for the {what} lock on {args.lock}")
+            fcntl.flock(lock, mode)
+            log("got it")
+
+    hold(fcntl.LOCK_SH, "shared")
     models, params = build_models(args, log)
+    memory = {} if args.no_memory else measure_memory(args, models, log)
     results = {
-        "command": "flock -x /tmp/jointrank-cpu.lock python " + " ".join(shlex.quote(x) for x in sys.argv),
+        "command": "python " + " ".join(shlex.quote(x) for x in sys.argv),
         "started": started,
         "args": vars(args),
         "machine": {"cpu": platform.processor() or _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
@@ -443,17 +466,18 @@ def main(argv=None) -> int:
         "params": params,
         "lm_head_params": models["dense"].lm_head.weight.numel(),
         "timing": {},
-        "memory": {},
+        "memory": memory,
     }
+    hold(fcntl.LOCK_EX, "exclusive")
     for dtype in args.dtypes:
         for model in models.values():
             model.to(getattr(torch, dtype))  # the shared embedding is cast once, then left alone
         log(f"timing {dtype}")
         results["timing"][dtype] = time_all(models, args, dtype, log)
+    if lock is not None:
+        fcntl.flock(lock, fcntl.LOCK_UN)
     del models
     gc.collect()
-    if not args.no_memory:
-        results["memory"] = measure_memory(args, log)
     results["ratios"] = ratios(results)
     results["targets"] = targets(results)
     results["bound"] = bound(results)
