@@ -23,6 +23,7 @@ def write(results: Path = Path("results")) -> Path:
             sections.append(fn(exp))
         except (KeyError, ValueError, TypeError, ZeroDivisionError) as exc:  # an old or partial file: say so
             sections.append(f"## {fn.__name__.strip('_')}\n\n**could not be rendered**: {type(exc).__name__}: {exc}\n")
+    sections.insert(1, _summary(sections[1:]))
     path = results / "REPORT.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".md.tmp")
@@ -32,6 +33,34 @@ def write(results: Path = Path("results")) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _summary(sections: list[str]) -> str:
+    """The verdict lines of every section, gathered at the top (copied from the sections, never retyped)."""
+    out = ["## Summary of verdicts", ""]
+    for text in sections:
+        lines = text.splitlines()
+        title = next((l[3:] for l in lines if l.startswith("## ")), "?")
+        verdicts, inside, seen, sub = [], False, False, None
+        for line in lines:
+            if line.startswith("### "):
+                sub = line[4:]
+            if line.startswith("**Verdict"):
+                inside, seen = True, False
+                rest = line.split("**", 2)[-1].lstrip(": ").strip()
+                if rest and not rest.startswith("("):
+                    verdicts.append(f"  - {rest}")
+                continue
+            if inside and line.startswith("- "):
+                seen = True
+                verdicts.append(f"  - {sub + ': ' if sub else ''}{line[2:]}")
+            elif inside and seen and not line.strip():
+                inside = False
+        if "**not run**" in text and not verdicts:
+            verdicts.append("  - not run (see the section)")
+        out.append(f"- **{title}**")
+        out += verdicts or ["  - no verdict"]
+    return "\n".join(out) + "\n"
 
 
 def _load(exp: Path, name: str) -> list[tuple[Path, dict]]:
@@ -287,17 +316,20 @@ def _layers(exp: Path) -> str:
         if png.exists():
             out.append(f"![layers]({_rel(exp, png)})\n")
         out.append("**Verdicts** (paper: bottom layers matter more)\n")
+        sizes = [len(q) for q in r["quarters"]]
+        caveat = (f" (caveat: the quarters hold {sizes} layers, so the first quarter's approximation removes "
+                  f"{sizes[0] / sizes[-1]:.2f}x the parameters of the last's)") if sizes[0] != sizes[-1] else ""
         unchanged = [x for x in r["rows"] if x["kind"] == "quarter_unchanged"]
         if len(unchanged) >= 2:
             first, last = unchanged[0], unchanged[-1]
             d, se = _diff(last["window_nll"], first["window_nll"])
             out.append(f"- Table 2 design: leaving the first quarter unchanged vs the last, Δ NLL {_pm(d, se)}: "
-                       f"{_verdict(d, se, 'holds (sparing the bottom helps more)', 'does not hold (sparing the top helps more)')}.")
+                       f"{_verdict(d, se, 'holds (sparing the bottom helps more)', 'does not hold (sparing the top helps more)')}{caveat}.")
         only = [x for x in r["rows"] if x["kind"] == "quarter_only"]
         if len(only) >= 2:
             d, se = _diff(only[-1]["window_nll"], only[0]["window_nll"])
             out.append(f"- Converse design: approximating only the first quarter vs only the last, Δ NLL {_pm(d, se)}: "
-                       f"{_verdict(d, se, 'does not hold (the bottom quarter hurts less)', 'holds (the bottom quarter hurts more)')}.")
+                       f"{_verdict(d, se, 'does not hold (the bottom quarter hurts less)', 'holds (the bottom quarter hurts more)')}{caveat}.")
         single = [x for x in r["rows"] if x["kind"] == "single"]
         if len(single) >= 4:
             ys = [x["delta_nll"] for x in single]

@@ -17,6 +17,7 @@ WikiText-2 perplexity on seeded windows.
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import torch
@@ -133,6 +134,8 @@ def fine_tune(model, mark: Watermark, context_ids: torch.Tensor, *, lr: float, w
             state = mark.check(model)
             history.append({"step": step, "loss": loss.item(), "seconds": round(time.perf_counter() - started, 1),
                             **{k: state[k] for k in ("sentence_nll", "reproduced", "prefix_matched")}})
+            print(f"[{time.strftime('%H:%M:%S')}] step {step}: loss {loss.item():.4f}, sentence nll "
+                  f"{state['sentence_nll']:.4f}, reproduced {state['reproduced']}", file=sys.stderr, flush=True)
             if state["reproduced"] and done_at is None:
                 done_at = step
             if done_at is not None and step >= done_at + extra_steps:
