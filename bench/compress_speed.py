@@ -237,6 +237,18 @@ def render(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _command() -> str:
+    """The exact command line, with the flock wrapper around it when there is one (it says how CPU was shared)."""
+    own = "python " + " ".join(["bench/compress_speed.py", *sys.argv[1:]])
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+        if parent and parent[0].endswith(b"flock"):
+            return " ".join(a.decode() for a in parent[:3]) + " " + own
+    except OSError:
+        pass
+    return own
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
@@ -283,7 +295,7 @@ def main() -> None:
     assert [(a["layer"], a["members"]) for a in n["units"]] == [(b["layer"], b["members"]) for b in d["units"]]
     minutes = {k: extrapolate(v) / 60 for k, v in results.items()}
     data = {
-        "command": f"flock -x /tmp/jointrank-cpu.lock python bench/compress_speed.py --layers {args.layers}",
+        "command": _command(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
         "threads": args.threads, "layers": args.layers, "ratio": ratio,
         "checkpoint_gb": sum(f.stat().st_size for f in Path(args.dir).glob("*.safetensors")) / 1e9,
