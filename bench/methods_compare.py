@@ -110,7 +110,8 @@ def measure_perplexity(model, tokenizer) -> dict:
     se = (sum((x - mean) ** 2 for x in per_window) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
     # delta method: se(exp(m)) ≈ exp(m)·se(m)
     return {"perplexity": math.exp(mean), "perplexity_se": math.exp(mean) * se, "mean_nll": mean, "windows": n,
-            "seqlen": SEQLEN, "per_window_nll": per_window}
+            "seqlen": SEQLEN, "per_window_nll": per_window,
+            "windows_available": len(tokenizer(text, return_tensors="pt").input_ids[0]) // SEQLEN}
 
 
 def measure_zeroshot(model, tokenizer) -> dict:
@@ -180,7 +181,7 @@ def cmd_run(args) -> int:
                 continue
             if time.monotonic() > deadline:
                 print("time budget of this piece used up; run again to continue", flush=True)
-                return 0
+                return 3
             model = fresh()
             try:
                 p = plan(model, name, budget)
@@ -221,6 +222,7 @@ def cmd_run(args) -> int:
                   f"{point['perplexity']['perplexity']:.3f}, "
                   f"compress {seconds:.1f}s, eval {point['eval_seconds']:.0f}s", flush=True)
             del model
+    print("all requested points are measured", flush=True)
     return 0
 
 
@@ -247,7 +249,7 @@ def cmd_zeroshot(args) -> int:
             continue
         if time.monotonic() > deadline:
             print("time budget of this piece used up; run again to continue", flush=True)
-            break
+            return 3
         model, _, _ = load_model(MODEL)
         p = plan(model, point["row"], point["budget"])
         method, _ = parse(p.config["method"])

@@ -5,6 +5,30 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+NOTES = [
+    "## How the methods relate (no numbers here: read them above)", "",
+    "* **llm_rom and svd_llm solve the same problem.** The rank-k W' minimising the output error "
+    "E‖(W - W')x‖² on the calibration inputs projects W onto the top-k principal directions of its outputs, which "
+    "is exactly LLM-ROM's W <- U_k(U_kᵀW); SVD-LLM's whitened truncation gives the same W' (up to its damping). "
+    "What differs here is where the statistics come from: llm_rom is run layer by layer on the model compressed "
+    "so far (each layer sees, and corrects for, the error of the layers before it, as in the LLM-ROM paper); "
+    "svd_llm and asvd use the dense model's statistics, as published. tests/test_methods.py checks both "
+    "optimality claims numerically.",
+    "* **Joint data-aware variants** share one statistic per group input: Q/K (and V) read the same normed hidden "
+    "state, gate/up the same pre-MLP normed state. A joint whitened unit stores one basis for both members, so "
+    "at equal parameters it gets a higher rank than the separate (published) form; svd_llm vs svd_llm-separate "
+    "measures whether that helps.",
+    "* **Simplifications against the papers:** one rank rule for every method (uniform ratio or the data-free "
+    "global allocation), not LLM-ROM's hand-set module-wise budgets nor ASVD's sensitivity-based per-layer "
+    "ranks; ASVD with its default alpha = 0.5, no alpha search; SVD-LLM without its LoRA parameter-update stage; "
+    "a few thousand calibration tokens instead of 128x2048.",
+    "* **Global allocation** scores each unit by the relative spectral energy a rank cut throws away, times a "
+    "data-free prior, and trades that against parameters with one Lagrange multiplier (units may stay dense). "
+    "It is only as good as that proxy: relative weight energy says nothing about how fragile a unit is "
+    "(gate/up feed a gated nonlinearity; Gemma's Q/K pass through per-head norms), which the results expose.",
+    "",
+]
+
 REFERENCE = "joint-svd"  # the paper's plain joint method, one ratio everywhere
 PAPER = ("paper-10", "paper-20", "joint-svd")
 
@@ -23,6 +47,14 @@ def paired_delta(point: dict, ref: dict | None) -> tuple[float, float] | None:
     mean = sum(d) / n
     se = (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
     return mean, se
+
+
+def _available(results) -> str:
+    for p in [results.get("baseline") or {}, *results["points"]]:
+        n = p.get("perplexity", {}).get("windows_available")
+        if n:
+            return f"{n} windows"
+    return "all its windows"
 
 
 def _load_range(points) -> str:
@@ -48,7 +80,7 @@ def write_report(results: dict, md_path: Path, png_path: Path, *, command: str) 
            f"(targets {', '.join(f'{b:.0%}' for b in s['budgets'])}); the column *removed* is what the plan "
            "actually removed (a uniform ratio or a global allocation lands at or just above the target).",
            f"* Perplexity: WikiText-2 (raw) test, the first {s['perplexity']['windows']} windows of "
-           f"{s['perplexity']['seqlen']} tokens — cut from the full split (~{300} windows) because of the compute "
+           f"{s['perplexity']['seqlen']} tokens — cut from the full split ({_available(results)}) because of the compute "
            "budget (2 shared cores). ± is the standard error over windows; *Δ NLL vs joint-svd* is the mean "
            "per-window difference in mean NLL against the plain joint method at the same budget, with its paired "
            "standard error (same windows, so far tighter than the perplexities' own errors).",
@@ -118,10 +150,23 @@ def write_report(results: dict, md_path: Path, png_path: Path, *, command: str) 
         d = paired_delta(best, best_ref)
         verdict = "beats" if d and d[0] + 2 * d[1] < 0 else ("is better than, within 2 s.e. of," if d and d[0] < 0
                                                                else "does NOT beat")
+        dense = (base.get("perplexity") or {}).get("perplexity")
+        unusable = dense is not None and min(best["perplexity"]["perplexity"],
+                                             best_ref["perplexity"]["perplexity"]) > 10 * dense
         out.append(f"* {b:.0%}: best data-free **{best['row']}** (ppl {_fmt(best['perplexity']['perplexity'])}) "
                    f"{verdict} the best paper method **{best_ref['row']}** (ppl "
-                   f"{_fmt(best_ref['perplexity']['perplexity'])}): Δ NLL {d[0]:+.4f} ± {d[1]:.4f} (paired s.e.).")
+                   f"{_fmt(best_ref['perplexity']['perplexity'])}): Δ NLL {d[0]:+.4f} ± {d[1]:.4f} (paired s.e.)"
+                   + (" — but both are unusable (perplexity above 10x the dense model's)." if unusable else "."))
     out.append("")
+    missing = [f"{r} @ {b:.0%}" for r in rows_meta for b in s["budgets"] if (r, b) not in by]
+    out += ["## Not measured", "",
+            ("Every row at every budget was measured." if not missing else
+             "Cut for lack of compute (each point costs minutes on the shared 2 cores): " + ", ".join(missing) + "."),
+            ""]
+    zs_missing = [f"{p['row']} @ {p['budget']:.0%}" for p in points if "perplexity" in p and "zeroshot" not in p]
+    if zs_missing:
+        out += [f"Zero-shot was not run for: {', '.join(zs_missing)}.", ""]
+    out += NOTES
     md_path.write_text("\n".join(out) + "\n")
     _plot(results, png_path, row_order, budgets, by)
 
@@ -156,7 +201,10 @@ def _plot(results, png_path, row_order, budgets, by) -> None:
     ax2.set_xlabel("decoder parameters removed (%)")
     ax2.set_ylabel("zero-shot average accuracy (seeded subsets)")
     ax1.legend(fontsize=7)
-    ax2.legend(fontsize=7)
+    if ax2.get_legend_handles_labels()[0]:
+        ax2.legend(fontsize=7)
+    else:
+        ax2.text(0.5, 0.5, "zero-shot not measured yet", ha="center", transform=ax2.transAxes)
     fig.suptitle("Gemma-3-270M: methods at equal decoder-parameter reduction (dashed: data-aware)")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)

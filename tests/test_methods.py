@@ -284,7 +284,7 @@ def test_residual_prior_follows_the_stream_norm_and_refuses_models_without_post_
     from jointrank.methods.allocation import plan_global, residual_priors
 
     model = tiny_model("gemma3_text")  # post-block norms initialised to γ = 0: every block writes with scale 1
-    emb = model.get_input_embeddings().weight.double()
+    emb = model.get_input_embeddings().weight.detach().double()
     stream = float(emb.pow(2).mean()) * emb.shape[1]
     priors = residual_priors(model)
     expected = [1 / (stream + j) for j in range(2 * 3)]  # each block adds 1 to the squared stream norm

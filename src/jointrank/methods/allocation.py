@@ -82,9 +82,9 @@ def unit_spectrum(weights: list[torch.Tensor], method_spec: str) -> np.ndarray:
         # the "alone" weights depend on the rank; the norm weights are a rank-free stand-in for planning
         scales = member_weights(weights, 1, "norm" if option == "alone" else option)
         weights = [w.to(torch.float64) * a for w, a in zip(weights, scales)]
-    stacked = torch.cat([w.to(torch.float32) for w in weights], dim=0)
-    s = torch.linalg.svdvals(stacked).double().numpy()
-    return s**2
+    m = torch.cat([w.detach().to(torch.float64) for w in weights], dim=0)
+    gram = m.T @ m if m.shape[1] <= m.shape[0] else m @ m.T  # the small side: s² are its eigenvalues
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).numpy()
 
 
 def plan_global(model, config, *, prior: str = "flat", spectra: dict | None = None) -> CompressionPlan:

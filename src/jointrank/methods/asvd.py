@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import Method, register
-from .common import build, check, stacked64
+from .common import build, check, stacked64, top_right
 
 ALPHA = 0.5
 
@@ -22,8 +22,9 @@ def factorise(weights, k, *, option=None, stats=None, solver="auto"):
     # a channel that never fired would get scale 0 and an infinite inverse: give it the smallest positive scale
     positive = scale[scale > 0]
     scale = scale.clamp_min(float(positive.min()) if positive.numel() else 1.0)
-    u, s, vh = torch.linalg.svd(stacked64(weights) * scale, full_matrices=False)
-    return build(weights, vh[:k] / scale, u[:, :k] * s[:k], s, k)
+    scaled = stacked64(weights) * scale
+    s, vk = top_right(scaled, k)
+    return build(weights, vk / scale, scaled @ vk.T, s, k)
 
 
 register(Method("asvd", "activation-aware SVD: input channels scaled by mean |activation|^0.5; needs calibration",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import Factors, max_rank
+from ..linalg import Factors, _gram_svd, max_rank
 
 
 def check(weights: list[torch.Tensor], k: int) -> tuple[list[int], int]:
@@ -23,6 +23,13 @@ def stacked64(weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([w.to(torch.float64) for w in weights], dim=0)
 
 
+def top_right(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All singular values of m and its top-k right singular vectors (k, d_in), both float64, through the small
+    Gram matrix (linalg's float64 solver): one eigendecomposition of min(rows, cols)², not a full SVD of m."""
+    s, vk = _gram_svd(m, k)
+    return s.to(torch.float64), vk.to(torch.float64)
+
+
 def build(weights: list[torch.Tensor], basis: torch.Tensor, out: torch.Tensor, s: torch.Tensor, k: int) -> Factors:
     """Factors from a stacked output factor `out` (Σd_out, k) and `basis` (k, d_in); `s` = the spectrum the method
     truncated (of the weights, or of the weights in the method's metric), so energy_kept is in that metric."""
@@ -33,11 +40,10 @@ def build(weights: list[torch.Tensor], basis: torch.Tensor, out: torch.Tensor, s
     outs = [a.to(torch.float32).contiguous() for a in torch.split(out, d_outs, dim=0)]
     basis32 = basis.to(torch.float32).contiguous()
     errors = []
-    for w, a in zip(weights, torch.split(out, d_outs, dim=0)):
-        w64 = w.to(torch.float64)
-        norm = float(torch.linalg.matrix_norm(w64))
-        errors.append(float(torch.linalg.matrix_norm(w64 - a.to(torch.float64) @ basis.to(torch.float64))) / norm
-                      if norm > 0 else 0.0)
+    for w, a in zip(weights, outs):  # a report, not a decision: float32 is plenty
+        w32 = w.to(torch.float32)
+        norm = float(torch.linalg.matrix_norm(w32))
+        errors.append(float(torch.linalg.matrix_norm(w32 - a @ basis32)) / norm if norm > 0 else 0.0)
     return Factors(basis=basis32, outs=outs, singular_values=s.to(torch.float32), energy_kept=energy,
                    rel_error=max(0.0, 1.0 - energy) ** 0.5, member_rel_errors=errors)
 

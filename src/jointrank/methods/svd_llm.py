@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import Method, register
-from .common import build, check, stacked64
+from .common import build, check, stacked64, top_right
 
 DAMPING = 0.01
 
@@ -35,10 +35,11 @@ def cholesky_factor(second_moment: torch.Tensor, damping: float = DAMPING) -> to
 def factorise(weights, k, *, option=None, stats=None, solver="auto"):
     check(weights, k)
     s_chol = cholesky_factor(stats.second_moment)
-    u, s, vh = torch.linalg.svd(stacked64(weights) @ s_chol, full_matrices=False)
+    whitened = stacked64(weights) @ s_chol
+    s, vk = top_right(whitened, k)
     # basis = V_kᵀ S⁻¹  <=>  Sᵀ basisᵀ = V_k: an upper-triangular solve
-    basis = torch.linalg.solve_triangular(s_chol.T, vh[:k].T, upper=True).T
-    return build(weights, basis, u[:, :k] * s[:k], s, k)
+    basis = torch.linalg.solve_triangular(s_chol.T, vk.T, upper=True).T
+    return build(weights, basis, whitened @ vk.T, s, k)  # (W S) V_k = U_k Σ_k
 
 
 register(Method("svd_llm", "SVD-LLM: SVD of the weights whitened by the Cholesky factor of the damped input "
