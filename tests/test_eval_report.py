@@ -83,6 +83,11 @@ def test_compare_cli_prints_table_and_writes_markdown(tmp_path, capsys):
     assert text.startswith("# `comp` vs `base`") and "| piqa | acc | 70.00 ± " in text and " *" in text
 
 
+def test_comparison_table_for_compress_eval():
+    text = report.comparison_table(BASE, COMP)
+    assert text.splitlines()[0] == "base: base   compressed: comp" and "93.85" in text
+
+
 def test_results_markdown_states_sample_and_errors():
     text = report.render_results(BASE)
     assert "first 4 of 142 windows" in text and "400 / 1838" in text and "seeded sample (seed 1234)" in text

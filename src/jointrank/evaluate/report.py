@@ -206,3 +206,8 @@ def render_compare(cmp: dict, markdown: bool) -> str:
     text = [f"base: {cmp['base']}   compressed: {cmp['comp']}", fmt(header), fmt(["-" * w for w in widths])]
     text += [fmt(r) for r in rows]
     return "\n".join(text + [""] + foot) + "\n"
+
+
+def comparison_table(base: dict, comp: dict, metric: str = "acc") -> str:
+    """Plain-text comparison of two results dicts (what `jointrank compare` prints); used by `compress --eval`."""
+    return render_compare(compare(base, comp, metric=metric), markdown=False)
