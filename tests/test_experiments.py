@@ -248,3 +248,13 @@ def test_report_regenerates_from_json(tiny, tmp_path):
     assert spectra["meta"]["command"] in text
     assert f"{spectra['summary']['qk_angles']['8']['mean_cos_over_layers']:.4g}" in text
     assert "not run" in text  # experiments without results say so
+
+
+def test_activations_command(tiny, tmp_path):
+    assert run_cli(["experiment", "activations", tiny / "model", "--text-file", tiny / "text.txt", "--tokens", 32,
+                    "--ratios", "1,0.5", "--out", tmp_path]) == 0
+    r = read(tmp_path / "activations.json")
+    full = [x for x in r["rows"] if x["ratio"] == 1.0]
+    assert full and all(x["weight_rel_error"] < 1e-4 and x["activation_rel_error"] < 1e-4 for x in full)
+    half = [x for x in r["rows"] if x["ratio"] == 0.5]
+    assert all(x["activation_rel_error"] > 1e-3 for x in half)

@@ -30,6 +30,16 @@ def register(sub) -> None:
     _common(p, evaluated=False)
     p.set_defaults(func=_spectra)
 
+    p = names.add_parser("activations", help="weight-space error vs error on real inputs, per layer (one window)")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--out", default=None, help="output directory (default: results/experiments/activations)")
+    p.add_argument("--ratios", default="0.98,0.9,0.7", help="approximation ratios (default: 0.98,0.9,0.7)")
+    p.add_argument("--tokens", type=int, default=256, help="tokens of the WikiText-2 window used as inputs")
+    p.add_argument("--window-seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="evaluation data directory (or JOINTRANK_DATA)")
+    p.add_argument("--text-file", default=None, help="inputs from this UTF-8 text instead of WikiText-2")
+    p.set_defaults(func=_activations)
+
     p = names.add_parser("joint-vs-separate", help="Figure 3: joint vs separate rank-k at equal ratio / params")
     _common(p)
     p.add_argument("--settings", default="gate_up,qk,qk_head", help="any of gate_up, qk, qk_head (default: all)")
@@ -136,6 +146,19 @@ def _spectra(args) -> int:
     for r, a in result["summary"]["qk_angles"].items():
         print(f"r={r}: mean cos(Q,K top-r input subspaces) {a['mean_cos_over_layers']:.3f} vs random "
               f"{a['random_mean_cos']:.3f}; layers above random+3sd: {a['layers_above_random_3sd']}/{a['layers']}")
+    return 0
+
+
+def _activations(args) -> int:
+    from . import activations
+
+    text = Path(args.text_file).read_text(encoding="utf-8") if args.text_file else None
+    result = activations.run(args.model, ratios=args.ratios, tokens=args.tokens, window_seed=args.window_seed,
+                             data_dir=args.data_dir, text=text, out=args.out,
+                             command=_command(args, ["experiment", "activations"]))
+    for s in result["summary"]:
+        print(f"{s['group']:8s} {s['method']:8s} {s['member']:5s} ratio {s['ratio']}: weight error "
+              f"{s['weight_rel_error']:.4f}, on real inputs {s['activation_rel_error']:.4f} (x{s['amplification']:.1f})")
     return 0
 
 
