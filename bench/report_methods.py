@@ -49,6 +49,30 @@ def paired_delta(point: dict, ref: dict | None) -> tuple[float, float] | None:
     return mean, se
 
 
+def _balanced_section(path: Path) -> list[str]:
+    """Mean per-member relative weight error of the joint units, plain vs balanced stacking at equal rank."""
+    import json
+
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    out = ["## Balanced stacking: per-member weight error at equal rank (data-free, weights only)", "",
+           f"From `{data['command']}` (`results/balanced_members.json`): mean over the 18 layers of each member's "
+           "relative Frobenius error ‖W_i - A_i B‖/‖W_i‖, the same rank (hence the same parameters) for every "
+           "stacking.", "",
+           "| group | rank ratio | member | " + " | ".join(data["specs"]) + " |",
+           "|---|---|---|" + "---|" * len(data["specs"])]
+    for group, members in (("qk", ("q", "k")), ("gate_up", ("gate", "up"))):
+        for ratio in data["ratios"]:
+            rows = [r for r in data["rows"] if r["group"] == group and r["ratio"] == ratio]
+            if not rows:
+                continue
+            for i, name in enumerate(members):
+                vals = [sum(r[spec][i] for r in rows) / len(rows) for spec in data["specs"]]
+                out.append(f"| {group} | {ratio} | {name} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    return out + [""]
+
+
 def _available(results) -> str:
     for p in [results.get("baseline") or {}, *results["points"]]:
         n = p.get("perplexity", {}).get("windows_available")
@@ -158,6 +182,7 @@ def write_report(results: dict, md_path: Path, png_path: Path, *, command: str) 
                    f"{_fmt(best_ref['perplexity']['perplexity'])}): Δ NLL {d[0]:+.4f} ± {d[1]:.4f} (paired s.e.)"
                    + (" — but both are unusable (perplexity above 10x the dense model's)." if unusable else "."))
     out.append("")
+    out += _balanced_section(md_path.parent / "balanced_members.json")
     missing = [f"{r} @ {b:.0%}" for r in rows_meta for b in s["budgets"] if (r, b) not in by]
     out += ["## Not measured", "",
             ("Every row at every budget was measured." if not missing else
