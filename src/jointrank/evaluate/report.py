@@ -26,6 +26,7 @@ def write_json(results: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a results file is meant to be read by others
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=2, sort_keys=False)
         fh.write("\n")
@@ -162,7 +163,10 @@ def compare(base: dict, comp: dict, metric: str = "acc") -> dict:
         summary = {"tasks": [r["task"] for r in acc_rows], "base_mean": mb, "comp_mean": mc,
                    "retention_of_mean": mc / mb if mb else None,
                    "mean_of_retentions": sum(r["retention"] for r in acc_rows) / len(acc_rows)}
-    return {"base": base["model"]["spec"], "comp": comp["model"]["spec"], "metric": metric, "rows": rows,
+    names = [base["model"]["spec"], comp["model"]["spec"]]
+    if names[0] == names[1]:  # e.g. one model in two dtypes: say what differs
+        names = [f"{n} ({r.get('settings', {}).get('dtype', '?')})" for n, r in zip(names, (base, comp))]
+    return {"base": names[0], "comp": names[1], "metric": metric, "rows": rows,
             "average": summary, "notes": notes}
 
 
