@@ -323,6 +323,29 @@ def bound(results: dict) -> dict:
     return out
 
 
+def memory_section(results: dict) -> list[str]:
+    """Sizes alone (what the memory children measured), for a run whose timing has not happened."""
+    from jointrank.tables import format_table
+
+    lines = []
+    for dtype, mem in results["memory"].items():
+        dense, pd = mem["dense"], results["params"]["dense"]
+        rows = []
+        for name, m in mem.items():
+            p = results["params"][name]
+            expected, got = p["params_total"] / pd["params_total"], m["weight_bytes"] / dense["weight_bytes"]
+            rows.append([name, f"{p['params_decoder_reduction']:.1%}", f"{p['params_total_reduction']:.1%}",
+                         f"{m['weight_bytes'] / 2**20:.1f} ({got:.4f}x)", f"{expected:.4f}x",
+                         "yes" if abs(got - expected) <= 0.01 * expected else "**no**",
+                         f"{m['resident_bytes'] / 2**20:.0f} ({m['resident_bytes'] / dense['resident_bytes']:.3f}x)",
+                         f"{m['peak_bytes'] / 2**20:.0f} ({m['peak_bytes'] / dense['peak_bytes']:.3f}x)"])
+        lines += [f"## {dtype}: memory", "",
+                  format_table(["model", "decoder params removed", "model params removed", "weight MiB",
+                                "parameter ratio", "bytes within 1% of it", "resident MiB after load",
+                                "peak RSS MiB"], rows, markdown=True), ""]
+    return lines
+
+
 def markdown(results: dict) -> str:
     from jointrank.tables import format_table
 
@@ -351,6 +374,10 @@ def markdown(results: dict) -> str:
         "generate() after loading (Python, torch and transformers included, ~400 MiB in every row).",
         "",
     ]
+    if results.get("status"):
+        lines += [f"**Status: {results['status']}**", ""]
+    if not results["timing"]:
+        return "\n".join(lines + memory_section(results))
     for dtype in a["dtypes"]:
         timing, r, mem = results["timing"][dtype], results["ratios"][dtype], results["memory"].get(dtype, {})
         rows = []
@@ -457,6 +484,7 @@ def main(argv=None) -> int:
     hold(fcntl.LOCK_SH, "shared")
     models, params = build_models(args, log)
     memory = {} if args.no_memory else measure_memory(args, models, log)
+    started_s = time.perf_counter() - t0
     results = {
         "command": "python " + " ".join(shlex.quote(x) for x in sys.argv),
         "started": started,
@@ -468,6 +496,13 @@ def main(argv=None) -> int:
         "timing": {},
         "memory": memory,
     }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if memory:  # written now, so sizes survive even if the exclusive lock never comes
+        partial = {**results, "status": "timing not run yet: waiting for the exclusive CPU lock", "seconds": started_s}
+        out.with_suffix(".json").write_text(json.dumps(partial, indent=1, default=str))
+        out.with_suffix(".md").write_text(markdown(partial))
+        log(f"wrote sizes to {out}.json/.md")
     hold(fcntl.LOCK_EX, "exclusive")
     for dtype in args.dtypes:
         for model in models.values():
@@ -482,8 +517,6 @@ def main(argv=None) -> int:
     results["targets"] = targets(results)
     results["bound"] = bound(results)
     results["seconds"] = time.perf_counter() - t0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
     text = markdown(results)
     out.with_suffix(".md").write_text(text)
