@@ -115,8 +115,8 @@ def test_eval_cli_rejects_bad_input_before_loading(tmp_path, capsys):
     assert "unknown task pika" in capsys.readouterr().err
     assert main(["eval", "no-such-model-xyz", "--tasks", "piqa", "--out", str(tmp_path / "x.txt")]) == 1
     assert "--out must name a .json file" in capsys.readouterr().err
-    assert main(["eval", str(tmp_path / "nope"), "--tasks", "wikitext2"]) == 1
-    assert "model not found" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nope"), "--tasks", "wikitext2", "--data-dir", str(tmp_path)]) == 1
+    assert "wikitext2: missing in data dir" in capsys.readouterr().err  # data checked before the model loads
 
 
 def test_task_groups():

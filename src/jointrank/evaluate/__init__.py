@@ -84,6 +84,15 @@ def read_manifest(model_dir: str | None) -> dict | None:
         raise JointRankError(f"{path} is not valid JSON ({exc.msg})") from None
 
 
+def check_data(tasks: list[str], root: Path | None) -> None:
+    """Every file TASKS need is in the data dir ROOT, or (no data dir) the hub is reachable; else JointRankError."""
+    for task in tasks:
+        if root is not None or task == "c4":  # c4 (exllamav2's calibration text) has no hub twin
+            data.require_files(task, root)
+    if root is None:
+        data.require_hub(tasks)
+
+
 def evaluate(
     model,
     tokenizer,
@@ -118,12 +127,7 @@ def evaluate(
     root = data.resolve_data_dir(data_dir)
     started_utc = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     load_start, t0 = _load_avg(), time.perf_counter()
-    # Fail on missing data before any model time is spent.
-    for task in tasks:
-        if root is not None or task == "c4":  # c4 (exllamav2's calibration text) has no hub twin
-            data.require_files(task, root)
-    if root is None:
-        data.require_hub(tasks)
+    check_data(tasks, root)  # fail on missing data before any model time is spent
     results: dict = {}
 
     def document(complete: bool) -> dict:

@@ -69,11 +69,12 @@ def run_eval(args) -> int:
     from . import evaluate
     from .report import render_results, write_json
 
-    from . import parse_tasks
+    from . import check_data, data, parse_tasks
 
-    tasks = parse_tasks(args.tasks)  # fail on a typo before spending time on loading the model
+    tasks = parse_tasks(args.tasks)  # fail on a typo or missing data before spending time on loading the model
     if args.out and not args.out.endswith(".json"):
         raise JointRankError(f"--out must name a .json file, got {args.out}")
+    check_data(tasks, data.resolve_data_dir(args.data_dir))
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer, source = load_model(args.model, dtype=getattr(torch, args.dtype))
