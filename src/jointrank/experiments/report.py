@@ -479,8 +479,13 @@ def _watermark(exp: Path) -> str:
         gone = next((p for p in pts if not p["reproduced"]), None)
         back = [p for p in pts if gone and p["ratio"] < gone["ratio"] and p["reproduced"]]
         if gone is None:
+            last = pts[-1]
+            cost = (f", while WikiText-2 perplexity went from {r['wikitext_tuned']['ppl']:.3f} to "
+                    f"{last['wikitext_ppl']:.3f} at ratio {last['ratio']}: the approximation damages general ability "
+                    "long before it touches the implanted sentence") if evaluated else ""
             out.append("**Verdict**: does not hold at these ratios — greedy decoding still reproduces the sentence at "
-                       "every ratio tried.\n")
+                       f"every ratio tried (sentence perplexity {r['after_fine_tune']['sentence_ppl']:.3f} → "
+                       f"{last['sentence_ppl']:.3f}){cost}.\n")
             continue
         cost = ""
         if evaluated:
