@@ -47,8 +47,18 @@ def _summary(sections: list[str]) -> str:
                 sub = line[4:]
             if line.startswith("**Verdict"):
                 inside, seen = True, False
-                rest = line.split("**", 2)[-1].lstrip(": ").strip()
-                if rest and not rest.startswith("("):
+                rest = line.split("**", 2)[-1].strip()
+                if rest.startswith("("):  # "(paper: ...): verdict" -> keep the verdict after the claim
+                    depth, cut = 0, None
+                    for i, ch in enumerate(rest):
+                        depth += ch == "("
+                        depth -= ch == ")"
+                        if depth == 0:
+                            cut = i + 1
+                            break
+                    rest = rest[cut:] if cut else ""
+                rest = rest.lstrip(": ").strip()
+                if rest:
                     verdicts.append(f"  - {rest}")
                 continue
             if inside and line.startswith("- "):
@@ -205,7 +215,8 @@ def _table1(exp: Path) -> str:
                     if "joint" in cell and "separate" in cell:
                         d, se = _diff(cell["separate"]["wikitext2"]["window_nll"], cell["joint"]["wikitext2"]["window_nll"])
                         out.append(f"- {scope} scope, {target:.0%}: joint vs separate everywhere, Δ NLL {_pm(d, se)}: "
-                                   f"{_verdict(d, se, 'joint better (holds)', 'separate better (does not hold)')}.")
+                                   f"{_verdict(d, se, 'joint better (holds)', 'separate better (does not hold)')}"
+                                   f"{_broken(cell['joint']['wikitext2']['ppl_ratio'], cell['separate']['wikitext2']['ppl_ratio'])}.")
                     for name, x in cell.items():
                         w = x["wikitext2"]
                         out.append(f"- {scope} scope, {target:.0%}, {name}: perplexity x{w['ppl_ratio']:.3f} of dense "
@@ -300,9 +311,17 @@ def _jvs_setting(exp: Path, path: Path, r: dict, name: str) -> list[str]:
             starve = [(p["ratio"], p["member_rel_error"]["k"], by[("separate", p["ratio"])]["member_rel_error"]["k"])
                       for p in r["points"] if p["method"] == "joint" and ("separate", p["ratio"]) in by]
             worse = [x for x in starve if x[1] > x[2]]
-            out.append(f"- K under GQA: joint K error exceeds separate K error at {len(worse)} of {len(starve)} ratios "
-                       + ", ".join(f"{a}: {b:.3f} vs {c:.3f}" for a, b, c in starve)
-                       + " — the joint SVD spends its basis on the 4x larger Q.")
+            out.append(f"- K under GQA: joint K error exceeds separate K error at {len(worse)} of {len(starve)} ratios ("
+                       + ", ".join(f"{a}: {b:.3f} vs {c:.3f}" for a, b, c in starve) + ")"
+                       + (" — the joint SVD spends its basis on the larger Q." if worse else
+                          " — no starvation of K at equal ratio here (the joint unit's rank is ratio x d_in, separate "
+                          "K's is ratio x its own row count, so at equal ratio K gets more basis vectors jointly)."))
+        over = [p for p in r["points"] if p["params_kept"] >= 1]
+        if over:
+            out.append(f"- {len(over)} of {len(r['points'])} points store at least as many parameters as the dense "
+                       "matrices (Eq. 9: a factorisation saves only below k = d_out·d_in / (d_out + d_in))"
+                       + ("; per head under GQA each query head stores its own K approximation" if r["per_head"] else "")
+                       + ": quality comparisons there say nothing about compression.")
         out.append("")
     return out
 
