@@ -25,7 +25,12 @@ NOTES = [
     "* **Global allocation** scores each unit by the relative spectral energy a rank cut throws away, times a "
     "data-free prior, and trades that against parameters with one Lagrange multiplier (units may stay dense). "
     "It is only as good as that proxy: relative weight energy says nothing about how fragile a unit is "
-    "(gate/up feed a gated nonlinearity; Gemma's Q/K pass through per-head norms), which the results expose.",
+    "(gate/up feed a gated nonlinearity; Gemma's Q/K pass through per-head norms), which the results expose: "
+    "over all groups it spends most of the budget on gate/up, the largest units with the cheapest relative "
+    "energy per parameter, and that is where this model breaks. Restricted to Q/K (the paper's choice of "
+    "matrices) it only moves rank between layers and members, which is the data-free setting where it can "
+    "help. The residual prior (global-balanced-residual) and depth prior were implemented but, where not "
+    "listed above, not measured.",
     "",
 ]
 
