@@ -66,13 +66,15 @@ ROWS = {
                            "joint Q/K only, balanced, ranks by global allocation across layers"),
     "global-paper-10": ("paper-10", "svd", "global", "flat",
                         "the paper-10 structure (separate W_Q, W_K), ranks by global allocation across layers"),
+    "global-paper-20": ("paper-20", "svd", "global", "flat",
+                        "the paper-20 structure, ranks by global allocation across layers and groups"),
     "asvd": (ALL, "asvd", "uniform", None, "ASVD, joint units share one scaling; one ratio"),
     "svd_llm": (ALL, "svd_llm", "uniform", None, "SVD-LLM whitening, joint units share one whitening; one ratio"),
     "svd_llm-separate": (SEPARATE, "svd_llm", "uniform", None, "SVD-LLM as published: every matrix on its own"),
     "llm_rom": (ALL, "llm_rom", "uniform", None, "LLM-ROM output PCA, sequential, joint units; one ratio"),
 }
 DATA_FREE = ("paper-10", "paper-20", "joint-svd", "balanced", "balanced-heads", "global-svd", "global-balanced",
-             "global-balanced-depth", "global-balanced-residual", "qk-balanced", "global-qk-balanced", "global-paper-10")
+             "global-balanced-depth", "global-balanced-residual", "qk-balanced", "global-qk-balanced", "global-paper-10", "global-paper-20")
 
 
 def config_for(name: str, budget: float):
