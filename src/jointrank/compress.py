@@ -11,7 +11,6 @@ from tqdm.auto import tqdm
 
 from .architectures import count_parameters, decoder_layers, describe
 from .errors import JointRankError
-from .linalg import joint_rank_k
 from .modules import LowRankLinear, SharedBasis
 from .plan import CompressionPlan, JointRankConfig, make_plan
 
