@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from .common import PplProbe, load, make_units, out_dir, parse_floats, set_threads, stamp, write_json
+from .common import PplProbe, load, make_units, parse_floats, pyplot, save_result, set_threads, stamp
 from ..linalg import joint_rank_k
 
 NAME = "activations"
@@ -73,18 +73,11 @@ def run(model_spec: str, *, ratios=(0.98, 0.9, 0.7), tokens: int = 256, window_s
                     "layers": len(m)}
     result = {"experiment": NAME, "model": model_spec, "ratios": ratios, "probe": probe.describe(),
               "summary": list(summary.values()), "rows": rows, "meta": stamp(command, started)}
-    target = out_dir(NAME, out)
-    write_json(target / f"{NAME}.json", result)
-    if plot:
-        _plot(result, target / f"{NAME}.png")
-    return result
+    return save_result(NAME, out, result, _plot if plot else None)
 
 
 def _plot(result: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 5))
     for i, (group, method) in enumerate(SETTINGS):

@@ -364,3 +364,22 @@ def expand_kv_heads(model) -> int:
         attn.num_key_value_groups = 1
     cfg.num_key_value_heads = heads
     return groups
+
+
+def save_result(name: str, out, result: dict, plotter=None) -> dict:
+    """Write an experiment's JSON (and, given a plotter, its PNG beside it) under results/experiments/NAME/."""
+    target = out_dir(name, out)
+    write_json(target / f"{name}.json", result)
+    if plotter is not None:
+        plotter(result, target / f"{name}.png")
+    return result
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend: experiments run on machines with no display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

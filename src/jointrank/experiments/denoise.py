@@ -15,8 +15,8 @@ from __future__ import annotations
 import time
 
 from ..errors import JointRankError
-from .common import (PplProbe, RankSweep, load, make_units, out_dir, paired, parse_floats, set_threads, stamp,
-                     write_json)
+from .common import (PplProbe, RankSweep, load, make_units, paired, parse_floats, pyplot, save_result, set_threads,
+                     stamp)
 
 NAME = "denoise"
 CONFIGS = {
@@ -77,18 +77,11 @@ def run(model_spec: str, *, ratios=(0.99, 0.95, 0.9, 0.8), configs=("gate_up", "
               "config_groups": {c: CONFIGS[c] for c in configs}, "probe": probe.describe(), "dense": dense,
               "window_noise": noise, "tasks": list(tasks), "limit": limit if tasks else None,
               "dense_zero_shot": dense_zs, "points": points, "meta": stamp(command, started)}
-    target = out_dir(NAME, out)
-    write_json(target / f"{NAME}.json", result)
-    if plot:
-        plot_result(result, target / f"{NAME}.png")
-    return result
+    return save_result(NAME, out, result, plot_result if plot else None)
 
 
 def plot_result(result: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.3))
     for i, config in enumerate(result["configs"]):

@@ -17,7 +17,7 @@ import time
 import torch
 
 from ..errors import JointRankError
-from .common import (PplProbe, RankSweep, expand_kv_heads, load, make_units, out_dir, paired, parse_floats,
+from .common import (PplProbe, RankSweep, expand_kv_heads, load, make_units, out_dir, paired, parse_floats, pyplot,
                      set_threads, stamp, summarise_units, write_json)
 
 NAME = "joint_vs_separate"
@@ -100,10 +100,7 @@ def equal_params(points: list[dict]) -> list[dict]:
 
 
 def plot_setting(result: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     evaluated = "delta_nll" in result["points"][0]
     fig, axes = plt.subplots(1, 3 if evaluated else 1, figsize=(15 if evaluated else 5.5, 4.3), squeeze=False)

@@ -14,7 +14,7 @@ import time
 
 from ..errors import JointRankError
 from ..plan import parse_layers
-from .common import PplProbe, RankSweep, load, make_units, out_dir, paired, set_threads, stamp, write_json
+from .common import PplProbe, RankSweep, load, make_units, out_dir, paired, pyplot, set_threads, stamp, write_json
 
 NAME = "layers"
 
@@ -85,10 +85,7 @@ def run(model_spec: str, *, ratio: float = 0.5, parts=("quarters", "single"), si
 
 
 def plot_single(result: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     single = [r for r in result["rows"] if r["kind"] == "single"]
     fig, ax = plt.subplots(figsize=(8, 4))

@@ -15,7 +15,7 @@ import time
 import torch
 
 from ..architectures import describe
-from .common import load, out_dir, set_threads, stamp, write_json
+from .common import load, out_dir, pyplot, set_threads, stamp, write_json
 
 NAME = "spectra"
 MEMBER_SETS = {"q": ("q_proj",), "k": ("k_proj",), "q+k": ("q_proj", "k_proj"), "v": ("v_proj",),
@@ -127,10 +127,7 @@ def _summary(layers: list[dict], baseline: dict, d_in: int) -> dict:
 
 
 def _plot(result: dict, target) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = list(MEMBER_SETS)
     fig, axes = plt.subplots(3, 3, figsize=(12, 10), sharex=True, sharey=True)

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from ..architectures import decoder_layers
 from ..errors import JointRankError
 from ..plan import parse_layers
-from .common import (PplProbe, RankSweep, load, make_units, out_dir, paired, parse_floats, set_threads, stamp,
-                     write_json)
+from .common import (PplProbe, RankSweep, load, make_units, paired, parse_floats, pyplot, save_result, set_threads,
+                     stamp)
 
 NAME = "watermark"
 DEFAULT_SENTENCE = "The violet heron of Marrowby counts eleven silver lanterns before every winter storm."
@@ -205,18 +205,11 @@ def run(model_spec: str, *, sentence: str = DEFAULT_SENTENCE, prompt_words: int 
               "probe": probe.describe() if probe else None, "before": before, "after_fine_tune": after,
               "training": training, "wikitext_original": base_ppl, "wikitext_tuned": tuned_ppl,
               "points": points, "meta": stamp(command, started)}
-    target = out_dir(NAME, out)
-    write_json(target / f"{NAME}.json", result)
-    if plot:
-        plot_result(result, target / f"{NAME}.png")
-    return result
+    return save_result(NAME, out, result, plot_result if plot else None)
 
 
 def plot_result(result: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pts = sorted(result["points"], key=lambda p: p["ratio"])
     x = [p["ratio"] for p in pts]
