@@ -114,7 +114,7 @@ def run_naive(src: Path, out: Path, ratio: float) -> dict:
     from transformers import AutoModelForCausalLM
 
     import jointrank
-    from jointrank.cli import manifest_for
+    from jointrank.checkpoint import manifest_for
     from jointrank.compress import compress_
 
     start = time.perf_counter()

@@ -11,7 +11,7 @@ from safetensors import safe_open
 import jointrank
 from jointrank.architectures import describe
 from jointrank.checkpoint import save
-from jointrank.cli import manifest_for
+from jointrank.checkpoint import manifest_for
 from jointrank.compress import compress_
 from jointrank.errors import JointRankError
 from jointrank.plan import GroupRule, JointRankConfig, make_plan

@@ -1,15 +1,16 @@
 """jointrank: data-free (joint) low-rank compression of LLM weights.
 
     import jointrank
-    result = jointrank.compress_(model, jointrank.PRESETS["paper-10"])   # in place
-    jointrank.save(model, tokenizer, "out-dir", jointrank.manifest_for(result))
+    config = jointrank.PRESETS["paper-10"]
+    result = jointrank.compress_(model, config)   # in place
+    jointrank.save(model, tokenizer, "out-dir", jointrank.manifest_for(result, source="my-model", config=config))
     model = jointrank.load("out-dir")    # or AutoModelForCausalLM.from_pretrained("out-dir") after import jointrank
 """
 
 __version__ = "0.1.0"
 
 from . import hf_integration as _hf_integration
-from .checkpoint import load, read_manifest, save
+from .checkpoint import load, manifest_for, read_manifest, save
 from .compress import CompressionResult, compress_, merge_, plan_for
 from .errors import JointRankError
 from .plan import PRESETS, CompressionPlan, GroupRule, JointRankConfig, make_plan
@@ -18,5 +19,5 @@ _hf_integration.register()
 
 __all__ = [
     "CompressionPlan", "CompressionResult", "GroupRule", "JointRankConfig", "JointRankError", "PRESETS",
-    "compress_", "load", "make_plan", "merge_", "plan_for", "read_manifest", "save",
+    "compress_", "load", "make_plan", "manifest_for", "merge_", "plan_for", "read_manifest", "save",
 ]

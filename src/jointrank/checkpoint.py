@@ -41,14 +41,37 @@ def save(model, tokenizer, out: str | Path, manifest: dict, *, overwrite: bool =
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        full = {"format": MANIFEST_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "versions": versions(), **manifest}
-        (staging / MANIFEST_NAME).write_text(json.dumps(full, indent=2) + "\n")
+        (staging / MANIFEST_NAME).write_text(json.dumps(stamped(manifest), indent=2) + "\n")
         _swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def manifest_for(result, *, source: str, config, dense: bool = False, evals: dict | None = None) -> dict:
+    """What a checkpoint's manifest says about how it was made (the in-memory and streaming paths share it)."""
+    energies = [u.energy_kept for u in result.units]
+    return {
+        "source": source,
+        "format_kind": "dense" if dense else "factorised",
+        "config": config.to_dict(),
+        "plan": result.plan.to_dict(),
+        "result": result.to_dict(),
+        "summary": {
+            "units_factorised": len(result.units),
+            "min_energy_kept": min(energies) if energies else None,
+            "params_total_ratio": result.params_total_after / result.params_total_before,
+            "params_decoder_ratio": result.params_decoder_after / result.params_decoder_before,
+        },
+        "evaluation": evals or {},
+    }
+
+
+def stamped(manifest: dict) -> dict:
+    """The manifest as written: format version, creation time and library versions first."""
+    return {"format": MANIFEST_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": versions(), **manifest}
 
 
 def _swap_into_place(staging: Path, out: Path) -> None:
@@ -65,10 +88,7 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | to
     """Load a jointrank checkpoint (compressed or dense export) as a transformers model."""
     from transformers import AutoModelForCausalLM
 
-    from . import hf_integration
-
-    hf_integration.register()
-    path = Path(path)
+    path = Path(path)  # importing this package registered the "jointrank" quantizer with transformers
     if not (path / MANIFEST_NAME).is_file():
         raise JointRankError(f"{path} is not a jointrank checkpoint (no {MANIFEST_NAME})")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)

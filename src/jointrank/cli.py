@@ -190,10 +190,9 @@ def cmd_plan(args) -> int:
     import json
 
     from .compress import plan_for
-    from .sources import load_model, resolve
+    from .sources import load_model
 
     config = config_from_args(args)
-    resolve(args.model)
     model, _, _ = load_model(args.model)
     plan = plan_for(model, config)
     _print_plan(plan)
@@ -216,7 +215,7 @@ def _print_plan(plan) -> None:
 
 
 def cmd_compress(args) -> int:
-    from .checkpoint import check_output, save
+    from .checkpoint import check_output, manifest_for, save
     from .compress import compress_, merge_
     from .sources import load_model, resolve
     from .tables import params_summary
@@ -277,24 +276,6 @@ def _calibration(args, config, tokenizer):
             raise JointRankError(f"--calibration-tokens must be positive (got {args.calibration_tokens})")
         return None
     return load_text(args.calibration, tokenizer, tokens=args.calibration_tokens)
-
-
-def manifest_for(result, *, source: str, config, dense: bool = False, evals: dict | None = None) -> dict:
-    energies = [u.energy_kept for u in result.units]
-    return {
-        "source": source,
-        "format_kind": "dense" if dense else "factorised",
-        "config": config.to_dict(),
-        "plan": result.plan.to_dict(),
-        "result": result.to_dict(),
-        "summary": {
-            "units_factorised": len(result.units),
-            "min_energy_kept": min(energies) if energies else None,
-            "params_total_ratio": result.params_total_after / result.params_total_before,
-            "params_decoder_ratio": result.params_decoder_after / result.params_decoder_before,
-        },
-        "evaluation": evals or {},
-    }
 
 
 def _evaluate(model, tokenizer, args) -> dict:

@@ -469,8 +469,7 @@ def _itemsize(dtype: str) -> int:
 
 def _finish(staging, out, source, plan, result, config_obj, source_label, options) -> None:
     """config.json with the quantization_config, copied tokenizer files, manifest last, then into place."""
-    from .checkpoint import MANIFEST_FORMAT, _swap_into_place, versions
-    from .cli import manifest_for
+    from .checkpoint import _swap_into_place, manifest_for, stamped
     from .compress import units_of
     from .hf_integration import JointRankQuantizationConfig
     from .plan import JointRankConfig
@@ -486,8 +485,7 @@ def _finish(staging, out, source, plan, result, config_obj, source_label, option
             shutil.copyfile(f, staging / f.name)
     cfg = config_obj if config_obj is not None else JointRankConfig.from_dict(plan.config)
     manifest = manifest_for(result, source=source_label, config=cfg)
-    full = {"format": MANIFEST_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "versions": versions(), **manifest}
+    full = stamped(manifest)
     (staging / PROGRESS_NAME).unlink(missing_ok=True)
     (staging / MANIFEST_NAME).write_text(json.dumps(full, indent=2) + "\n")
     _swap_into_place(staging, out)
