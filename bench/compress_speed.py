@@ -9,7 +9,10 @@ One run does everything:
   3. runs, each in its own subprocess so peak RSS is honest, the naive path (load the whole model, exact SVD of
      every unit, save) and the default path (`jointrank compress --stream`: memory-mapped, layer by layer, solver
      auto), and compares wall time, peak RSS and every unit's relative error;
-  4. extrapolates both to 32 layers from the per-unit times: 32 x (W_Q + W_K) + 22 x (W_gate/W_up) + per-layer I/O.
+  4. extrapolates both to 32 layers from the per-unit times: 32 x (W_Q + W_K) + 22 x (W_gate/W_up) + per-layer I/O;
+  5. a solver study, in a third subprocess: layer 0's W_Q and [W_gate; W_up] factorised by every solver (median of
+     --repeats runs each, as a ratio to exact SVD in the same process), plus the two pieces no eigendecomposition-
+     based exact solver can avoid (the Gram product and a full float32 `eigh`), which bound the possible speed-up.
 
     flock -x /tmp/jointrank-cpu.lock python bench/compress_speed.py --layers 4   # writes results/compress_speed.*
 """
@@ -160,7 +163,47 @@ def _unit(u, seconds: float) -> dict:
     h = LLAMA_7B["hidden_size"]
     rows = {"qk": h, "gate_up": 2 * LLAMA_7B["intermediate_size"]}[u.group]
     return {"layer": u.layer, "group": u.group, "members": [m.rsplit(".", 1)[1] for m in u.members], "rank": u.rank,
-            "rel_error": u.rel_error, "seconds": seconds, "auto_solver": choose_solver((rows, h), u.rank)}
+            "rel_error": u.rel_error, "seconds": seconds, "auto_solver": choose_solver((rows, h), u.rank),
+            "solver_ran": u.solver}
+
+
+def run_solvers(src: Path, ratio: float, repeats: int) -> dict:
+    """Every solver on layer 0's W_Q and joint [W_gate; W_up], medians of `repeats` runs, and the floor pieces."""
+    from safetensors import safe_open
+
+    from jointrank.linalg import joint_rank_k, max_rank
+    from jointrank.stream import TensorSource
+
+    source = TensorSource.open(src)
+    names = {"q_proj": ["model.layers.0.self_attn.q_proj.weight"],
+             "gate_proj+up_proj": ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"]}
+    out = {}
+    for unit, tensor_names in names.items():
+        read = source.read(tensor_names)
+        weights = [read[n] for n in tensor_names]
+        d_outs, d_in = [w.shape[0] for w in weights], weights[0].shape[1]
+        k = max(1, round(ratio * max_rank(d_outs, d_in)))
+        rows = {}
+        for solver in ("svd", "gram", "gram32", "rsvd"):
+            times, f = [], None
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                f = joint_rank_k(weights, k, solver=solver)
+                times.append(time.perf_counter() - t0)
+            rows[solver] = {"seconds": statistics.median(times), "runs": times, "rel_error": f.rel_error,
+                            "solver_ran": f.solver}
+        stacked = torch.cat([w.float() for w in weights])
+        floor = {}
+        for piece, fn in (("gram_product", lambda: stacked.T @ stacked),
+                          ("eigh_float32", lambda g=stacked.T @ stacked: torch.linalg.eigh(g))):
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            floor[piece] = statistics.median(times)
+        out[unit] = {"shape": [sum(d_outs), d_in], "rank": k, "solvers": rows, "floor": floor}
+    return out
 
 
 def child(args) -> None:
@@ -169,6 +212,9 @@ def child(args) -> None:
     out = Path(args.dir).with_name(Path(args.dir).name + f"-out-{args.child}")
     shutil.rmtree(out, ignore_errors=True)
     load_before = os.getloadavg()[0]
+    if args.child == "solvers":
+        print("RESULT " + json.dumps(run_solvers(Path(args.dir), ratio, args.repeats)))
+        return
     result = (run_naive if args.child == "naive" else run_default)(Path(args.dir), out, ratio)
     # the machine is shared: the 1-minute load average says how many other runnable processes competed
     result["load_average"] = [load_before, os.getloadavg()[0]]
@@ -221,7 +267,9 @@ def render(data: dict) -> str:
         f"- speed ratio (naive / default), measured layers: **{data['speedup_measured']:.2f}x**; "
         f"extrapolated to 32 layers: **{data['speedup_extrapolated']:.2f}x**",
         f"- largest |relative error difference| over {len(d['units'])} units: **{data['max_rel_error_diff']:.2e}**",
-        f"- solvers auto chose: {', '.join(sorted(set(u['auto_solver'] for u in d['units'])))}",
+        f"- solvers auto chose: {', '.join(sorted(set(u['auto_solver'] for u in d['units'])))}; "
+        f"solvers that ran (after any float64 fallback): "
+        f"{', '.join(sorted(set(u.get('solver_ran') or '?' for u in d['units'])))}",
         "",
         "| target | value | met |",
         "|---|---:|:---:|",
@@ -229,12 +277,35 @@ def render(data: dict) -> str:
     for name, (value, target, ok) in data["targets"].items():
         lines.append(f"| {name} < {target} | {value:.3g} | {'yes' if ok else 'NO'} |"
                      if name != "speedup" else f"| {name} >= {target} | {value:.3g} | {'yes' if ok else 'NO'} |")
+    lines += _render_solvers(data.get("solver_study"))
     lines += ["", "Per unit (seconds; relative error naive / default):", "",
               "| layer | unit | rank | naive s | default s | naive err | default err |", "|---:|---|---:|---:|---:|---:|---:|"]
     for a, b in zip(n["units"], d["units"]):
         lines.append(f"| {a['layer']} | {'+'.join(a['members'])} | {a['rank']} | {a['seconds']:.1f} | "
                      f"{b['seconds']:.1f} | {a['rel_error']:.6f} | {b['rel_error']:.6f} |")
     return "\n".join(lines) + "\n"
+
+
+def _render_solvers(study: dict | None) -> list[str]:
+    if not study:
+        return []
+    lines = ["", "## Solver study (layer 0, same process; median seconds, ratio = exact SVD's time / solver's)", "",
+             "| unit | shape | rank | solver | ran | seconds | speed vs svd | rel error | - exact |",
+             "|---|---|---:|---|---|---:|---:|---:|---:|"]
+    for unit, u in study.items():
+        exact = u["solvers"]["svd"]
+        for name, r in u["solvers"].items():
+            lines.append(f"| {unit} | {u['shape'][0]}x{u['shape'][1]} | {u['rank']} | {name} | {r['solver_ran']} | "
+                         f"{r['seconds']:.2f} | {exact['seconds'] / r['seconds']:.2f}x | {r['rel_error']:.6f} | "
+                         f"{r['rel_error'] - exact['rel_error']:+.1e} |")
+    lines += ["", "The floor of any exact solver built on an eigendecomposition (Gram product + full float32 `eigh`):",
+              ""]
+    for unit, u in study.items():
+        f, svd = u["floor"], u["solvers"]["svd"]["seconds"]
+        total = f["gram_product"] + f["eigh_float32"]
+        lines.append(f"- {unit}: Gram product {f['gram_product']:.2f} s + eigh {f['eigh_float32']:.2f} s = "
+                     f"{total:.2f} s, so at most **{svd / total:.2f}x** faster than exact SVD ({svd:.2f} s)")
+    return lines
 
 
 def _command() -> str:
@@ -256,7 +327,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "results" / "compress_speed.json"))
     p.add_argument("--render", action="store_true", help="only rewrite the .md from the JSON")
-    p.add_argument("--child", choices=["naive", "default"], help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=3, help="runs per solver in the solver study (median reported)")
+    p.add_argument("--child", choices=["naive", "default", "solvers"], help=argparse.SUPPRESS)
     p.add_argument("--ratio", help=argparse.SUPPRESS)
     p.add_argument("--smoke", action="store_true", help="tiny dimensions, to check the script itself quickly")
     args = p.parse_args()
@@ -281,19 +353,20 @@ def main() -> None:
     ratio = paper20_ratio()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     results = {}
-    for path in ("naive", "default"):
+    for path in ("naive", "default", "solvers"):
         cmd = [sys.executable, __file__, "--child", path, "--ratio", repr(ratio), "--dir", args.dir,
-               "--threads", str(args.threads)] + (["--smoke"] if args.smoke else [])
+               "--threads", str(args.threads), "--repeats", str(args.repeats)] + (["--smoke"] if args.smoke else [])
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode:
             sys.exit(f"{path} failed:\n{done.stderr[-3000:]}")
         results[path] = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[7:])
-        print(f"{path}: {results[path]['wall_seconds']:.1f} s, peak RSS {results[path]['peak_rss_gb']:.2f} GiB",
-              flush=True)
+        if path != "solvers":
+            print(f"{path}: {results[path]['wall_seconds']:.1f} s, peak RSS {results[path]['peak_rss_gb']:.2f} GiB",
+                  flush=True)
     n, d = results["naive"], results["default"]
     diffs = [abs(a["rel_error"] - b["rel_error"]) for a, b in zip(n["units"], d["units"])]
     assert [(a["layer"], a["members"]) for a in n["units"]] == [(b["layer"], b["members"]) for b in d["units"]]
-    minutes = {k: extrapolate(v) / 60 for k, v in results.items()}
+    minutes = {k: extrapolate(results[k]) / 60 for k in ("naive", "default")}
     data = {
         "command": _command(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
@@ -301,7 +374,7 @@ def main() -> None:
         "checkpoint_gb": sum(f.stat().st_size for f in Path(args.dir).glob("*.safetensors")) / 1e9,
         "naive": n, "default": d, "speedup_measured": n["wall_seconds"] / d["wall_seconds"],
         "extrapolated_minutes": minutes, "speedup_extrapolated": minutes["naive"] / minutes["default"],
-        "max_rel_error_diff": max(diffs),
+        "max_rel_error_diff": max(diffs), "solver_study": results["solvers"],
     }
     data["targets"] = {
         "minutes_32_layers": (minutes["default"], TARGETS["minutes_32_layers"],

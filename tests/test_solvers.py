@@ -6,7 +6,7 @@ import importlib.util
 import pytest
 import torch
 
-from jointrank.linalg import SOLVERS, _member_error, choose_solver, joint_rank_k, rank_k
+from jointrank.linalg import GRAM32_TOLERANCE, SOLVERS, _member_error, choose_solver, joint_rank_k, rank_k
 
 # Stated tolerances on |rel_error(solver) - rel_error(exact)|. The exact solvers differ only by rounding. The
 # randomized SVD is a different algorithm: on fast-decaying spectra it is as good as exact; on the slow decay of
@@ -84,8 +84,26 @@ def test_gram32_falls_back_to_float64_when_float32_cannot_resolve_rank_k():
     f32 = rank_k(w.float(), 20, solver="gram32")
     f64 = rank_k(w.float(), 20, solver="gram")
     assert torch.equal(f32.basis, f64.basis)
+    assert f32.solver == "gram"  # the fallback is reported, so benchmarks can say which solver really ran
     # without the fallback the float32 basis would be noise in the second block
     assert f32.rel_error == pytest.approx(optimal_error(s, 20), abs=1e-6)
+
+
+@pytest.mark.parametrize("decades", [1, 3, 6, 9])
+@pytest.mark.parametrize("fraction", [0.1, 0.4, 0.7, 0.95])
+def test_gram32_keeps_float32_only_when_its_error_bound_holds(decades, fraction):
+    # spectra spanning 1 to 9 decades: float32 is kept where it can be trusted, and wherever it is kept the error
+    # is within GRAM32_TOLERANCE of the optimum (the test's tolerance is the one the solver promises)
+    n = 300
+    s = [10 ** (-decades * i / n) for i in range(n)]
+    w = matrix_with_spectrum(500, n, s, seed=8)
+    k = round(fraction * n)
+    f = rank_k(w, k, solver="gram32")
+    assert abs(f.rel_error - optimal_error(s, k)) <= GRAM32_TOLERANCE
+    if decades == 1:  # λ_k ≥ 1e-2 λ_1, far above float32's resolution: never a fallback
+        assert f.solver == "gram32"
+    if decades == 9 and fraction >= 0.7:  # λ_k ≤ 1e-12 λ_1: unresolvable in float32
+        assert f.solver == "gram"
 
 
 def test_auto_chooses_by_shape_and_rank():

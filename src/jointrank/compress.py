@@ -25,6 +25,7 @@ class UnitResult:
     energy_kept: float
     rel_error: float
     member_rel_errors: list[float]
+    solver: str = ""  # the solver that ran (Factors.solver); empty for methods that do not say
 
 
 @dataclass
@@ -99,7 +100,8 @@ def compress_(model: nn.Module, config: JointRankConfig | CompressionPlan, *, de
             done.append((entry, factors))
     for entry, factors in done:
         results.append(UnitResult(entry.layer, entry.group, entry.method, entry.members, entry.rank,
-                                  factors.energy_kept, factors.rel_error, factors.member_rel_errors))
+                                  factors.energy_kept, factors.rel_error, factors.member_rel_errors,
+                                  factors.solver))
     attach_quantization_config(model, plan)
     _, layers = decoder_layers(model)
     return CompressionResult(

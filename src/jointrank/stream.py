@@ -228,7 +228,7 @@ def factorise_unit(source: TensorSource, entry, method: str, options: StreamOpti
         else:
             out[f"{member}.basis.weight"] = factors.basis.to(device="cpu", dtype=dtype, copy=True)
     result = UnitResult(entry.layer, entry.group, entry.method, tuple(entry.members), entry.rank,
-                        factors.energy_kept, factors.rel_error, factors.member_rel_errors)
+                        factors.energy_kept, factors.rel_error, factors.member_rel_errors, factors.solver)
     return out, result, time.perf_counter() - start
 
 
@@ -431,7 +431,8 @@ def _assemble(staging, source, layout, plan, progress, jobs_by_layer, rest_shard
         for u in rec["units"]:
             unit_seconds.append(u["seconds"])
             units.append(UnitResult(u["layer"], u["group"], u["method"], tuple(u["members"]), u["rank"],
-                                    u["energy_kept"], u["rel_error"], u["member_rel_errors"]))
+                                    u["energy_kept"], u["rel_error"], u["member_rel_errors"],
+                                    u.get("solver", "")))
     weight_map, total_size, params_total, params_decoder = {}, 0, 0, 0
     tied = source.config.get("tie_word_embeddings", False)
     for shard in [jobs_by_layer[i].shard for i in sorted(jobs_by_layer)] + [rest_shard]:
