@@ -72,6 +72,11 @@ ROWS = {
     "svd_llm": (ALL, "svd_llm", "uniform", None, "SVD-LLM whitening, joint units share one whitening; one ratio"),
     "svd_llm-separate": (SEPARATE, "svd_llm", "uniform", None, "SVD-LLM as published: every matrix on its own"),
     "llm_rom": (ALL, "llm_rom", "uniform", None, "LLM-ROM output PCA, sequential, joint units; one ratio"),
+    "llm_rom-separate": (SEPARATE, "llm_rom", "uniform", None, "LLM-ROM as published: every matrix on its own"),
+    "global-llm_rom": (ALL, "llm_rom", "global", "flat",
+                       "LLM-ROM, joint units, module-wise budgets from the data-free global allocation"),
+    "global-svd_llm": (ALL, "svd_llm", "global", "flat",
+                       "SVD-LLM, joint units, module-wise budgets from the data-free global allocation"),
 }
 DATA_FREE = ("paper-10", "paper-20", "joint-svd", "balanced", "balanced-heads", "global-svd", "global-balanced",
              "global-balanced-depth", "global-balanced-residual", "qk-balanced", "global-qk-balanced", "global-paper-10", "global-paper-20")

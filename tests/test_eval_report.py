@@ -72,6 +72,26 @@ def test_compare_flags_different_samples():
     assert not any(n.startswith("wikitext2") for n in notes)  # same windows on both sides
 
 
+def test_compare_pairs_a_small_sample_with_the_same_documents_of_a_larger_one():
+    base = results("base", {"piqa": 0.5}, ppl=20.0, n=400)
+    comp = results("comp", {"piqa": 0.5}, ppl=25.0, n=100)
+    comp["results"]["piqa"]["indices"] = list(range(0, 400, 4))  # nested in the base's 400 documents
+    base["results"]["piqa"]["per_doc"] = {"acc": "1100" * 100}  # 50% overall, 100% on every 4th document
+    comp["results"]["piqa"]["per_doc"] = {"acc": "1" * 90 + "0" * 10}
+    row = report.compare(base, comp)["rows"][1]
+    assert row["same_documents"] and row["paired"]
+    assert row["base"] == pytest.approx(1.0) and row["comp"] == pytest.approx(0.9)  # base on comp's documents only
+    d = [0] * 90 + [-1] * 10
+    mean = sum(d) / 100
+    assert row["delta_stderr"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in d) / 99 / 100))
+    assert any("base restricted to the 100 documents" in n for n in report.compare(base, comp)["notes"])
+    # samples that are not nested stay unpaired and flagged
+    comp["results"]["piqa"]["indices"] = list(range(300, 400))
+    comp["results"]["piqa"]["n_total"] = 1838
+    base["results"]["piqa"]["indices"] = list(range(350, 750))
+    assert not report.compare(base, comp)["rows"][1]["paired"]
+
+
 def test_compare_cli_prints_table_and_writes_markdown(tmp_path, capsys):
     b, c, md = tmp_path / "b.json", tmp_path / "c.json", tmp_path / "cmp.md"
     report.write_json(BASE, b)

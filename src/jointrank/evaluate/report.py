@@ -130,6 +130,32 @@ def paired_stderr(base_entry: dict, comp_entry: dict, metric: str) -> float | No
     return math.sqrt(var / len(d))
 
 
+def _documents(entry: dict) -> list[int] | None:
+    """The document indices a zero-shot entry scored (all of them when it was not sampled), or None."""
+    if "n_total" not in entry or "per_doc" not in entry:
+        return None
+    return list(range(entry["n_total"])) if entry.get("indices") is None else list(entry["indices"])
+
+
+def restrict(entry: dict, keep: list[int]) -> dict:
+    """ENTRY recomputed on the documents KEEP (a subset of those it scored), from its per-document scores.
+
+    Seeded samples are nested (zeroshot.sample_indices), so a run on 100 documents can be compared, paired,
+    with the same 100 documents of a 1000-document baseline. Standard errors as lm-eval's: sample stddev / sqrt(n).
+    """
+    docs = _documents(entry)
+    position = {d: i for i, d in enumerate(docs)}
+    out = {k: v for k, v in entry.items() if k not in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
+    out.update(indices=list(keep), n=len(keep), per_doc={})
+    for metric, scores in entry["per_doc"].items():
+        picked = "".join(scores[position[d]] for d in keep)
+        n, mean = len(picked), picked.count("1") / len(picked)
+        out[metric] = mean
+        out[f"{metric}_stderr"] = math.sqrt(mean * (1 - mean) * n / (n - 1) / n) if n > 1 else None
+        out["per_doc"][metric] = picked
+    return out
+
+
 def compare(base: dict, comp: dict, metric: str = "acc") -> dict:
     """Per-task and average comparison of two results dicts (only tasks present in both)."""
     tasks = [t for t in base["results"] if t in comp["results"]]
@@ -138,6 +164,14 @@ def compare(base: dict, comp: dict, metric: str = "acc") -> dict:
     rows, notes = [], []
     for task in tasks:
         b, c = base["results"][task], comp["results"][task]
+        bd, cd = _documents(b), _documents(c)
+        if bd is not None and cd is not None and bd != cd and b["n_total"] == c["n_total"]:
+            common = sorted(set(bd) & set(cd))
+            if len(common) >= 2 and len(common) == min(len(bd), len(cd)):  # one sample nested in the other
+                for label, entry, docs in (("base", b, bd), ("compressed", c, cd)):
+                    if len(docs) > len(common):
+                        notes.append(f"{task}: {label} restricted to the {len(common)} documents both runs scored")
+                b, c = restrict(b, common), restrict(c, common)
         name, bv, bse = headline(task, b, metric)
         _, cv, cse = headline(task, c, metric)
         same_docs = (b.get("indices"), b.get("n"), b.get("windows"), b.get("seqlen")) == (

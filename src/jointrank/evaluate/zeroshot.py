@@ -58,13 +58,18 @@ def _lm_eval_version() -> str:
 
 
 def sample_indices(task: str, n_docs: int, limit: int | None, seed: int) -> list[int] | None:
-    """Seeded, sorted sample of LIMIT document indices (None = all). Same seed, same documents, every run."""
+    """Seeded, sorted sample of LIMIT document indices (None = all). Same seed, same documents, every run.
+
+    The sample is a prefix of one seeded permutation of the task's documents, so samples are nested: the 100
+    documents of `--limit 100` are among the 1000 of `--limit 1000` (random.sample is not nested across sizes)."""
     if limit is None or limit >= n_docs:
         return None
     if limit < 1:
         raise JointRankError(f"--limit must be positive, got {limit}")
+    order = list(range(n_docs))
     # A string seed is hashed with SHA-512 by random.Random, so this is stable across processes and Python runs.
-    return sorted(random.Random(f"{seed}:{task}").sample(range(n_docs), limit))
+    random.Random(f"{seed}:{task}").shuffle(order)
+    return sorted(order[:limit])
 
 
 def write_local_task(task: str, docs: list[dict], out_dir: Path) -> str:
