@@ -258,3 +258,15 @@ def test_activations_command(tiny, tmp_path):
     assert full and all(x["weight_rel_error"] < 1e-4 and x["activation_rel_error"] < 1e-4 for x in full)
     half = [x for x in r["rows"] if x["ratio"] == 0.5]
     assert all(x["activation_rel_error"] > 1e-3 for x in half)
+
+
+def test_zero_shot_differences_are_paired_when_per_document_scores_exist():
+    from jointrank.experiments.report import _delta_se
+
+    dense = {"acc": 0.5, "acc_stderr": 0.05, "per_doc": {"acc": "1100" * 25}}
+    comp = {"acc": 0.52, "acc_stderr": 0.05, "per_doc": {"acc": "1110" + "1100" * 24}}  # one document flipped
+    d = [0, 0, 1, 0] + [0] * 96
+    mean = sum(d) / 100
+    assert _delta_se(dense, comp) == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in d) / 99 / 100))
+    del comp["per_doc"]
+    assert _delta_se(dense, comp) == pytest.approx(math.hypot(0.05, 0.05))  # no scores per document: unpaired

@@ -30,8 +30,9 @@ def zero_shot(model, tokenizer, tasks, *, data_dir, limit, seed: int = 1234) -> 
     from ..evaluate import evaluate
 
     res = evaluate(model, tokenizer, tasks, data_dir=data_dir, limit=limit, seed=seed, progress=False)["results"]
-    return {t: {k: v for k, v in r.items() if k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n")}
-            for t, r in res.items()}
+    # per_doc (0/1 per document, same seeded documents for every model) lets the report pair differences with dense
+    keep = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "per_doc")
+    return {t: {k: v for k, v in r.items() if k in keep} for t, r in res.items()}
 
 
 def run(model_spec: str, *, ratios=(0.99, 0.95, 0.9, 0.8), configs=("gate_up", "qk", "all"), tasks=(),

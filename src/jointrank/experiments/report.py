@@ -163,6 +163,14 @@ every cut is stated where it applies.
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _delta_se(a: dict, b: dict) -> float:
+    """SE of acc(b) - acc(a): paired over the same documents when both carry per-document scores."""
+    from ..evaluate.report import paired_stderr
+
+    paired = paired_stderr(a, b, "acc")
+    return paired if paired is not None else math.hypot(a.get("acc_stderr") or 0, b.get("acc_stderr") or 0)
+
+
 def _table1(exp: Path) -> str:
     title = "## 1. Table 1 analogue: dense vs the paper's structures at 10% / 20% reduction"
     files = _load(exp, "table1")
@@ -441,10 +449,11 @@ def _denoise(exp: Path) -> str:
             for p in r["points"]:
                 for t in tasks:
                     a, b = (r.get("dense_zero_shot") or {}).get(t), (p.get("zero_shot") or {}).get(t)
-                    if a and b and b["acc"] - a["acc"] > 2 * math.hypot(a.get("acc_stderr", 0), b.get("acc_stderr", 0)):
+                    if a and b and b["acc"] - a["acc"] > 2 * _delta_se(a, b):
                         zs_wins.append(f"{t} at {p['config']}@{p['ratio']}")
-            out.append(" Zero-shot: " + (", ".join(zs_wins) + " beat dense beyond 2 (unpaired) SE." if zs_wins else
-                                         "no task beats dense beyond 2 (unpaired) SE."))
+            kind = "paired" if all("per_doc" in (x or {}) for x in (r.get("dense_zero_shot") or {}).values()) else "unpaired"
+            out.append(f" Zero-shot: " + (", ".join(zs_wins) + f" beat dense beyond 2 ({kind}) SE." if zs_wins else
+                                          f"no task beats dense beyond 2 ({kind}) SE of the difference."))
         out.append("")
     return "\n".join(out)
 
