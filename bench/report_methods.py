@@ -19,8 +19,10 @@ NOTES = [
     "at equal parameters it gets a higher rank than the separate (published) form; svd_llm vs svd_llm-separate "
     "measures whether that helps.",
     "* **Simplifications against the papers:** one rank rule for every method (uniform ratio or the data-free "
-    "global allocation), not LLM-ROM's hand-set module-wise budgets nor ASVD's sensitivity-based per-layer "
-    "ranks; ASVD with its default alpha = 0.5, no alpha search; SVD-LLM without its LoRA parameter-update stage; "
+    "global allocation, which stands in for LLM-ROM's module-wise budgets in the global-llm_rom and "
+    "global-svd_llm rows: ranks per module from weight spectra, not from the calibration statistics), not "
+    "ASVD's sensitivity-based per-layer ranks; ASVD with its default alpha = 0.5, no alpha search; SVD-LLM "
+    "without its LoRA parameter-update stage; "
     "a few thousand calibration tokens instead of 128x2048.",
     "* **Global allocation** scores each unit by the relative spectral energy a rank cut throws away, times a "
     "data-free prior, and trades that against parameters with one Lagrange multiplier (units may stay dense). "
@@ -114,15 +116,15 @@ def write_report(results: dict, md_path: Path, png_path: Path, *, command: str) 
            "per-window difference in mean NLL against the plain joint method at the same budget, with its paired "
            "standard error (same windows, so far tighter than the perplexities' own errors).",
            f"* Zero-shot: {', '.join(s['zeroshot']['tasks'])}, a seeded subset of {s['zeroshot']['limit']} documents "
-           f"each (seed {s['zeroshot']['seed']}; the same documents for every model), average accuracy ± standard "
-           "error (lm-eval's per task, combined). Cut from the paper's seven full tasks; measured only for the "
-           "points listed (it costs about ten times the perplexity probe here). With 100 documents a task, "
-           "differences under ~5 points are not resolved.",
+           f"each (seed {s['zeroshot']['seed']}; the same documents for every model, and among the 1000 of "
+           "`results/gemma-3-270m/baseline.json`: seeded samples are nested), average accuracy ± standard "
+           "error (lm-eval's per task, combined). Measured only for the points listed. With "
+           f"{s['zeroshot']['limit']} documents a task, differences in the average under ~3 points are not resolved.",
            f"* Calibration (data-aware rows only): {s['calibration']['tokens']} tokens of "
            f"`{s['calibration']['file']}` in windows of {s['calibration']['seqlen']} (seed "
            f"{s['calibration']['seed']}), not the 128x2048 of the papers.",
-           "* Compress time: one run each on a shared, overloaded 2-core machine (1-minute load average after "
-           f"the points: {_load_range(points)}), so it is indicative only; data-aware rows include the calibration "
+           "* Compress time: one run each on a 2-core machine that was at times shared and overloaded (1-minute "
+           f"load average after the points: {_load_range(points)}), so it is indicative only; data-aware rows include the calibration "
            "forward passes, global rows the spectra (computed once per process and reused across budgets).", ""]
 
     out += ["## Rows", "", "| row | method | allocation | structure | what |", "|---|---|---|---|---|"]

@@ -193,8 +193,10 @@ def test_layers_command(tiny, tmp_path):
 def test_denoise_command(tiny, tmp_path):
     assert run_cli(["experiment", "denoise", tiny / "model", "--text-file", tiny / "text.txt", "--seqlen", 32,
                     "--max-windows", 3, "--ratios", "1,0.9", "--configs", "gate_up,all", "--noise-seeds", 1,
-                    "--out", tmp_path]) == 0
-    r = read(tmp_path / "denoise.json")
+                    "--out", tmp_path, "--tag", "second"]) == 0
+    r = read(tmp_path / "denoise_second.json")  # a tagged run sits beside an untagged one
+    assert (tmp_path / "denoise_second.png").is_file() and not (tmp_path / "denoise.json").exists()
+    assert "--tag second" in r["meta"]["command"]
     full = [p for p in r["points"] if p["ratio"] == 1.0]
     assert all(abs(p["delta_nll"]) < 1e-4 and not p["improves_beyond_2se"] for p in full)
     assert r["window_noise"][0]["window_indices"] != r["probe"]["window_indices"]

@@ -62,6 +62,7 @@ def register(sub) -> None:
     p.add_argument("--tasks", default="", help="zero-shot tasks too, e.g. piqa,arc_easy (default: none)")
     p.add_argument("--limit", type=int, default=200, help="examples per zero-shot task (seeded subset)")
     p.add_argument("--noise-seeds", type=int, default=2, help="other window samples to measure dense on (default 2)")
+    p.add_argument("--tag", default=None, help="suffix for the result files, to keep several runs side by side")
     p.set_defaults(func=_denoise)
 
     p = names.add_parser("table1", help="Table 1: dense vs paper-10 / paper-20 structures and joint/separate")
@@ -188,7 +189,7 @@ def _denoise(args) -> int:
     from . import denoise
 
     denoise.run(args.model, ratios=args.ratios, configs=_split(args.configs), tasks=_split(args.tasks),
-                limit=args.limit, noise_seeds=args.noise_seeds, out=args.out,
+                limit=args.limit, noise_seeds=args.noise_seeds, out=args.out, tag=args.tag,
                 command=_command(args, ["experiment", "denoise"]),
                 **_eval_kwargs(args))
     return 0

@@ -366,12 +366,17 @@ def expand_kv_heads(model) -> int:
     return groups
 
 
-def save_result(name: str, out, result: dict, plotter=None) -> dict:
-    """Write an experiment's JSON (and, given a plotter, its PNG beside it) under results/experiments/NAME/."""
+def save_result(name: str, out, result: dict, plotter=None, tag: str | None = None) -> dict:
+    """Write an experiment's JSON (and, given a plotter, its PNG beside it) under results/experiments/NAME/.
+
+    A tag names the files NAME_TAG.*, so a second run of an experiment sits beside the first (the report reads all)."""
     target = out_dir(name, out)
-    write_json(target / f"{name}.json", result)
+    stem = f"{name}_{tag}" if tag else name
+    if tag:
+        result["tag"] = tag
+    write_json(target / f"{stem}.json", result)
     if plotter is not None:
-        plotter(result, target / f"{name}.png")
+        plotter(result, target / f"{stem}.png")
     return result
 
 

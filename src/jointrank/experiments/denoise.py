@@ -38,7 +38,7 @@ def zero_shot(model, tokenizer, tasks, *, data_dir, limit, seed: int = 1234) -> 
 def run(model_spec: str, *, ratios=(0.99, 0.95, 0.9, 0.8), configs=("gate_up", "qk", "all"), tasks=(),
         limit: int = 200, noise_seeds: int = 2, seqlen: int = 512, max_windows: int = 4, window_seed: int = 0,
         data_dir=None, text: str | None = None, evaluate: bool = True, out: str | None = None, command: str = "",
-        model=None, tokenizer=None, plot: bool = True) -> dict:
+        model=None, tokenizer=None, plot: bool = True, tag: str | None = None) -> dict:
     started = time.perf_counter()
     set_threads()
     ratios = parse_floats(ratios, "--ratios")
@@ -78,7 +78,7 @@ def run(model_spec: str, *, ratios=(0.99, 0.95, 0.9, 0.8), configs=("gate_up", "
               "config_groups": {c: CONFIGS[c] for c in configs}, "probe": probe.describe(), "dense": dense,
               "window_noise": noise, "tasks": list(tasks), "limit": limit if tasks else None,
               "dense_zero_shot": dense_zs, "points": points, "meta": stamp(command, started)}
-    return save_result(NAME, out, result, plot_result if plot else None)
+    return save_result(NAME, out, result, plot_result if plot else None, tag=tag)
 
 
 def plot_result(result: dict, path) -> None:
