@@ -234,6 +234,11 @@ def _table1(exp: Path) -> str:
     return "\n".join(out)
 
 
+# accuracy of guessing: 1 / number of answer choices (ARC has a few 3- and 5-choice questions; 4 is the norm)
+CHANCE = {"piqa": 1 / 2, "hellaswag": 1 / 4, "winogrande": 1 / 2, "boolq": 1 / 2, "openbookqa": 1 / 4,
+          "arc_easy": 1 / 4, "arc_challenge": 1 / 4}
+
+
 def _zero_shot_retention(dense: dict | None, comp: dict | None, tasks: list[str]) -> str:
     """'; zero-shot average A vs dense D, retention R% (Δ ± SE)': the SE of the average's difference combines the
     tasks' (paired per document where both carry per-document scores), tasks taken as independent."""
@@ -241,8 +246,10 @@ def _zero_shot_retention(dense: dict | None, comp: dict | None, tasks: list[str]
     if a is None or b is None:
         return ""
     se = math.sqrt(sum(_delta_se(dense[t], comp[t]) ** 2 for t in tasks)) / len(tasks)
+    chance = sum(CHANCE[t] for t in tasks) / len(tasks) if all(t in CHANCE for t in tasks) else None
+    floor = f"; guessing scores about {chance:.3f}, so retention {100 * chance / a:.0f}% is chance level" if chance else ""
     return (f"; zero-shot average {b:.4f} vs dense {a:.4f}, retention {100 * b / a:.2f}% "
-            f"(Δ {_pm(b - a, se)}; paper on LLaMA-7B: 98.80% at 10%, 93.43% at 20%)")
+            f"(Δ {_pm(b - a, se)}{floor}; paper on LLaMA-7B: 98.80% at 10%, 93.43% at 20%)")
 
 
 def _acc(zs: dict | None, task: str):
