@@ -272,3 +272,16 @@ def test_zero_shot_differences_are_paired_when_per_document_scores_exist():
     assert _delta_se(dense, comp) == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in d) / 99 / 100))
     del comp["per_doc"]
     assert _delta_se(dense, comp) == pytest.approx(math.hypot(0.05, 0.05))  # no scores per document: unpaired
+
+
+def test_retention_is_called_chance_level_only_within_two_se_of_guessing():
+    from jointrank.experiments.report import _zero_shot_retention
+
+    def entry(acc):  # 400 documents of a two-choice task scored with accuracy ACC
+        ones = round(400 * acc)
+        return {"acc": acc, "acc_stderr": 0.025, "per_doc": {"acc": [1] * ones + [0] * (400 - ones)}}
+
+    dense = {"piqa": entry(0.75)}
+    assert "this is chance level" in _zero_shot_retention(dense, {"piqa": entry(0.51)}, ["piqa"])
+    assert "this is above chance" in _zero_shot_retention(dense, {"piqa": entry(0.70)}, ["piqa"])
+    assert "retention 93.33%" in _zero_shot_retention(dense, {"piqa": entry(0.70)}, ["piqa"])

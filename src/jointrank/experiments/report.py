@@ -247,7 +247,8 @@ def _zero_shot_retention(dense: dict | None, comp: dict | None, tasks: list[str]
         return ""
     se = math.sqrt(sum(_delta_se(dense[t], comp[t]) ** 2 for t in tasks)) / len(tasks)
     chance = sum(CHANCE[t] for t in tasks) / len(tasks) if all(t in CHANCE for t in tasks) else None
-    floor = f"; guessing scores about {chance:.3f}, so retention {100 * chance / a:.0f}% is chance level" if chance else ""
+    floor = (f"; guessing scores about {chance:.3f}, i.e. a retention of {100 * chance / a:.0f}%, so "
+             + ("this is chance level" if b < chance + 2 * se else "this is above chance")) if chance else ""
     return (f"; zero-shot average {b:.4f} vs dense {a:.4f}, retention {100 * b / a:.2f}% "
             f"(Δ {_pm(b - a, se)}{floor}; paper on LLaMA-7B: 98.80% at 10%, 93.43% at 20%)")
 
@@ -458,7 +459,7 @@ def _denoise(exp: Path) -> str:
         if png.exists():
             out.append(f"![denoise]({_rel(exp, png)})\n")
         wins = [p for p in r["points"] if p["improves_beyond_2se"]]
-        out.append("**Verdict** (paper: rank-k with large k sometimes improves a score): "
+        verdict = ("**Verdict** (paper: rank-k with large k sometimes improves a score): "
                    + (f"perplexity improves beyond 2 SE at {', '.join(str(p['config']) + '@' + str(p['ratio']) for p in wins)}: holds "
                       "for perplexity on these windows." if wins else
                       "no configuration and ratio improves WikiText-2 perplexity beyond 2 SE: does not hold for "
@@ -471,9 +472,11 @@ def _denoise(exp: Path) -> str:
                     if a and b and b["acc"] - a["acc"] > 2 * _delta_se(a, b):
                         zs_wins.append(f"{t} at {p['config']}@{p['ratio']}")
             kind = "paired" if all("per_doc" in (x or {}) for x in (r.get("dense_zero_shot") or {}).values()) else "unpaired"
-            out.append(f" Zero-shot: " + (", ".join(zs_wins) + f" beat dense beyond 2 ({kind}) SE." if zs_wins else
-                                          f"no task beats dense beyond 2 ({kind}) SE of the difference."))
-        out.append("")
+            # on the verdict line itself, so the summary at the top carries it too
+            verdict += (f" Zero-shot ({', '.join(tasks)}): " + (
+                ", ".join(zs_wins) + f" beat dense beyond 2 ({kind}) SE." if zs_wins else
+                f"no task beats dense beyond 2 ({kind}) SE of the difference at any ratio."))
+        out += [verdict, ""]
     return "\n".join(out)
 
 
