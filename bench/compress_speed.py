@@ -117,7 +117,6 @@ def run_naive(src: Path, out: Path, ratio: float) -> dict:
     from transformers import AutoModelForCausalLM
 
     import jointrank
-    from jointrank.checkpoint import manifest_for
     from jointrank.compress import compress_
 
     start = time.perf_counter()
@@ -169,7 +168,6 @@ def _unit(u, seconds: float) -> dict:
 
 def run_solvers(src: Path, ratio: float, repeats: int) -> dict:
     """Every solver on layer 0's W_Q and joint [W_gate; W_up], medians of `repeats` runs, and the floor pieces."""
-    from safetensors import safe_open
 
     from jointrank.linalg import joint_rank_k, max_rank
     from jointrank.stream import TensorSource

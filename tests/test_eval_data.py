@@ -9,7 +9,6 @@ import bz2
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import pytest

@@ -440,7 +440,7 @@ def _denoise(exp: Path) -> str:
                 f"(SE over windows of the mean NLL {r['dense']['nll_se']:.4f}).\n"]
         if r.get("window_noise"):
             vals = [r["dense"]["ppl"]] + [n["ppl"] for n in r["window_noise"]]
-            out.append(f"Noise between window choices: dense perplexity on other seeded window samples "
+            out.append("Noise between window choices: dense perplexity on other seeded window samples "
                        + ", ".join(f"seed {n['window_seed']}: {n['ppl']:.3f}" for n in r["window_noise"])
                        + f" (range {min(vals):.3f}–{max(vals):.3f}): absolute perplexities from {r['probe']['windows']}"
                        " windows are only comparable on the same windows, which is why every comparison here is paired.\n")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import torch
 from tqdm.auto import tqdm
 
 from ..errors import JointRankError
