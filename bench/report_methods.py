@@ -138,6 +138,25 @@ def _zs_versus(a: dict, b: dict) -> str:
     return f"; zero-shot average {za['avg']:.4f} vs {zb['avg']:.4f}" + (f" (Δ {d[0]:+.4f} ± {d[1]:.4f})" if d else "")
 
 
+def _joint_data_aware_section(by, budgets) -> list[str]:
+    """Issue item 6: a joint whitened/PCA unit (one basis per shared input) against the published separate form."""
+    out = ["## Joint data-aware variants against the published (separate) form", "",
+           "Same method, same calibration, same budget; Δ NLL = joint − separate, paired over the probe windows "
+           "(negative: joint better).", ""]
+    for method in ("svd_llm", "llm_rom"):
+        for b in budgets:
+            j, sep = by.get((method, b)), by.get((f"{method}-separate", b))
+            if not j or not sep or "perplexity" not in j or "perplexity" not in sep:
+                continue
+            d = paired_delta(j, sep)
+            verdict = ("joint better" if d[0] + 2 * d[1] < 0 else "separate better" if d[0] - 2 * d[1] > 0
+                       else "within 2 s.e.")
+            out.append(f"* {method} at {b:.0%}: ppl {_fmt(j['perplexity']['perplexity'])} (joint) vs "
+                       f"{_fmt(sep['perplexity']['perplexity'])} (separate), Δ NLL {d[0]:+.4f} ± {d[1]:.4f}: {verdict}"
+                       + _zs_versus(j, sep) + ".")
+    return out + [""] if len(out) > 4 else []
+
+
 def _available(results) -> str:
     for p in [results.get("baseline") or {}, *results["points"]]:
         n = p.get("perplexity", {}).get("windows_available")
@@ -250,6 +269,7 @@ def write_report(results: dict, md_path: Path, png_path: Path, *, command: str) 
                    + _zs_versus(best, best_ref) + ".")
     out.append("")
     out += _calibration_section(by, budgets, data_free, [r for r in row_order if r not in data_free], bz)
+    out += _joint_data_aware_section(by, budgets)
     out += _balanced_section(md_path.parent / "balanced_members.json")
     missing = [f"{r} @ {b:.0%}" for r in rows_meta for b in s["budgets"] if (r, b) not in by]
     out += ["## Not measured", "",
@@ -267,40 +287,60 @@ def write_report(results: dict, md_path: Path, png_path: Path, *, command: str) 
     _plot(results, png_path, row_order, budgets, by)
 
 
+def _log_errors(pts) -> list[list[float]]:
+    """Error bars for perplexity on a log axis: exp(mean NLL ± its SE over windows), so they never cross zero."""
+    lo, hi = [], []
+    for p in pts:
+        nll = p["perplexity"]["per_window_nll"]
+        mean = sum(nll) / len(nll)
+        se = (sum((x - mean) ** 2 for x in nll) / (len(nll) - 1) / len(nll)) ** 0.5 if len(nll) > 1 else 0.0
+        ppl = p["perplexity"]["perplexity"]
+        lo.append(ppl - math.exp(math.log(ppl) - se))
+        hi.append(math.exp(math.log(ppl) + se) - ppl)
+    return [lo, hi]
+
+
 def _plot(results, png_path, row_order, budgets, by) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    from jointrank.experiments.report import CHANCE
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.2))
     base = results.get("baseline") or {}
-    for r in row_order:
+    colours = plt.get_cmap("tab20")  # one colour per row, the same in both panels (the default cycle has 10)
+    for i, r in enumerate(row_order):
         pts = [by[(r, b)] for b in budgets if (r, b) in by and "perplexity" in by[(r, b)]]
         if not pts:
             continue
         style = "--" if results["settings"]["rows"][r]["method"].split(":")[0] in ("asvd", "svd_llm", "llm_rom") else "-"
+        kw = dict(marker="o", ls=style, color=colours(i % 20), capsize=2)
         x = [100 * p["decoder_reduction"] for p in pts]
-        ax1.errorbar(x, [p["perplexity"]["perplexity"] for p in pts], yerr=[p["perplexity"]["perplexity_se"] for p in pts],
-                     marker="o", ls=style, label=r, capsize=2)
+        ax1.errorbar(x, [p["perplexity"]["perplexity"] for p in pts], yerr=_log_errors(pts), label=r, **kw)
         zs = [p for p in pts if "zeroshot" in p]
         if zs:
             ax2.errorbar([100 * p["decoder_reduction"] for p in zs], [p["zeroshot"]["avg"] for p in zs],
-                         yerr=[p["zeroshot"]["avg_se"] for p in zs], marker="o", ls=style, label=r, capsize=2)
+                         yerr=[p["zeroshot"]["avg_se"] for p in zs], **kw)
     if "perplexity" in base:
         ax1.axhline(base["perplexity"]["perplexity"], color="k", lw=0.8, label="dense")
     if "zeroshot" in base:
-        ax2.axhline(base["zeroshot"]["avg"], color="k", lw=0.8, label="dense")
+        ax2.axhline(base["zeroshot"]["avg"], color="k", lw=0.8)
+        ax2.text(ax2.get_xlim()[0], base["zeroshot"]["avg"], " dense", va="bottom", fontsize=8)
+    tasks = results["settings"]["zeroshot"]["tasks"]
+    if all(t in CHANCE for t in tasks):
+        chance = sum(CHANCE[t] for t in tasks) / len(tasks)
+        ax2.axhline(chance, color="grey", lw=0.8, ls=":")
+        ax2.text(ax2.get_xlim()[0], chance, " guessing", va="bottom", fontsize=8, color="grey")
     ax1.set_yscale("log")
     ax1.set_xlabel("decoder parameters removed (%)")
-    ax1.set_ylabel("WikiText-2 perplexity (first windows; log scale)")
+    ax1.set_ylabel("WikiText-2 perplexity (probe windows; log scale)")
     ax2.set_xlabel("decoder parameters removed (%)")
     ax2.set_ylabel("zero-shot average accuracy (seeded subsets)")
-    ax1.legend(fontsize=7)
-    if ax2.get_legend_handles_labels()[0]:
-        ax2.legend(fontsize=7)
-    else:
+    if not any(len(line.get_xdata()) for line in ax2.get_lines()):
         ax2.text(0.5, 0.5, "zero-shot not measured yet", ha="center", transform=ax2.transAxes)
+    fig.legend(*ax1.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(0.80, 0.5), fontsize=8)
     fig.suptitle("Gemma-3-270M: methods at equal decoder-parameter reduction (dashed: data-aware)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.80, 1))
     fig.savefig(png_path, dpi=110)
