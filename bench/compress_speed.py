@@ -168,7 +168,6 @@ def _unit(u, seconds: float) -> dict:
 
 def run_solvers(src: Path, ratio: float, repeats: int) -> dict:
     """Every solver on layer 0's W_Q and joint [W_gate; W_up], medians of `repeats` runs, and the floor pieces."""
-
     from jointrank.linalg import joint_rank_k, max_rank
     from jointrank.stream import TensorSource
 

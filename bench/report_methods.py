@@ -44,16 +44,26 @@ def _fmt(x, digits=3):
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample stddev / sqrt(n)); nan for a single value."""
+    n = len(values)
+    mean = sum(values) / n
+    se = (sum((x - mean) ** 2 for x in values) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
+    return mean, se
+
+
 def paired_delta(point: dict, ref: dict | None) -> tuple[float, float] | None:
     """Mean per-window NLL difference to the reference on the same windows, and its paired standard error."""
     if ref is None or "perplexity" not in ref or "perplexity" not in point:
         return None
     a, b = point["perplexity"]["per_window_nll"], ref["perplexity"]["per_window_nll"]
-    d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / n
-    se = (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
-    return mean, se
+    return mean_se([x - y for x, y in zip(a, b)])
+
+
+def best_at(by: dict, rows, budget: float) -> dict | None:
+    """The point of ROWS with the lowest probe perplexity at BUDGET, or None if none of them was measured."""
+    pts = [by[(r, budget)] for r in rows if (r, budget) in by and "perplexity" in by[(r, budget)]]
+    return min(pts, key=lambda p: p["perplexity"]["mean_nll"]) if pts else None
 
 
 def _balanced_section(path: Path) -> list[str]:
@@ -108,21 +118,16 @@ def _calibration_section(by, budgets, data_free, data_aware, bz) -> list[str]:
            "Best data-aware row against the best data-free row at each budget (both chosen by perplexity on the "
            "probe windows); Δ NLL paired over the same windows, zero-shot Δ paired over the same documents.", ""]
     for b in budgets:
-        def best(rows):
-            pts = [by[(r, b)] for r in rows if (r, b) in by and "perplexity" in by[(r, b)]]
-            return min(pts, key=lambda p: p["perplexity"]["mean_nll"]) if pts else None
-
-        free, aware = best(data_free), best(data_aware)
+        free, aware = best_at(by, data_free, b), best_at(by, data_aware, b)
         if not free or not aware:
             continue
         d = paired_delta(aware, free)
         line = (f"* {b:.0%}: **{aware['row']}** (ppl {_fmt(aware['perplexity']['perplexity'])}, "
                 f"{aware['calibration_tokens']} calibration tokens) vs **{free['row']}** (ppl "
                 f"{_fmt(free['perplexity']['perplexity'])}): Δ NLL {d[0]:+.4f} ± {d[1]:.4f}")
-        za, zf = aware.get("zeroshot"), free.get("zeroshot")
         line += _zs_versus(aware, free)
         if bz:
-            for name, pt in (("data-aware", za), ("data-free", zf)):
+            for name, pt in (("data-aware", aware.get("zeroshot")), ("data-free", free.get("zeroshot"))):
                 if pt:
                     line += f"; {name} retains {pt['avg'] / bz['avg']:.1%} of the dense zero-shot average"
         out.append(line + ".")
@@ -140,9 +145,7 @@ def _zs_versus(a: dict, b: dict) -> str:
 
 def _joint_data_aware_section(by, budgets) -> list[str]:
     """Issue item 6: a joint whitened/PCA unit (one basis per shared input) against the published separate form."""
-    out = ["## Joint data-aware variants against the published (separate) form", "",
-           "Same method, same calibration, same budget; Δ NLL = joint − separate, paired over the probe windows "
-           "(negative: joint better).", ""]
+    lines = []
     for method in ("svd_llm", "llm_rom"):
         for b in budgets:
             j, sep = by.get((method, b)), by.get((f"{method}-separate", b))
@@ -151,10 +154,14 @@ def _joint_data_aware_section(by, budgets) -> list[str]:
             d = paired_delta(j, sep)
             verdict = ("joint better" if d[0] + 2 * d[1] < 0 else "separate better" if d[0] - 2 * d[1] > 0
                        else "within 2 s.e.")
-            out.append(f"* {method} at {b:.0%}: ppl {_fmt(j['perplexity']['perplexity'])} (joint) vs "
+            lines.append(f"* {method} at {b:.0%}: ppl {_fmt(j['perplexity']['perplexity'])} (joint) vs "
                        f"{_fmt(sep['perplexity']['perplexity'])} (separate), Δ NLL {d[0]:+.4f} ± {d[1]:.4f}: {verdict}"
                        + _zs_versus(j, sep) + ".")
-    return out + [""] if len(out) > 4 else []
+    if not lines:
+        return []
+    return ["## Joint data-aware variants against the published (separate) form", "",
+            "Same method, same calibration, same budget; Δ NLL = joint − separate, paired over the probe windows "
+            "(negative: joint better).", "", *lines, ""]
 
 
 def _available(results) -> str:
@@ -248,14 +255,11 @@ def write_report(results: dict, md_path: Path, png_path: Path, *, command: str) 
     # the issue's requirement, decided from the numbers
     out += ["## Best data-free method against the best of the paper's methods (" + ", ".join(PAPER) + ")", ""]
     for b in budgets:
-        cands = [by[(r, b)] for r in data_free if (r, b) in by and "perplexity" in by[(r, b)]
-                 and r not in PAPER]
-        refs = [by[(r, b)] for r in PAPER if (r, b) in by and "perplexity" in by[(r, b)]]
-        if not cands or not refs:
+        best = best_at(by, [r for r in data_free if r not in PAPER], b)
+        best_ref = best_at(by, PAPER, b)
+        if not best or not best_ref:
             out.append(f"* {b:.0%}: not measured yet.")
             continue
-        best = min(cands, key=lambda p: p["perplexity"]["mean_nll"])
-        best_ref = min(refs, key=lambda p: p["perplexity"]["mean_nll"])
         d = paired_delta(best, best_ref)
         verdict = "beats" if d and d[0] + 2 * d[1] < 0 else ("is better than, within 2 s.e. of," if d and d[0] < 0
                                                                else "does NOT beat")
@@ -292,8 +296,7 @@ def _log_errors(pts) -> list[list[float]]:
     lo, hi = [], []
     for p in pts:
         nll = p["perplexity"]["per_window_nll"]
-        mean = sum(nll) / len(nll)
-        se = (sum((x - mean) ** 2 for x in nll) / (len(nll) - 1) / len(nll)) ** 0.5 if len(nll) > 1 else 0.0
+        se = mean_se(nll)[1] if len(nll) > 1 else 0.0
         ppl = p["perplexity"]["perplexity"]
         lo.append(ppl - math.exp(math.log(ppl) - se))
         hi.append(math.exp(math.log(ppl) + se) - ppl)
