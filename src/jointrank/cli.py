@@ -157,10 +157,25 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allocation", choices=["uniform", "global"], default="uniform",
                    help="uniform: one ratio for every unit; global: every unit's rank (or dense) chosen together "
                    "from the weights' spectra to meet --target (data-free)")
-    p.add_argument("--calibration", default=None, metavar="FILE",
-                   help="calibration text (documents one per line) for the data-aware methods")
-    p.add_argument("--calibration-tokens", type=int, default=16384, metavar="N",
+    p.add_argument("--calibration", default=None, metavar="FILE|self[:TOKENS]",
+                   help="calibration text for the data-aware methods and for --heal: a text file (documents one per "
+                   "line), or 'self' for text sampled from the dense model itself, no user data (seeded; cached in "
+                   "$JOINTRANK_CACHE or ~/.cache/jointrank; 'self:8192' sets the number of tokens)")
+    p.add_argument("--calibration-tokens", type=int, default=None, metavar="N",
                    help="calibration tokens to use, in windows of 512 (default: 16384)")
+    heal = p.add_argument_group(
+        "healing", "after factorisation, recover quality from the dense model itself (needs --calibration, which "
+        "can be 'self'); the parameter count does not change")
+    heal.add_argument("--heal", default="none", choices=["none", "refit", "distill", "refit+distill"],
+                      help="refit: closed-form least-squares refit of every unit's output factors and biases, layer "
+                      "by layer, to the dense layer's outputs (seconds); distill: train all factors against the dense "
+                      "model (KL on next-token distributions; minutes); refit+distill: both, in that order")
+    heal.add_argument("--heal-steps", type=int, default=100, metavar="N",
+                      help="distillation steps, one calibration window (512 tokens) each, cycling over the windows "
+                      "(default 100)")
+    heal.add_argument("--heal-minutes", type=float, default=None, metavar="M",
+                      help="stop distilling after M minutes (the steps done are recorded in the manifest)")
+    heal.add_argument("--heal-lr", type=float, default=1e-4, metavar="LR", help="distillation learning rate (Adam)")
 
 
 def config_from_args(args):
@@ -227,6 +242,7 @@ def cmd_compress(args) -> int:
     if wants_stream(args):
         return run_cli(args, config)
     _calibration(args, config, None)
+    heal_settings = _heal_settings(args)
     resolve(args.model)
     check_output(args.out, args.overwrite)
     started = time.perf_counter()
@@ -242,41 +258,102 @@ def cmd_compress(args) -> int:
     plan = plan_for(model, config)
     _print_plan(plan)
     print()
-    result = compress_(model, plan, device=args.device, calibration=_calibration(args, config, tokenizer))
+    calibration = _calibration(args, config, tokenizer, model=model)
+    teacher = None
+    if heal_settings is not None:
+        from .heal import teacher_copy
+
+        teacher = teacher_copy(model)  # before any weight changes: the dense layers are the healing target
+    result = compress_(model, plan, device=args.device, calibration=calibration)
+    if heal_settings is not None:
+        from .heal import heal_
+
+        result.extra["heal"] = heal_(model, teacher, calibration, args.heal, heal_settings,
+                                     state_dir=_heal_state_dir(args.out))
+        del teacher
+    if calibration is not None:
+        result.extra.setdefault("calibration_source", calibration.source)
+        result.extra.setdefault("calibration_tokens", calibration.tokens)
+        if calibration.provenance:
+            result.extra.setdefault("calibration_provenance", calibration.provenance)
     if args.eval:
         evals["after"] = _evaluate(model, tokenizer, args)
     manifest = manifest_for(result, source=args.model, config=config, dense=args.dense, evals=evals)
     if args.dense:
         merge_(model)
     save(model, tokenizer, args.out, manifest, overwrite=args.overwrite)
+    if heal_settings is not None:
+        import shutil
+
+        shutil.rmtree(_heal_state_dir(args.out), ignore_errors=True)  # the checkpoint is complete: no resume needed
     print(params_summary(result.params_total_before, result.params_total_after, result.params_decoder_before,
                          result.params_decoder_after))
-    print(f"\nload {load_seconds:.1f} s, factorise {result.seconds:.1f} s, total {time.perf_counter() - started:.1f} s;"
-          f" saved {'dense ' if args.dense else ''}checkpoint to {args.out}")
+    healed = ""
+    if "heal" in result.extra:
+        healed = f", heal {result.extra['heal']['seconds']:.1f} s"
+    print(f"\nload {load_seconds:.1f} s, factorise {result.seconds:.1f} s{healed}, "
+          f"total {time.perf_counter() - started:.1f} s; saved {'dense ' if args.dense else ''}checkpoint to {args.out}")
     if evals:
         _print_evals(evals)
     return 0
 
 
-def _calibration(args, config, tokenizer):
-    """Calibration windows for a data-aware method (None for a data-free one); refuses a mismatch either way."""
+def _calibration(args, config, tokenizer, model=None):
+    """Calibration windows for a data-aware method or for healing (None when neither needs them); refuses a
+    mismatch either way. With tokenizer None only the flags are checked, before anything is loaded."""
     from .methods import parse
-    from .methods.calibration import load_text
+    from .methods.calibration import DEFAULT_TOKENS, load_text
+    from .methods.selfgen import parse_spec, self_calibration
 
     method, _ = parse(config.method)
-    if not method.needs_calibration:
+    healing = getattr(args, "heal", "none") not in (None, "none")
+    if not method.needs_calibration and not healing:
         if args.calibration:
-            raise JointRankError(f"method {method.name!r} is data-free and takes no --calibration")
+            raise JointRankError(f"method {method.name!r} is data-free and takes no --calibration (unless --heal "
+                                 "is given)")
         return None
     if not args.calibration:
-        raise JointRankError(f"method {method.name!r} needs calibration text: give --calibration FILE")
-    if tokenizer is None:  # only checking the flags, before the model is loaded
-        if not os.path.isfile(args.calibration):
-            raise JointRankError(f"calibration file {args.calibration} does not exist")
-        if args.calibration_tokens < 1:
-            raise JointRankError(f"--calibration-tokens must be positive (got {args.calibration_tokens})")
+        why = f"method {method.name!r} needs" if method.needs_calibration else f"--heal {args.heal} needs"
+        raise JointRankError(f"{why} calibration text: give --calibration FILE, or --calibration self for text "
+                             "sampled from the model itself (no user data)")
+    self_tokens = parse_spec(args.calibration)
+    if self_tokens is not None and args.calibration_tokens is not None and ":" in args.calibration:
+        raise JointRankError("give the number of self-generated tokens once: --calibration self:N or "
+                             "--calibration-tokens N")
+    tokens = args.calibration_tokens or self_tokens or DEFAULT_TOKENS
+    if tokenizer is None:
+        if self_tokens is None and not os.path.isfile(args.calibration):
+            raise JointRankError(f"calibration file {args.calibration} does not exist (or use --calibration self)")
+        if tokens < 1:
+            raise JointRankError(f"--calibration-tokens must be positive (got {tokens})")
         return None
-    return load_text(args.calibration, tokenizer, tokens=args.calibration_tokens)
+    if self_tokens is not None:
+        if model is None:
+            raise JointRankError("self-generated calibration needs the model")
+        return self_calibration(model, tokenizer, tokens)
+    return load_text(args.calibration, tokenizer, tokens=tokens)
+
+
+def _heal_settings(args):
+    """DistillSettings for --heal (refit alone needs none but is checked the same way); None without healing."""
+    if getattr(args, "heal", "none") in (None, "none"):
+        return None
+    from .heal import DistillSettings
+
+    if args.heal_steps < 1:
+        raise JointRankError(f"--heal-steps must be positive (got {args.heal_steps})")
+    if args.heal_minutes is not None and args.heal_minutes <= 0:
+        raise JointRankError(f"--heal-minutes must be positive (got {args.heal_minutes})")
+    if not args.heal_lr > 0:
+        raise JointRankError(f"--heal-lr must be positive (got {args.heal_lr})")
+    return DistillSettings(steps=args.heal_steps, lr=args.heal_lr, max_minutes=args.heal_minutes)
+
+
+def _heal_state_dir(out: str):
+    from pathlib import Path
+
+    out = Path(out)
+    return out.parent / f".{out.name}.heal"
 
 
 def _evaluate(model, tokenizer, args) -> dict:

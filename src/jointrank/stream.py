@@ -517,7 +517,8 @@ def run_cli(args, config) -> int:
     from .tables import params_summary
 
     refused = [flag for flag, on in (("--eval", args.eval), ("--dense", args.dense),
-                                     ("--calibration", getattr(args, "calibration", None))) if on]
+                                     ("--calibration", getattr(args, "calibration", None)),
+                                     ("--heal", getattr(args, "heal", "none") not in (None, "none"))) if on]
     if refused:
         raise JointRankError(f"{' and '.join(refused)} need the whole model in memory: drop --stream, --resume, "
                              "--workers, --backend and --seed")

@@ -54,5 +54,6 @@ def compress_calibrated(model, plan, calibration: Calibration | None, *, solver:
         bar.close()
     extra = {"method": spec, "sequential": method.sequential, "calibration_tokens": calibration.tokens,
              "calibration_source": calibration.source, "calibration_seed": calibration.seed,
+             **({"calibration_provenance": calibration.provenance} if calibration.provenance else {}),
              "calibration_errors": errors}
     return done, extra

@@ -50,6 +50,7 @@ class Calibration:
     input_ids: torch.Tensor
     source: str
     seed: int
+    provenance: dict | None = None  # how the text was made (self-generated text: sampling settings, cache file)
 
     @property
     def tokens(self) -> int:

@@ -1,0 +1,425 @@
+"""Healing: recover, from the dense model itself, quality that truncation lost. The parameter count never changes.
+
+Two kinds, applied after factorisation to a compressed model (the student) with the dense model as reference
+(the teacher), on calibration windows (a text file, or text sampled from the dense model: no user data):
+
+* `refit_` (closed form, seconds): layer by layer, every factorised unit keeps its input basis B and gets new
+  output factors A_i (and biases) by least squares, so that A_i B x_c + b_i reproduces W_i x_d, the dense
+  layer's output on the *dense* model's input x_d, from the input x_c the compressed model actually produces at that
+  point (layers before it already compressed and refitted). Each layer therefore also corrects, as far as its
+  rank allows, the error that earlier layers passed on. The solution of min_A E‖W x_d - A z‖², z = B x_c, is
+  A = E[W x_d zᵀ] E[z zᵀ]⁻¹ (ridge-damped), accumulated in float64.
+* `distill_` (gradient steps, minutes): all factors (bases and output factors; nothing else) trained with Adam on
+  KL(teacher ‖ student) over the full next-token distributions, one window per step, with a step and time budget,
+  a progress bar showing the loss, and a state file from which an interrupted run resumes exactly.
+
+Both need the teacher's decoder layers dense; `teacher_copy` makes one that shares everything else (embeddings,
+norms outside the layers) with the model to be compressed, so healing costs one extra copy of the decoder only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .architectures import decoder_layers
+from .errors import JointRankError
+from .modules import LowRankLinear, SharedBasis
+
+HEAL_KINDS = ("none", "refit", "distill", "refit+distill")
+REFIT_RIDGE = 1e-6  # relative to the mean eigenvalue of E[z zᵀ]: keeps the solve stable on tiny calibration sets
+
+
+def parse_heal(spec: str | None) -> tuple[bool, bool]:
+    """'refit+distill' -> (refit, distill) flags; one clear error for anything else."""
+    spec = (spec or "none").strip()
+    if spec not in HEAL_KINDS:
+        raise JointRankError(f"unknown --heal {spec!r}; choose one of {', '.join(HEAL_KINDS)}")
+    return "refit" in spec, "distill" in spec
+
+
+def teacher_copy(model: nn.Module) -> nn.Module:
+    """A dense copy of `model` to heal against: the decoder layers are copied, every other tensor is shared
+    (compression replaces modules inside the layers only, so the shared parts stay identical)."""
+    _, layers = decoder_layers(model)
+    in_layers = {id(t) for t in list(layers.parameters()) + list(layers.buffers())}
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in in_layers}
+    teacher = copy.deepcopy(model, memo)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _low_rank_modules(layer: nn.Module) -> dict[str, LowRankLinear]:
+    return {name: m for name, m in layer.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def _output(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
+# ----------------------------------------------------------------------------------------------------------- refit
+
+
+@torch.no_grad()
+def refit_(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, *, progress: bool = True) -> dict:
+    """Refit every factorised unit's output factors and biases in place (see the module docstring).
+
+    Returns per unit the relative output error E‖W x_d - y‖² / E‖W x_d‖² before and after, on the calibration
+    windows (the quantity the refit minimises, so "after" never exceeds "before" up to the ridge).
+    """
+    from .methods.calibration import capture_layer_inputs
+
+    _, s_layers = decoder_layers(student)
+    _, t_layers = decoder_layers(teacher)
+    if len(s_layers) != len(t_layers):
+        raise JointRankError("the teacher and the compressed model have different depths")
+    student.eval()
+    hidden, kwargs = capture_layer_inputs(teacher, input_ids)  # the embeddings are shared, so the same for both
+    h_s, h_t = list(hidden), list(hidden)
+    report = []
+    targets = [i for i, layer in enumerate(s_layers) if _low_rank_modules(layer)]
+    last = max(targets) if targets else -1
+    bar = tqdm(total=len(targets), desc="healing: refit", unit="layer", disable=not progress or not targets)
+    try:
+        for index, (s_layer, t_layer) in enumerate(zip(s_layers, t_layers)):
+            if index > last:
+                break
+            units = _low_rank_modules(s_layer)
+            if units:
+                report.extend(_refit_layer(s_layer, t_layer, units, h_s, h_t, kwargs[index], index))
+                bar.update()
+            h_t = [_output(t_layer(x, **kwargs[index])) for x in h_t]
+            h_s = [_output(s_layer(x, **kwargs[index])) for x in h_s]
+    finally:
+        bar.close()
+    return {"units": report, "windows": int(input_ids.shape[0]), "tokens": int(input_ids.numel())}
+
+
+def _refit_layer(s_layer, t_layer, units: dict[str, LowRankLinear], h_s, h_t, kw, index) -> list[dict]:
+    """Least-squares refit of one layer's units from second moments of their inputs.
+
+    With x̃_d = [x_d; 1] (the dense input, and the dense bias as a column of W̃ = [W, b]) and z = [B x_c; 1] (the
+    compressed input projected on the kept basis, and the bias), everything the refit needs is three moments:
+    S_dd = E[x̃_d x̃_dᵀ], S_dz = E[x̃_d zᵀ], S_zz = E[z zᵀ]. Then A = W̃ S_dz S_zz⁻¹, and the output errors before
+    and after follow from the same moments. They are d_in-sized (not d_out-sized) and shared by all units reading
+    one input, so a layer costs a few small products per window. Each window's products are float32 (512 tokens),
+    their running sums float64."""
+    captured: dict[tuple[str, str], torch.Tensor] = {}
+
+    def grab(key):
+        def hook(module, args):
+            captured[key] = args[0].detach()
+        return hook
+
+    def ones(x):
+        return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+
+    handles = []
+    for name in units:
+        handles.append(s_layer.get_submodule(name).register_forward_pre_hook(grab(("s", name))))
+        handles.append(t_layer.get_submodule(name).register_forward_pre_hook(grab(("t", name))))
+    stats: dict[str, list] = {}
+    try:
+        for xs, xt in zip(h_s, h_t):
+            captured.clear()
+            t_layer(xt, **kw)
+            s_layer(xs, **kw)
+            memo: dict = {}  # products shared by units reading the same input (and basis) in this window
+            for name, module in units.items():
+                x_c, x_d = captured[("s", name)], captured[("t", name)]
+                basis = module.basis_weight
+                kd = ("dd", x_d.data_ptr())
+                kz = ("dz", x_d.data_ptr(), x_c.data_ptr(), basis.data_ptr())
+                if kd not in memo:
+                    xd = ones(x_d.reshape(-1, module.in_features).float())
+                    memo[kd] = (xd, (xd.T @ xd).double())
+                xd, dd = memo[kd]
+                if kz not in memo:
+                    z = ones(x_c.reshape(-1, module.in_features).float() @ basis.detach().float().T)
+                    memo[kz] = ((xd.T @ z).double(), (z.T @ z).double())
+                dz, zz = memo[kz]
+                acc = stats.setdefault(name, [0, 0, 0])
+                acc[0], acc[1], acc[2] = acc[0] + dd, acc[1] + dz, acc[2] + zz
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for name, module in units.items():
+        dd, dz, zz = stats[name]
+        dense = t_layer.get_submodule(name)
+        w = dense.weight.detach().double()
+        bias = dense.bias.detach().double() if dense.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+        w = torch.cat([w, bias[:, None]], dim=1)  # W̃ = [W, b]
+        cross = w @ dz  # E[y zᵀ] (d_out, k+1)
+        yy = float(torch.einsum("ij,jk,ik->", w, dd, w))
+
+        def residual(a):  # E‖y - a z‖², from the moments
+            return yy - 2 * float((a * cross).sum()) + float(torch.einsum("ik,kl,il->", a, zz, a))
+
+        old_bias = module.bias.detach().double() if module.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+        old = torch.cat([module.out.weight.detach().double(), old_bias[:, None]], dim=1)
+        if module.bias is None:  # no bias to refit: solve without the constant column of z
+            cross, zz = cross[:, :-1], zz[:-1, :-1]
+            old = old[:, :-1]
+        k = zz.shape[0]
+        ridge = REFIT_RIDGE * float(torch.trace(zz)) / k
+        solution = torch.linalg.solve(zz + ridge * torch.eye(k, dtype=zz.dtype), cross.T).T  # (d_out, k [+1])
+        if not torch.isfinite(solution).all():
+            raise JointRankError(f"healing (refit) produced non-finite factors for layer {index} {name}")
+        before, after = residual(old), residual(solution)
+        module.out.weight.copy_(solution[:, : module.rank].to(module.out.weight.dtype))
+        if module.bias is not None:
+            module.out.bias.copy_(solution[:, module.rank].to(module.out.bias.dtype))
+        out.append({"layer": index, "module": name, "rank": module.rank,
+                    "rel_error_before": math.sqrt(max(before, 0.0) / yy) if yy > 0 else 0.0,
+                    "rel_error_after": math.sqrt(max(after, 0.0) / yy) if yy > 0 else 0.0})
+    return out
+
+
+# -------------------------------------------------------------------------------------------------------- distill
+
+
+@dataclass
+class DistillSettings:
+    steps: int = 100  # optimizer steps, one window each
+    lr: float = 1e-4
+    max_minutes: float | None = None  # stop (and save) when this much wall time has passed
+    seed: int = 0  # window order
+    clip: float = 1.0  # gradient-norm clip
+    loss_chunk: int = 128  # positions whose full logits are materialised at once (memory, not results)
+
+
+@dataclass
+class DistillReport:
+    settings: dict
+    steps_done: int
+    stopped: str  # "steps" | "time"
+    seconds: float
+    tokens: int
+    loss_first: float | None
+    loss_last: float | None  # mean of the last few steps
+    losses: list[float] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def trainable_factors(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Every factor of every low-rank unit, each once (a shared basis is one parameter), in a fixed order."""
+    seen, out = set(), []
+    for name, module in model.named_modules():
+        if isinstance(module, (LowRankLinear, SharedBasis)):
+            for pname, p in module.named_parameters(recurse=True):
+                if pname.endswith("bias") or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                out.append((f"{name}.{pname}", p))
+    return out
+
+
+def _window_order(n: int, steps: int, seed: int) -> list[int]:
+    """Window index of every step: seeded permutations, one per pass over the windows."""
+    order: list[int] = []
+    g = torch.Generator().manual_seed(seed)
+    while len(order) < steps:
+        order.extend(torch.randperm(n, generator=g).tolist())
+    return order[:steps]
+
+
+def _split(model):
+    from .evaluate.perplexity import _split_model
+
+    parts = _split_model(model)
+    if parts is None:
+        raise JointRankError("distillation needs a model with a separate decoder and LM head (get_decoder)")
+    return parts
+
+
+def _kl_backward(s_hidden: torch.Tensor, t_hidden: torch.Tensor, head, softcap, chunk: int) -> float:
+    """Mean per-token KL(teacher ‖ student) over the window; its gradient flows into s_hidden's graph. Full logits
+    are materialised `chunk` positions at a time (Gemma's vocabulary is 262k), so memory stays small."""
+    leaf = s_hidden.detach().requires_grad_(True)
+    n = leaf.shape[0] * leaf.shape[1]
+    total = 0.0
+    for start in range(0, leaf.shape[1], chunk):
+        with torch.no_grad():
+            t_logits = head(t_hidden[:, start:start + chunk]).float()
+            if softcap:
+                t_logits = torch.tanh(t_logits / softcap) * softcap
+            t_logp = F.log_softmax(t_logits, dim=-1)
+            del t_logits
+        s_logits = head(leaf[:, start:start + chunk]).float()
+        if softcap:
+            s_logits = torch.tanh(s_logits / softcap) * softcap
+        s_logp = F.log_softmax(s_logits, dim=-1)
+        kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="sum") / n
+        kl.backward()
+        total += float(kl.detach())
+        del s_logits, s_logp, t_logp, kl
+    s_hidden.backward(leaf.grad)
+    return total
+
+
+def distill_(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, settings: DistillSettings, *,
+             state_dir: str | Path | None = None, save_every: int = 10, progress: bool = True,
+             on_step=None) -> DistillReport:
+    """Train the student's factors against the teacher (see the module docstring); returns what was done.
+
+    With `state_dir`, the trainable tensors, Adam's moments and the step are saved there every `save_every` steps
+    (safetensors + JSON, written atomically), and a later call with the same settings and windows continues from
+    the last saved step: the result is the same as an uninterrupted run. on_step(step, loss) is called after each
+    step (tests use it to interrupt a run).
+    """
+    if settings.steps < 1:
+        raise JointRankError(f"--heal-steps must be positive (got {settings.steps})")
+    params = trainable_factors(student)
+    if not params:
+        raise JointRankError("nothing to heal: the model has no factorised units")
+    decoder_s, head_s, softcap = _split(student)
+    decoder_t, _, _ = _split(teacher)
+    frozen = {id(p) for _, p in params}
+    previous = {}
+    for p in student.parameters():
+        previous[p] = p.requires_grad
+        p.requires_grad_(id(p) in frozen)
+    optimizer = torch.optim.Adam([p for _, p in params], lr=settings.lr)
+    order = _window_order(int(input_ids.shape[0]), settings.steps, settings.seed)
+    key = _state_key(settings, input_ids, params)
+    start_step, losses = 0, []
+    if state_dir is not None:
+        start_step, losses = _load_state(Path(state_dir), key, params, optimizer)
+    device = params[0][1].device
+    started = time.perf_counter()
+    stopped = "steps"
+    was_training = student.training
+    student.eval()  # no dropout: the factors are trained, the model is not put in training mode
+    teacher.eval()
+    bar = tqdm(total=settings.steps, initial=start_step, desc="healing: distill", unit="step",
+               disable=not progress)
+    step = start_step
+    try:
+        for step in range(start_step, settings.steps):
+            if settings.max_minutes is not None and time.perf_counter() - started > settings.max_minutes * 60:
+                stopped = "time"
+                break
+            window = input_ids[order[step]].unsqueeze(0).to(device)
+            with torch.no_grad():
+                t_hidden = decoder_t(input_ids=window, use_cache=False).last_hidden_state
+            s_hidden = decoder_s(input_ids=window, use_cache=False).last_hidden_state
+            loss = _kl_backward(s_hidden, t_hidden, head_s, softcap, settings.loss_chunk)
+            if settings.clip:
+                torch.nn.utils.clip_grad_norm_([p for _, p in params], settings.clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss)
+            bar.set_postfix(kl=f"{loss:.4f}", avg10=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
+            bar.update()
+            if state_dir is not None and (step + 1) % save_every == 0:
+                _save_state(Path(state_dir), key, params, optimizer, step + 1, losses)
+            if on_step is not None:
+                on_step(step + 1, loss)
+        else:
+            step = settings.steps
+    finally:
+        bar.close()
+        for p, flag in previous.items():
+            p.requires_grad_(flag)
+        student.train(was_training)
+    done = step if stopped == "time" else settings.steps
+    if state_dir is not None:
+        _save_state(Path(state_dir), key, params, optimizer, done, losses)
+    tail = losses[-10:]
+    return DistillReport(settings=asdict(settings), steps_done=done, stopped=stopped,
+                         seconds=time.perf_counter() - started, tokens=done * int(input_ids.shape[1]),
+                         loss_first=losses[0] if losses else None,
+                         loss_last=sum(tail) / len(tail) if tail else None, losses=losses, resumed_from=start_step)
+
+
+STATE_TENSORS = "distill_state.safetensors"
+STATE_JSON = "distill_state.json"
+
+
+def _state_key(settings: DistillSettings, input_ids: torch.Tensor, params) -> dict:
+    """What must match for a saved state to be continued: the settings that shape the run (not the budget), the
+    windows and the trainable tensors' names and shapes."""
+    import hashlib
+
+    digest = hashlib.sha256(input_ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+    return {"lr": settings.lr, "seed": settings.seed, "clip": settings.clip, "windows": digest,
+            "params": [[n, list(p.shape)] for n, p in params], "threads": torch.get_num_threads()}
+
+
+def _save_state(state_dir: Path, key: dict, params, optimizer, step: int, losses: list[float]) -> None:
+    from safetensors.torch import save_file
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in params}
+    for i, (n, p) in enumerate(params):
+        st = optimizer.state.get(p)
+        if st:
+            tensors[f"exp_avg/{n}"] = st["exp_avg"].cpu().contiguous()
+            tensors[f"exp_avg_sq/{n}"] = st["exp_avg_sq"].cpu().contiguous()
+            tensors[f"adam_step/{n}"] = torch.as_tensor(st["step"]).reshape(1).float().cpu()
+    tmp = state_dir / f".{STATE_TENSORS}.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, state_dir / STATE_TENSORS)
+    tmp = state_dir / f".{STATE_JSON}.tmp"
+    tmp.write_text(json.dumps({"key": key, "step": step, "losses": losses}))
+    os.replace(tmp, state_dir / STATE_JSON)  # written last: a state JSON always names a complete tensor file
+
+
+@torch.no_grad()
+def _load_state(state_dir: Path, key: dict, params, optimizer) -> tuple[int, list[float]]:
+    from safetensors.torch import load_file
+
+    meta_path = state_dir / STATE_JSON
+    if not meta_path.is_file():
+        return 0, []
+    meta = json.loads(meta_path.read_text())
+    if meta.get("key") != key:
+        differs = sorted(k for k in key if meta.get("key", {}).get(k) != key[k])
+        raise JointRankError(f"the distillation state in {state_dir} was made with different {', '.join(differs)}; "
+                             f"delete it to start over, or rerun with the same settings")
+    tensors = load_file(str(state_dir / STATE_TENSORS))
+    for n, p in params:
+        p.copy_(tensors[f"param/{n}"].to(p.device, p.dtype))
+        if f"exp_avg/{n}" in tensors:
+            optimizer.state[p] = {"step": tensors[f"adam_step/{n}"].reshape(()).clone(),
+                                  "exp_avg": tensors[f"exp_avg/{n}"].to(p.device).clone(),
+                                  "exp_avg_sq": tensors[f"exp_avg_sq/{n}"].to(p.device).clone()}
+    return int(meta["step"]), list(meta["losses"])
+
+
+def heal_(student: nn.Module, teacher: nn.Module, calibration, kind: str, settings: DistillSettings | None = None, *,
+          state_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Heal `student` in place against `teacher` on `calibration` (methods.calibration.Calibration): kind is one of
+    HEAL_KINDS. Returns what was done, for the manifest: kind, seconds, the refit's per-unit errors, the
+    distillation's steps, tokens and loss curve."""
+    do_refit, do_distill = parse_heal(kind)
+    if calibration is None:
+        raise JointRankError(f"--heal {kind} needs calibration text (--calibration FILE or --calibration self)")
+    started = time.perf_counter()
+    report: dict = {"kind": kind, "calibration_source": calibration.source, "calibration_tokens": calibration.tokens}
+    if do_refit:
+        t = time.perf_counter()
+        refit = refit_(student, teacher, calibration.input_ids, progress=progress)
+        units = refit["units"]
+        report["refit"] = {**refit, "seconds": time.perf_counter() - t, "ridge": REFIT_RIDGE,
+                           "mean_rel_error_before": sum(u["rel_error_before"] for u in units) / max(len(units), 1),
+                           "mean_rel_error_after": sum(u["rel_error_after"] for u in units) / max(len(units), 1)}
+    if do_distill:
+        settings = settings or DistillSettings()
+        done = distill_(student, teacher, calibration.input_ids, settings, state_dir=state_dir, progress=progress)
+        report["distill"] = asdict(done)
+    report["seconds"] = time.perf_counter() - started
+    return report

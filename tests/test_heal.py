@@ -1,0 +1,274 @@
+"""Healing and self-generated calibration: what each promises, on tiny random models.
+
+refit is a least-squares optimum and lowers every unit's output error; distillation lowers the loss it trains on;
+neither changes a parameter count; an interrupted distillation resumes to the same factors; self-generated text is
+seeded, cached, starts every window with BOS and samples only inside the nucleus; a healed checkpoint reloads with
+the same logits; the CLI runs the whole chain with no user data and refuses bad healing flags in one line.
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import jointrank
+from jointrank import GroupRule, JointRankConfig, JointRankError
+from jointrank.architectures import count_parameters
+from jointrank.cli import main
+from jointrank.heal import (DistillSettings, _kl_backward, distill_, heal_, refit_, teacher_copy,
+                            trainable_factors)
+from jointrank.methods.calibration import Calibration
+from jointrank.methods.selfgen import SamplingSettings, _sample, _to_dtype, parse_spec, self_calibration
+
+ALL = {"qk": GroupRule("joint"), "gate_up": GroupRule("joint"), "v": GroupRule("separate"),
+       "o": GroupRule("separate"), "down": GroupRule("separate")}
+ARCHS = ["llama", "qwen2", "gemma3_text"]  # plain, biases on q/k/v, q/k norms + tied embeddings + softcap-free
+
+
+def windows(n=8, seqlen=24, seed=3):
+    return torch.randint(0, 96, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def compressed(arch, ratio=0.4):
+    model = tiny_model(arch)
+    teacher = teacher_copy(model)
+    jointrank.compress_(model, JointRankConfig(rules=ALL, ratio=ratio), progress=False)
+    return model, teacher
+
+
+def kl_on(student, teacher, ids) -> float:
+    with torch.no_grad():
+        s = torch.log_softmax(student(ids).logits.float(), -1)
+        t = torch.log_softmax(teacher(ids).logits.float(), -1)
+    return float(torch.nn.functional.kl_div(s, t, log_target=True, reduction="sum")) / (ids.numel())
+
+
+def test_teacher_copy_shares_everything_but_the_decoder_layers():
+    model = tiny_model("gemma3_text")
+    teacher = teacher_copy(model)
+    assert teacher.model.embed_tokens.weight is model.model.embed_tokens.weight  # shared, not copied
+    assert teacher.model.layers[0].mlp.up_proj.weight is not model.model.layers[0].mlp.up_proj.weight
+    jointrank.compress_(model, JointRankConfig(rules=ALL, ratio=0.5), progress=False)
+    assert isinstance(teacher.model.layers[0].mlp.up_proj, torch.nn.Linear)  # the teacher stays dense
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_refit_lowers_every_units_error_and_keeps_the_parameter_count(arch):
+    model, teacher = compressed(arch)
+    before = count_parameters(model)
+    report = refit_(model, teacher, windows(), progress=False)
+    assert count_parameters(model) == before
+    assert report["units"] and all(u["rel_error_after"] <= u["rel_error_before"] + 1e-9 for u in report["units"])
+    assert sum(u["rel_error_after"] for u in report["units"]) < sum(u["rel_error_before"] for u in report["units"])
+
+
+def test_refit_is_the_least_squares_optimum_of_its_first_unit():
+    """The refit output factor of layer 0's first unit minimises E‖W x_d - A z‖²: any perturbation costs more."""
+    model, teacher = compressed("qwen2")
+    ids = windows()
+    refit_(model, teacher, ids, progress=False)
+    layer_s, layer_t = model.model.layers[0], teacher.model.layers[0]
+    captured = {}
+    hs = layer_s.self_attn.q_proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("s", a[0]))
+    ht = layer_t.self_attn.q_proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("t", a[0]))
+    with torch.no_grad():
+        model(ids)
+        teacher(ids)
+    hs.remove()
+    ht.remove()
+    q_s, q_t = layer_s.self_attn.q_proj, layer_t.self_attn.q_proj
+    x_c, x_d = captured["s"].reshape(-1, q_s.in_features).double(), captured["t"].reshape(-1, q_s.in_features).double()
+    y = x_d @ q_t.weight.double().T + q_t.bias.double()
+    z = x_c @ q_s.basis_weight.double().T
+
+    def loss(a, b):
+        return float(((y - z @ a.T - b) ** 2).sum().detach())
+
+    a, b = q_s.out.weight.detach().double(), q_s.out.bias.detach().double()
+    best = loss(a, b)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        da = torch.randn(a.shape, generator=g, dtype=torch.float64) * 1e-3
+        db = torch.randn(b.shape, generator=g, dtype=torch.float64) * 1e-3
+        assert loss(a + da, b + db) > best
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_distillation_lowers_the_calibration_loss_and_keeps_the_parameter_count(arch):
+    model, teacher = compressed(arch)
+    ids = windows()
+    before_params, before_kl = count_parameters(model), kl_on(model, teacher, ids)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()
+              if n not in {name for name, _ in trainable_factors(model)}}
+    report = distill_(model, teacher, ids, DistillSettings(steps=24, lr=1e-3), progress=False)
+    assert count_parameters(model) == before_params
+    assert kl_on(model, teacher, ids) < 0.8 * before_kl
+    assert report.steps_done == 24 and report.loss_last < report.loss_first
+    for n, p in model.named_parameters():  # only factors move: embeddings, norms, biases are untouched
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_chunked_kl_gradient_equals_the_unchunked_one():
+    model, teacher = compressed("llama")
+    ids = windows(1, 24)
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    grads = []
+    for chunk in (5, 24):
+        model.zero_grad()
+        with torch.no_grad():
+            t_hidden = teacher.get_decoder()(input_ids=ids).last_hidden_state
+        loss = _kl_backward(decoder(input_ids=ids).last_hidden_state, t_hidden, head, None, chunk)
+        grads.append((loss, model.model.layers[0].mlp.down_proj.out.weight.grad.clone()))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-7)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_distillation_resumes_to_the_same_factors(tmp_path):
+    ids = windows()
+    settings = DistillSettings(steps=6, lr=1e-3)
+    straight, teacher = compressed("llama")
+    distill_(straight, teacher, ids, settings, progress=False)
+
+    resumed, teacher2 = compressed("llama")
+
+    def stop(step, loss):
+        if step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        distill_(resumed, teacher2, ids, settings, state_dir=tmp_path, save_every=1, progress=False, on_step=stop)
+    fresh, teacher3 = compressed("llama")  # a new process would rebuild the compressed model from scratch
+    report = distill_(fresh, teacher3, ids, settings, state_dir=tmp_path, progress=False)
+    assert report.resumed_from == 3 and report.steps_done == 6
+    for (n, a), (_, b) in zip(trainable_factors(straight), trainable_factors(fresh)):
+        assert torch.equal(a, b), n
+    with pytest.raises(JointRankError, match="different lr"):
+        distill_(fresh, teacher3, ids, DistillSettings(steps=6, lr=5e-4), state_dir=tmp_path, progress=False)
+
+
+def test_a_healed_checkpoint_reloads_with_the_same_logits(tmp_path):
+    model, teacher = compressed("qwen2")
+    calibration = Calibration(windows(), "random tokens", 3)
+    report = heal_(model, teacher, calibration, "refit+distill", DistillSettings(steps=3, lr=1e-3), progress=False)
+    assert report["refit"]["mean_rel_error_after"] < report["refit"]["mean_rel_error_before"]
+    jointrank.save(model, None, tmp_path / "healed", {"source": "tiny", "heal": {"kind": report["kind"]}})
+    reloaded = jointrank.load(tmp_path / "healed")
+    ids = windows(2, 16, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------- self-generated text
+
+
+def test_calibration_spec():
+    assert parse_spec("self") == 16384 and parse_spec("self:2048") == 2048
+    assert parse_spec("data/c4.txt") is None and parse_spec(None) is None
+    with pytest.raises(JointRankError, match="whole number"):
+        parse_spec("self:many")
+
+
+def test_nucleus_sampling_never_leaves_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05] + [0.0] * 5000]).clamp_min(1e-12))
+    g = torch.Generator().manual_seed(0)
+    drawn = {int(_sample(logits, 1.0, 0.9, g)) for _ in range(400)}
+    assert drawn == {0, 1, 2}  # 0.5 + 0.3 < 0.9, so token 2 is in; 0.95 ≥ 0.9 already, so token 3 is out
+    flat = torch.zeros(2, 10000)  # no short nucleus: the full sort path, 90% of a uniform distribution
+    picks = torch.stack([_sample(flat, 1.0, 0.9, g) for _ in range(200)])
+    assert picks.max() < 10000 and picks.unique().numel() > 150
+
+
+def test_dtype_round_trip_is_bit_exact():
+    model = tiny_model("llama")
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    restore = _to_dtype(model, torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    restore()
+    for n, t in model.state_dict().items():
+        assert t.dtype == before[n].dtype and torch.equal(t, before[n]), n
+
+
+class TinyTokenizer:
+    bos_token_id, eos_token_id = 1, 2
+
+    def __len__(self):
+        return 96
+
+
+def test_self_calibration_is_seeded_cached_and_starts_documents_with_bos(tmp_path):
+    model = tiny_model("llama")
+    settings = SamplingSettings(seqlen=20, batch_size=3)
+    cal = self_calibration(model, TinyTokenizer(), 100, settings=settings, cache_dir=tmp_path, progress=False)
+    assert tuple(cal.input_ids.shape) == (5, 20) and cal.source == "self:100"
+    assert (cal.input_ids[:, 0] == 1).all()
+    after_eos = cal.input_ids[:, 1:][cal.input_ids[:, :-1] == 2]
+    assert (after_eos == 1).all()  # a finished document is followed by a new one
+    assert not cal.provenance["from_cache"]
+    again = self_calibration(model, TinyTokenizer(), 100, settings=settings, cache_dir=tmp_path, progress=False)
+    assert again.provenance["from_cache"] and torch.equal(again.input_ids, cal.input_ids)
+    fresh = self_calibration(model, TinyTokenizer(), 100, settings=settings, cache_dir=tmp_path / "other",
+                             progress=False)
+    assert torch.equal(fresh.input_ids, cal.input_ids)  # seeded: the same text without the cache
+    other_seed = self_calibration(model, TinyTokenizer(), 100, settings=SamplingSettings(seqlen=20, seed=1),
+                                  cache_dir=tmp_path, progress=False)
+    assert not torch.equal(other_seed.input_ids, cal.input_ids)
+    Path = type(tmp_path)
+    Path(cal.provenance["cache_file"]).write_bytes(b"truncated")  # a broken cache is regenerated, not trusted
+    redone = self_calibration(model, TinyTokenizer(), 100, settings=settings, cache_dir=tmp_path, progress=False)
+    assert not redone.provenance["from_cache"] and torch.equal(redone.input_ids, cal.input_ids)
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama with a real (word-level) tokenizer, so the CLI can sample text from it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 96)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+    return path
+
+
+def test_cli_compresses_and_heals_with_no_user_data(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("JOINTRANK_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "healed"
+    code = main(["compress", str(model_dir), "--qk", "joint", "--gate-up", "joint", "--target", "0.2", "--scope",
+                 "decoder", "--method", "svd_llm", "--calibration", "self:96", "--heal", "refit+distill",
+                 "--heal-steps", "3", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((out / "jointrank_manifest.json").read_text())
+    extra = manifest["result"]["extra"]
+    assert extra["calibration_provenance"]["kind"] == "self-generated"
+    assert extra["heal"]["kind"] == "refit+distill" and extra["heal"]["distill"]["steps_done"] == 3
+    assert not (tmp_path / ".healed.heal").exists()  # the resume state is gone once the checkpoint is complete
+    before = manifest["result"]["params"]
+    assert count_parameters(jointrank.load(out)) == before["total_after"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--heal", "refit"], "--heal refit needs calibration text"),
+    (["--heal", "distill", "--calibration", "self:lots"], "whole number of tokens"),
+    (["--heal", "distill", "--calibration", "self", "--heal-steps", "0"], "--heal-steps must be positive"),
+    (["--heal", "distill", "--calibration", "self:64", "--calibration-tokens", "64"], "give the number"),
+    (["--calibration", "self"], "data-free and takes no --calibration"),
+    (["--heal", "refit", "--calibration", "self", "--stream"], "need the whole model in memory"),
+])
+def test_cli_refuses_bad_healing_flags_in_one_line(model_dir, tmp_path, capsys, extra, message):
+    code = main(["compress", str(model_dir), "--qk", "joint", "--ratio", "0.5", "--out", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
