@@ -272,3 +272,16 @@ def test_cli_refuses_bad_healing_flags_in_one_line(model_dir, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert code == 1 and message in err.strip().splitlines()[-1] and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_plan_estimates_every_phase_it_will_run(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("JOINTRANK_CACHE", str(tmp_path / "cache"))
+    args = ["plan", str(model_dir), "--qk", "joint", "--ratio", "0.5", "--method", "svd_llm"]
+    assert main(args + ["--calibration", "self:64", "--heal", "refit+distill", "--heal-steps", "5"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("estimated time")][0]
+    for phase in ("sampling", "statistics", "factorisation", "refit", "distillation"):
+        assert phase in line
+    assert not (tmp_path / "cache").exists()  # planning samples a few steps to time them, and caches nothing
+    assert main(args[:4] + ["--ratio", "0.5"]) == 0  # data-free, no healing: only the factorisation is estimated
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("estimated time")][0]
+    assert "factorisation" in line and "sampling" not in line and "distillation" not in line

@@ -13,6 +13,8 @@ from . import hf_integration as _hf_integration
 from .checkpoint import load, manifest_for, read_manifest, save
 from .compress import CompressionResult, compress_, merge_, plan_for
 from .errors import JointRankError
+from .heal import DistillSettings, heal_, teacher_copy
+from .methods.selfgen import self_calibration
 from .plan import PRESETS, CompressionPlan, GroupRule, JointRankConfig, make_plan
 
 _hf_integration.register()
@@ -20,4 +22,5 @@ _hf_integration.register()
 __all__ = [
     "CompressionPlan", "CompressionResult", "GroupRule", "JointRankConfig", "JointRankError", "PRESETS",
     "compress_", "load", "make_plan", "manifest_for", "merge_", "plan_for", "read_manifest", "save",
+    "DistillSettings", "heal_", "teacher_copy", "self_calibration",
 ]

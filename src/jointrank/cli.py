@@ -84,9 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     compress.set_defaults(func=cmd_compress)
 
     plan = sub.add_parser("plan", help="print what compress would do, without changing anything",
-                          description="Compute and print the compression plan (shapes only; no SVD, nothing written).")
+                          description="Compute and print the compression plan (from shapes; nothing is changed or "
+                          "written) and an estimate of how long `compress` with the same options takes here.")
     _add_plan_arguments(plan)
     plan.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON")
+    plan.add_argument("--no-estimate", action="store_true",
+                      help="skip the time estimate (it runs one forward pass and factorises the largest unit once)")
     plan.set_defaults(func=cmd_plan)
 
     info = sub.add_parser("info", help="describe a compressed checkpoint",
@@ -209,9 +212,21 @@ def cmd_plan(args) -> int:
     from .sources import load_model
 
     config = config_from_args(args)
-    model, _, _ = load_model(args.model)
+    _calibration(args, config, None)
+    heal_settings = _heal_settings(args)
+    model, tokenizer, _ = load_model(args.model)
     plan = plan_for(model, config)
     _print_plan(plan)
+    if not args.no_estimate:
+        from .estimate import estimate
+        from .methods.calibration import DEFAULT_TOKENS
+        from .methods.selfgen import parse_spec
+
+        tokens = args.calibration_tokens or parse_spec(args.calibration) or DEFAULT_TOKENS
+        print()
+        print(estimate(model, tokenizer, plan, method=config.method, solver=config.solver,
+                       calibration=args.calibration, calibration_tokens=tokens, heal=args.heal,
+                       heal_steps=heal_settings.steps if heal_settings else 0).render())
     if args.json:
         with open(args.json, "w") as f:
             json.dump(plan.to_dict(), f, indent=2)
@@ -375,6 +390,26 @@ def _print_evals(evals: dict) -> None:
         print(comparison_table(evals["before"], evals["after"]))
 
 
+def _healing_line(extra: dict) -> str:
+    """What calibration text and healing a checkpoint was made with, from its manifest."""
+    source = extra.get("calibration_source")
+    kind = (extra.get("calibration_provenance") or {}).get("kind")
+    text = f"calibration: {source} ({kind or 'file'}, {extra.get('calibration_tokens')} tokens)" if source else \
+        "calibration: none (data-free)"
+    heal = extra.get("heal")
+    if not heal:
+        return f"{text}; healing: none"
+    parts = [heal["kind"]]
+    if "refit" in heal:
+        r = heal["refit"]
+        parts.append(f"refit output error {r['mean_rel_error_before']:.3f} -> {r['mean_rel_error_after']:.3f}")
+    if "distill" in heal:
+        d = heal["distill"]
+        parts.append(f"distillation {d['steps_done']} steps, KL {d['loss_first']:.4f} -> {d['loss_last']:.4f}"
+                     + (" (stopped by --heal-minutes)" if d["stopped"] == "time" else ""))
+    return f"{text}; healing: " + ", ".join(parts)
+
+
 def cmd_info(args) -> int:
     from .checkpoint import read_manifest
     from .tables import format_table, params_summary, plan_summary
@@ -387,7 +422,8 @@ def cmd_info(args) -> int:
     cfg = manifest["config"]
     rule = (f"ratio {cfg['ratio']}" if cfg.get("ratio") is not None else f"rank {cfg['rank']}"
             if cfg.get("rank") is not None else f"target {cfg['target']:.0%} of {cfg['scope']}")
-    print(f"preset: {cfg.get('preset') or '-'}; rule: {rule}; solved ratio: {plan.get('ratio')}\n")
+    print(f"preset: {cfg.get('preset') or '-'}; rule: {rule}; solved ratio: {plan.get('ratio')}")
+    print(_healing_line(result.get("extra", {})) + "\n")
     if args.layers:
         rows = []
         for e in plan["entries"]:
