@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Per layer and group: method, rank, parameters before/after, energy kept.")
     info.add_argument("checkpoint")
     info.add_argument("--layers", action="store_true", help="one row per layer and unit instead of a summary")
+    info.add_argument("--verify", action="store_true", help="also check every tensor's bytes against the sha256 "
+                      "recorded at save time (the structure is always checked)")
     info.set_defaults(func=cmd_info)
 
     for module in SUBCOMMAND_MODULES:
@@ -302,7 +304,10 @@ def cmd_info(args) -> int:
     from .checkpoint import read_manifest
     from .tables import format_table, params_summary, plan_summary
 
+    from .verify import verify_checkpoint
+
     manifest = read_manifest(args.checkpoint)
+    report = verify_checkpoint(args.checkpoint, checksums=args.verify)  # a damaged checkpoint is refused here
     plan, result = manifest["plan"], manifest["result"]
     stats = {tuple(u["members"]): u for u in result["units"]}
     print(f"{args.checkpoint}: {manifest.get('format_kind', 'factorised')} checkpoint of {manifest['source']} "
@@ -331,6 +336,8 @@ def cmd_info(args) -> int:
     p = result["params"]
     print()
     print(params_summary(p["total_before"], p["total_after"], p["decoder_before"], p["decoder_after"]))
+    print(f"\nverified: {report.tensors} tensors are exactly what config.json and the manifest imply; checksums: "
+          f"{report.checksums}")
     for phase in ("before", "after"):
         if manifest.get("evaluation", {}).get(phase):
             _print_evals(manifest["evaluation"])

@@ -470,7 +470,7 @@ def _itemsize(dtype: str) -> int:
 
 def _finish(staging, out, source, plan, result, config_obj, source_label, options) -> None:
     """config.json with the quantization_config, copied tokenizer files, manifest last, then into place."""
-    from .checkpoint import _swap_into_place, manifest_for, stamped
+    from .checkpoint import _swap_into_place, manifest_for, stamped, with_checksums
     from .compress import units_of
     from .hf_integration import JointRankQuantizationConfig
     from .plan import JointRankConfig
@@ -486,7 +486,7 @@ def _finish(staging, out, source, plan, result, config_obj, source_label, option
             shutil.copyfile(f, staging / f.name)
     cfg = config_obj if config_obj is not None else JointRankConfig.from_dict(plan.config)
     manifest = manifest_for(result, source=source_label, config=cfg)
-    full = stamped(manifest)
+    full = with_checksums(stamped(manifest), staging)
     (staging / PROGRESS_NAME).unlink(missing_ok=True)
     (staging / MANIFEST_NAME).write_text(json.dumps(full, indent=2) + "\n")
     _swap_into_place(staging, out)
