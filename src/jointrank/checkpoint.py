@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,21 +21,20 @@ from .sources import MANIFEST_NAME
 MANIFEST_FORMAT = 1
 
 
-def check_output(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output before any work is done, unless asked to overwrite it."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise JointRankError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise JointRankError(f"{out} exists and is not a directory")
-    return out
+def check_output(out: str | Path, overwrite: bool, source: str | Path | None = None) -> Path:
+    """Refuse an existing output (unless overwrite), one overlapping the source or an unwritable one, before any
+    work is done; clean up what dead runs left beside it (see outputs.py)."""
+    from .outputs import check_output as check
+
+    return check(out, overwrite, source)
 
 
 def save(model, tokenizer, out: str | Path, manifest: dict, *, overwrite: bool = False) -> Path:
     """Write model (compressed or dense), tokenizer and manifest atomically into `out`."""
+    from .outputs import staging_dir
+
     out = check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging = staging_dir(out)
     try:
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
@@ -82,8 +80,11 @@ def with_checksums(manifest: dict, staging: Path) -> dict:
 
 
 def _swap_into_place(staging: Path, out: Path) -> None:
+    from .outputs import finish_modes, graveyard as graveyard_of
+
+    finish_modes(staging)
     if out.exists():
-        graveyard = out.with_name(f".{out.name}.old-{os.getpid()}")
+        graveyard = graveyard_of(out)
         os.replace(out, graveyard)
         os.replace(staging, out)
         shutil.rmtree(graveyard, ignore_errors=True)

@@ -195,7 +195,11 @@ def cmd_plan(args) -> int:
     from .compress import plan_for
     from .sources import load_model
 
+    from .precheck import check_json_out
+
     config = config_from_args(args)
+    if args.json:
+        check_json_out(args.json, "--json")  # before the model is loaded
     model, _, _ = load_model(args.model)
     plan = plan_for(model, config)
     _print_plan(plan)
@@ -224,6 +228,7 @@ def cmd_compress(args) -> int:
     from .tables import params_summary
 
     config = config_from_args(args)  # bad flags fail here, before anything is loaded
+    _check_compress(args)
     from .stream import run_cli, wants_stream
 
     if wants_stream(args):
@@ -258,6 +263,13 @@ def cmd_compress(args) -> int:
     if evals:
         _print_evals(evals)
     return 0
+
+
+def _check_compress(args) -> None:
+    """Source, output, device, extras and calibration text: refused in seconds, before the model is loaded."""
+    from .precheck import check_compress
+
+    check_compress(args)
 
 
 def _calibration(args, config, tokenizer):
