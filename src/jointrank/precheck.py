@@ -125,14 +125,17 @@ def check_source_files(source) -> None:
         stored_tensors(root)  # headers: truncated files, missing shards and a bad index fail here
 
 
-def check_json_out(path: str, flag: str) -> None:
-    """A file to write: not a directory, in an existing directory."""
+def check_json_out(path: str, flag: str, *, parent_must_exist: bool = True) -> None:
+    """A file to write: not a directory, in an existing directory (or, if not required, a creatable one)."""
+    from .outputs import check_writable
+
     file = Path(path)
     if file.is_dir():
         raise JointRankError(f"{flag} {path} is a directory; give a file name")
     parent = file.parent if str(file.parent) else Path(".")
-    if not parent.is_dir():
+    if parent_must_exist and not parent.is_dir():
         raise JointRankError(f"{flag} {path}: directory {parent} does not exist; create it first")
+    check_writable(file)
 
 
 def check_results(results: dict, path) -> None:

@@ -77,7 +77,7 @@ def run_eval(args) -> int:
     if args.out:
         from ..precheck import check_json_out
 
-        check_json_out(args.out, "--out")
+        check_json_out(args.out, "--out", parent_must_exist=False)  # write_json creates the directories
     check_data(tasks, data.resolve_data_dir(args.data_dir))
     if args.threads:
         torch.set_num_threads(args.threads)
