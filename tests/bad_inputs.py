@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
 
-SCHEMA_RESULTS = None  # filled lazily: the eval results schema string
 
 
 @dataclass(frozen=True)
@@ -314,6 +312,7 @@ CASES = [
                                               w / "out"], "cannot remove 90.0%"),
     Case("--eval unknown task", _args("--eval", "nosuchtask"), "unknown task nosuchtask"),
     Case("--eval piqa without lm-eval", _args("--eval", "piqa"), "needs lm-eval", hide="lm_eval"),
+    Case("--backend ray without Ray", _args("--backend", "ray"), "needs Ray", hide="ray"),
     Case("--eval with --stream", _args("--eval", "wikitext2", "--stream"), "need the whole model in memory"),
     Case("--stream from a .gguf", lambda b, w: (w / "m.gguf").write_bytes(b"GGUF" + bytes(60)) and _compress(
         w / "m.gguf", w / "out", "--stream"), "streaming reads a local Hugging Face directory"),
@@ -428,4 +427,3 @@ def quiet_transformers() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    torch.set_num_threads(1)

@@ -320,6 +320,9 @@ def compress_checkpoint(source_dir: str | Path, out: str | Path, config, *, opti
     jobs_by_layer = _jobs(source, layout, plan, method)
     staging = out.parent / f".{out.name}.partial"
     fingerprint = _fingerprint(source, plan, method, options)
+    from .parallel import check_options
+
+    check_options(options)  # backend, workers, Ray installed: before the staging directory exists
     progress = _open_staging(staging, fingerprint, options, _settings(source, plan, method, options))
     before = len(progress["layers"])
     todo = [job for layer, job in sorted(jobs_by_layer.items()) if str(layer) not in progress["layers"]
@@ -348,7 +351,12 @@ def compress_checkpoint(source_dir: str | Path, out: str | Path, config, *, opti
 
     from .parallel import run_jobs
 
-    run_jobs(source, todo, options, method, record)
+    try:
+        run_jobs(source, todo, options, method, record)
+    except JointRankError:
+        if not progress["layers"]:  # refused before any layer was finished: leave nothing that blocks a rerun
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     result = _assemble(staging, source, layout, plan, progress, jobs_by_layer, rest_shard, method,
                        time.perf_counter() - start, options)
     _finish(staging, out, source, plan, result, config_obj, source_label or str(source_dir), options)
