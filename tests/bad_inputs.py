@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 
-
-
 @dataclass(frozen=True)
 class Case:
     name: str
