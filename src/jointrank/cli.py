@@ -193,9 +193,8 @@ def cmd_plan(args) -> int:
     import json
 
     from .compress import plan_for
-    from .sources import load_model
-
     from .precheck import check_json_out
+    from .sources import load_model
 
     config = config_from_args(args)
     if args.json:
@@ -313,12 +312,10 @@ def _print_evals(evals: dict) -> None:
 
 
 def cmd_info(args) -> int:
-    from .checkpoint import read_manifest
     from .tables import format_table, params_summary, plan_summary
+    from .verify import MANIFEST_KEYS, read_manifest, verify_checkpoint
 
-    from .verify import verify_checkpoint
-
-    manifest = read_manifest(args.checkpoint)
+    manifest = read_manifest(args.checkpoint, required=MANIFEST_KEYS)
     report = verify_checkpoint(args.checkpoint, checksums=args.verify)  # a damaged checkpoint is refused here
     plan, result = manifest["plan"], manifest["result"]
     stats = {tuple(u["members"]): u for u in result["units"]}

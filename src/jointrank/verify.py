@@ -221,13 +221,16 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
-def read_manifest(directory: str | Path) -> dict:
+MANIFEST_KEYS = ("source", "config", "plan", "result")  # what `jointrank compress` writes (info needs them)
+
+
+def read_manifest(directory: str | Path, required: tuple[str, ...] = ()) -> dict:
     path = Path(directory)
     file = path / MANIFEST_NAME if path.is_dir() else path
     if not file.is_file():
         raise JointRankError(f"{path} is not a jointrank checkpoint (no {MANIFEST_NAME})")
     manifest = read_json(file, "the jointrank manifest is damaged; regenerate the checkpoint")
-    for key in ("source", "config", "plan", "result"):
+    for key in required:
         if key not in manifest:
             raise JointRankError(f"{file} has no {key!r}: not a jointrank manifest, or a damaged one; regenerate "
                                  "the checkpoint")
@@ -243,6 +246,12 @@ def config_units(config_dict: dict, manifest: dict, where: str) -> list[dict]:
     q = config_dict.get("quantization_config")
     dense = manifest.get("format_kind", "factorised") == "dense"
     fix = "the checkpoint is damaged or was edited; regenerate it"
+    if "plan" not in manifest and "result" not in manifest:
+        # saved through the Python API with a manifest of the caller's own: config.json alone says what to expect
+        units = (q or {}).get("units", []) if isinstance(q, dict) and q.get("quant_method") == "jointrank" else []
+        if not isinstance(units, list) or not all(isinstance(u, dict) for u in units):
+            raise JointRankError(f"{where}: config.json's quantization_config has no list of units; {fix}")
+        return units
     try:
         planned = [{"group": e["group"], "members": list(e["members"]), "rank": e["rank"],
                     "shared": e["method"] == "joint"} for e in manifest["plan"]["entries"] if e["method"] != "keep"]
