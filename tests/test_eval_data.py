@@ -28,7 +28,13 @@ def find_data_dir() -> Path | None:
 
 
 DATA = find_data_dir()
-needs_data = pytest.mark.skipif(DATA is None, reason="evaluation data dir not found (JOINTRANK_DATA or ../shared/data)")
+_skip_without_data = pytest.mark.skipif(DATA is None,
+                                        reason="evaluation data dir not found (JOINTRANK_DATA or ../shared/data)")
+
+
+def needs_data(test):
+    return pytest.mark.data(_skip_without_data(test))
+
 PROMPT_KEYS = ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "process_docs", "metric_list",
                "target_delimiter", "fewshot_delimiter")
 
@@ -39,6 +45,7 @@ def _jsonl(path):
 
 @pytest.fixture(scope="module")
 def local_tasks():
+    pytest.importorskip("lm_eval", reason="needs lm-eval (pip install 'jointrank[eval]')")
     """{task: lm-eval Task built from our generated YAML}, all documents loaded offline from the data dir."""
     from lm_eval.tasks import get_task_dict
 
@@ -69,6 +76,7 @@ def test_perplexity_texts():
 @needs_data
 @pytest.mark.parametrize("task", list(Z.TASKS))
 def test_local_yaml_keeps_the_builtin_prompt_and_metrics(task, tmp_path):
+    pytest.importorskip("lm_eval", reason="needs lm-eval (pip install 'jointrank[eval]')")
     from lm_eval.tasks._yaml_loader import load_yaml
 
     name = Z.write_local_task(task, [{"x": 1}], tmp_path)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from jointrank.errors import JointRankError
 from jointrank.evaluate import perplexity as P
+from conftest import needs_data, needs_lm_eval
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = [
@@ -106,6 +107,7 @@ def test_window_errors():
     assert P.make_windows(torch.arange(35), 16).tolist() == [list(range(16)), list(range(16, 32))]
 
 
+@needs_lm_eval
 def test_continuation_only_hflm_scores_like_hflm(tokenizer):
     """Our HFLM subclass skips the vocabulary projection of context positions; scores must be HFLM's."""
     from lm_eval.api.instance import Instance
@@ -129,7 +131,8 @@ def test_continuation_only_hflm_scores_like_hflm(tokenizer):
             assert b == pytest.approx(a, rel=1e-5, abs=1e-5) and ga == gb
 
 
-@pytest.mark.skipif(data_dir() is None, reason="evaluation data dir not found (JOINTRANK_DATA or ../shared/data)")
+@needs_lm_eval
+@needs_data
 def test_run_tasks_on_local_data_scores_the_seeded_sample(tokenizer):
     """End to end through lm-eval, offline, on a tiny model: the sample size and indices are the requested ones."""
     from jointrank.evaluate import zeroshot

@@ -10,6 +10,8 @@ import random
 import pytest
 import torch
 
+from conftest import needs_matplotlib
+
 from jointrank.cli import main
 from jointrank.experiments import common
 
@@ -144,6 +146,7 @@ def test_paired_standard_error():
 # Every experiment command, end to end on the tiny model.
 
 
+@needs_matplotlib
 def test_spectra_command(tiny, tmp_path):
     assert run_cli(["experiment", "spectra", tiny / "model", "--out", tmp_path]) == 0
     r = read(tmp_path / "spectra.json")
@@ -156,6 +159,7 @@ def test_spectra_command(tiny, tmp_path):
     assert (tmp_path / "energy.png").stat().st_size > 0 and (tmp_path / "qk_angles.png").stat().st_size > 0
 
 
+@needs_matplotlib
 def test_joint_vs_separate_command(tiny, tmp_path):
     assert run_cli(["experiment", "joint-vs-separate", tiny / "model", "--text-file", tiny / "text.txt",
                     "--seqlen", 32, "--max-windows", 3, "--ratios", "1,0.5", "--out", tmp_path]) == 0
@@ -175,6 +179,7 @@ def test_joint_vs_separate_command(tiny, tmp_path):
     assert joint["params_factored"] == 2 * 32 * (64 + 16 + 64)
 
 
+@needs_matplotlib
 def test_layers_command(tiny, tmp_path):
     assert run_cli(["experiment", "layers", tiny / "model", "--text-file", tiny / "text.txt", "--seqlen", 32,
                     "--max-windows", 3, "--ratio", 0.25, "--out", tmp_path]) == 0
@@ -190,6 +195,7 @@ def test_layers_command(tiny, tmp_path):
     assert (tmp_path / "layers.png").stat().st_size > 0
 
 
+@needs_matplotlib
 def test_denoise_command(tiny, tmp_path):
     assert run_cli(["experiment", "denoise", tiny / "model", "--text-file", tiny / "text.txt", "--seqlen", 32,
                     "--max-windows", 3, "--ratios", "1,0.9", "--configs", "gate_up,all", "--noise-seeds", 1,
@@ -213,6 +219,7 @@ def test_table1_command_records_infeasible_budgets(tiny, tmp_path):
     assert len(r["rows"]) == 2 * 2 * 3
 
 
+@needs_matplotlib
 def test_watermark_command_memorises_then_sweeps(tiny, tmp_path):
     # a random tiny model needs a larger learning rate than the paper's 7B models to memorise in a few steps
     assert run_cli(["watermark", tiny / "model", "--sentence", SENTENCE, "--text-file", tiny / "text.txt",
@@ -239,6 +246,7 @@ def test_bad_input_is_one_clear_error(tiny, tmp_path, capsys):
     assert not (tmp_path / "y" / "watermark.json").exists()
 
 
+@needs_matplotlib
 def test_report_regenerates_from_json(tiny, tmp_path):
     from jointrank.experiments import report
 
@@ -252,6 +260,7 @@ def test_report_regenerates_from_json(tiny, tmp_path):
     assert "not run" in text  # experiments without results say so
 
 
+@needs_matplotlib
 def test_activations_command(tiny, tmp_path):
     assert run_cli(["experiment", "activations", tiny / "model", "--text-file", tiny / "text.txt", "--tokens", 32,
                     "--ratios", "1,0.5", "--out", tmp_path]) == 0

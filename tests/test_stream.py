@@ -123,7 +123,7 @@ def test_resume_after_a_crash_gives_byte_identical_output(tmp_path):
 
     with pytest.raises(JointRankError, match="--resume"):  # no silent restart over the kept work
         compress_checkpoint(src, tmp_path / "out", CONFIG, options=options)
-    with pytest.raises(JointRankError, match="different source, plan or settings"):
+    with pytest.raises(JointRankError, match="solver .rsvd. then, .auto. now"):
         compress_checkpoint(src, tmp_path / "out", CONFIG, options=StreamOptions(progress=False, resume=True))
 
     done = compress_checkpoint(src, tmp_path / "out", CONFIG,
@@ -185,3 +185,63 @@ def test_cli_stream_flags(tmp_path, capsys):
     assert jointrank.load(tmp_path / "o").model.layers[0].self_attn.q_proj.rank == 32  # 0.5 * min(64 + 32, 64)
     assert main(args + ["--resume", "--out", str(tmp_path / "o")]) == 1  # finished output: refused, not redone
     assert "already exists" in capsys.readouterr().err
+
+
+def test_resume_on_another_thread_count_is_refused_naming_it(tmp_path):
+    """BLAS rounding depends on the thread count, so a resumed run on other threads would not write the same bytes:
+    the thread count is part of the recorded settings, and the refusal says that is what changed."""
+    src = tiny("llama", tmp_path / "src")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(RuntimeError, match="test hook"):
+            compress_checkpoint(src, tmp_path / "out", CONFIG, options=StreamOptions(progress=False),
+                                stop_after_layers=1)
+        progress = json.loads((tmp_path / ".out.partial" / "progress.json").read_text())
+        assert progress["settings"]["unit_threads"] == 2
+        torch.set_num_threads(1)
+        with pytest.raises(JointRankError, match="BLAS threads per unit 2 then, 1 now"):
+            compress_checkpoint(src, tmp_path / "out", CONFIG, options=StreamOptions(progress=False, resume=True))
+        torch.set_num_threads(2)
+        done = compress_checkpoint(src, tmp_path / "out", CONFIG, options=StreamOptions(progress=False, resume=True))
+        assert done.layers_done_before == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_output_appearing_during_a_run_is_not_replaced(tmp_path, monkeypatch):
+    """The final swap never replaces a path this run did not check (it did not exist at the start)."""
+    import jointrank.stream as stream
+
+    src = tiny("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    real = stream._assemble
+
+    def someone_else_writes_out(*args, **kwargs):
+        out.mkdir()
+        (out / "theirs.txt").write_text("not ours")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stream, "_assemble", someone_else_writes_out)
+    with pytest.raises(JointRankError, match="appeared while this run was working"):
+        compress_checkpoint(src, out, CONFIG, options=StreamOptions(progress=False))
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
+    monkeypatch.setattr(stream, "_assemble", real)
+    (out / "theirs.txt").unlink()
+    out.rmdir()
+    done = compress_checkpoint(src, out, CONFIG, options=StreamOptions(progress=False, resume=True))
+    assert done.layers_done_before == 3 and (out / "jointrank_manifest.json").is_file()
+
+
+def test_output_modes_match_save_pretrained(tmp_path):
+    import os
+    import stat
+
+    from transformers import AutoModelForCausalLM
+
+    src = tiny("llama", tmp_path / "src")
+    in_memory(src, tmp_path / "mem")
+    compress_checkpoint(src, tmp_path / "stream", CONFIG, options=StreamOptions(progress=False))
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(tmp_path / "plain")
+    modes = {d: stat.S_IMODE(os.stat(tmp_path / d).st_mode) for d in ("mem", "stream", "plain")}
+    assert modes["mem"] == modes["stream"] == modes["plain"], modes

@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,26 +21,25 @@ from .sources import MANIFEST_NAME
 MANIFEST_FORMAT = 1
 
 
-def check_output(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output before any work is done, unless asked to overwrite it."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise JointRankError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise JointRankError(f"{out} exists and is not a directory")
-    return out
+def check_output(out: str | Path, overwrite: bool, source: str | Path | None = None) -> Path:
+    """Refuse an existing output (unless overwrite), one overlapping the source or an unwritable one, before any
+    work is done; clean up what dead runs left beside it (see outputs.py)."""
+    from .outputs import check_output as check
+
+    return check(out, overwrite, source)
 
 
 def save(model, tokenizer, out: str | Path, manifest: dict, *, overwrite: bool = False) -> Path:
     """Write model (compressed or dense), tokenizer and manifest atomically into `out`."""
+    from .outputs import staging_dir
+
     out = check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging = staging_dir(out)
     try:
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        (staging / MANIFEST_NAME).write_text(json.dumps(stamped(manifest), indent=2) + "\n")
+        (staging / MANIFEST_NAME).write_text(json.dumps(with_checksums(stamped(manifest), staging), indent=2) + "\n")
         _swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -74,9 +72,19 @@ def stamped(manifest: dict) -> dict:
             "versions": versions(), **manifest}
 
 
+def with_checksums(manifest: dict, staging: Path) -> dict:
+    """The manifest plus the sha256 of every tensor as written (`jointrank info --verify` checks them)."""
+    from .verify import tensor_checksums
+
+    return {**manifest, "checksums": tensor_checksums(staging)}
+
+
 def _swap_into_place(staging: Path, out: Path) -> None:
+    from .outputs import finish_modes, graveyard as graveyard_of
+
+    finish_modes(staging)
     if out.exists():
-        graveyard = out.with_name(f".{out.name}.old-{os.getpid()}")
+        graveyard = graveyard_of(out)
         os.replace(out, graveyard)
         os.replace(staging, out)
         shutil.rmtree(graveyard, ignore_errors=True)
@@ -84,23 +92,29 @@ def _swap_into_place(staging: Path, out: Path) -> None:
         os.replace(staging, out)
 
 
-def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Load a jointrank checkpoint (compressed or dense export) as a transformers model."""
+def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+         verify_checksums: bool = False):
+    """Load a jointrank checkpoint (compressed or dense export) as a transformers model.
+
+    The checkpoint is verified first (verify.verify_checkpoint): its tensors must be exactly what config.json and
+    the manifest imply; with verify_checksums, every tensor's bytes must match the manifest's checksums too.
+    """
     from transformers import AutoModelForCausalLM
+
+    from .verify import verify_checkpoint
 
     path = Path(path)  # importing this package registered the "jointrank" quantizer with transformers
     if not (path / MANIFEST_NAME).is_file():
         raise JointRankError(f"{path} is not a jointrank checkpoint (no {MANIFEST_NAME})")
+    verify_checkpoint(path, checksums=verify_checksums)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)
     return model.to(device).eval()
 
 
 def read_manifest(path: str | Path) -> dict:
-    path = Path(path)
-    file = path / MANIFEST_NAME if path.is_dir() else path
-    if not file.is_file():
-        raise JointRankError(f"{path} is not a jointrank checkpoint (no {MANIFEST_NAME})")
-    return json.loads(file.read_text())
+    from .verify import read_manifest as read
+
+    return read(path)  # one clear error for a missing, empty or garbage manifest
 
 
 def versions() -> dict:

@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Per layer and group: method, rank, parameters before/after, energy kept.")
     info.add_argument("checkpoint")
     info.add_argument("--layers", action="store_true", help="one row per layer and unit instead of a summary")
+    info.add_argument("--verify", action="store_true", help="also check every tensor's bytes against the sha256 "
+                      "recorded at save time (the structure is always checked)")
     info.set_defaults(func=cmd_info)
 
     for module in SUBCOMMAND_MODULES:
@@ -209,11 +211,14 @@ def cmd_plan(args) -> int:
     import json
 
     from .compress import plan_for
+    from .precheck import check_json_out
     from .sources import load_model
 
     config = config_from_args(args)
     _calibration(args, config, None)
     heal_settings = _heal_settings(args)
+    if args.json:
+        check_json_out(args.json, "--json")  # before the model is loaded
     model, tokenizer, _ = load_model(args.model)
     plan = plan_for(model, config)
     _print_plan(plan)
@@ -252,6 +257,7 @@ def cmd_compress(args) -> int:
     from .tables import params_summary
 
     config = config_from_args(args)  # bad flags fail here, before anything is loaded
+    _check_compress(args)
     from .stream import run_cli, wants_stream
 
     if wants_stream(args):
@@ -311,6 +317,13 @@ def cmd_compress(args) -> int:
     if evals:
         _print_evals(evals)
     return 0
+
+
+def _check_compress(args) -> None:
+    """Source, output, device, extras and calibration text: refused in seconds, before the model is loaded."""
+    from .precheck import check_compress
+
+    check_compress(args)
 
 
 def _calibration(args, config, tokenizer, model=None):
@@ -411,10 +424,11 @@ def _healing_line(extra: dict) -> str:
 
 
 def cmd_info(args) -> int:
-    from .checkpoint import read_manifest
     from .tables import format_table, params_summary, plan_summary
+    from .verify import MANIFEST_KEYS, read_manifest, verify_checkpoint
 
-    manifest = read_manifest(args.checkpoint)
+    manifest = read_manifest(args.checkpoint, required=MANIFEST_KEYS)
+    report = verify_checkpoint(args.checkpoint, checksums=args.verify)  # a damaged checkpoint is refused here
     plan, result = manifest["plan"], manifest["result"]
     stats = {tuple(u["members"]): u for u in result["units"]}
     print(f"{args.checkpoint}: {manifest.get('format_kind', 'factorised')} checkpoint of {manifest['source']} "
@@ -444,6 +458,8 @@ def cmd_info(args) -> int:
     p = result["params"]
     print()
     print(params_summary(p["total_before"], p["total_after"], p["decoder_before"], p["decoder_after"]))
+    print(f"\nverified: {report.tensors} tensors are exactly what config.json and the manifest imply; checksums: "
+          f"{report.checksums}")
     for phase in ("before", "after"):
         if manifest.get("evaluation", {}).get(phase):
             _print_evals(manifest["evaluation"])

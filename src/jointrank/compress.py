@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .architectures import count_parameters, decoder_layers, describe
 from .errors import JointRankError
+from .finite import check_factors
 from .modules import LowRankLinear, SharedBasis
 from .plan import CompressionPlan, JointRankConfig, make_plan
 
@@ -54,6 +55,9 @@ class CompressionResult:
 
 
 def plan_for(model: nn.Module, config: JointRankConfig) -> CompressionPlan:
+    from .finite import check_weights
+
+    check_weights(model.named_parameters())  # NaN/Inf: refused before any planning or factorising
     if getattr(config, "allocation", "uniform") == "global":  # ranks chosen from the weights' spectra
         from .methods.allocation import plan_global
 
@@ -72,6 +76,9 @@ def compress_(model: nn.Module, config: JointRankConfig | CompressionPlan, *, de
     start = time.perf_counter()
     layout = describe(model)
     if isinstance(config, CompressionPlan):
+        from .finite import check_weights
+
+        check_weights(model.named_parameters())  # NaN/Inf: refused before any work (plan_for checks otherwise)
         plan = config
         solver = plan.config.get("solver", "auto")
     else:
@@ -89,13 +96,15 @@ def compress_(model: nn.Module, config: JointRankConfig | CompressionPlan, *, de
         from .methods.apply import compress_calibrated
 
         done, extra = compress_calibrated(model, plan, calibration, solver=solver, progress=progress,
-                                          install=lambda entry, factors: install_factors(model, entry, factors))
+                                          install=lambda entry, factors: (check_factors(entry, factors),
+                                                                         install_factors(model, entry, factors)))
     else:
         done = []
         for entry in tqdm(work, desc="factorising", unit="unit", disable=not progress or not work):
             modules = [model.get_submodule(name) for name in entry.members]
             weights = [m.weight.detach().to(device) if device else m.weight.detach() for m in modules]
             factors = methods.factorise(spec, weights, entry.rank, solver=solver)
+            check_factors(entry, factors)
             install_factors(model, entry, factors)
             done.append((entry, factors))
     for entry, factors in done:

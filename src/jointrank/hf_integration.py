@@ -33,11 +33,14 @@ class JointRankQuantizationConfig(QuantizationConfigMixin):
 class JointRankHfQuantizer(HfQuantizer):
     requires_calibration = False
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         from .compress import install_unit
+        from .verify import install_units, verify_on_load
 
-        for unit in self.quantization_config.units:
-            install_unit(model, unit["members"], unit["rank"], shared=unit["shared"], group=unit["group"])
+        install_units(model, self.quantization_config.units, install_unit)
+        # transformers would fill a missing tensor with random values and ignore an extra one (a warning only):
+        # refuse a checkpoint whose tensors are not exactly what these units and the architecture imply
+        verify_on_load(model, checkpoint_files, self.quantization_config.units)
         return model
 
     def is_serializable(self, **kwargs):

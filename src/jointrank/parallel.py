@@ -27,12 +27,21 @@ BACKENDS = ("local", "ray")
 RAY_TASK_CPUS = 2  # CPUs each layer task asks Ray for; its BLAS threads follow (Ray sets OMP_NUM_THREADS)
 
 
-def run_jobs(source: TensorSource, jobs: list[LayerJob], options: StreamOptions, method: str, record) -> None:
-    """Process every job; call record(done) once per finished layer, after its shard is in place."""
+def check_options(options: StreamOptions) -> None:
+    """What can be refused before any work: an unknown backend, no workers, Ray not installed."""
+    import importlib.util
+
     if options.backend not in BACKENDS:
         raise JointRankError(f"unknown backend {options.backend!r}; choose from {', '.join(BACKENDS)}")
     if options.workers < 1:
         raise JointRankError(f"--workers must be at least 1; got {options.workers}")
+    if options.backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise JointRankError("--backend ray needs Ray: pip install 'jointrank[dist]'")
+
+
+def run_jobs(source: TensorSource, jobs: list[LayerJob], options: StreamOptions, method: str, record) -> None:
+    """Process every job; call record(done) once per finished layer, after its shard is in place."""
+    check_options(options)
     if not jobs:
         return
     if options.backend == "ray":

@@ -183,6 +183,8 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
             n = round(num_layers * n / int(match.group(3)))
         if n > num_layers:
             raise JointRankError(f"layer spec {spec!r} asks for {n} layers; the model has {num_layers}")
+        if n == 0:  # a group flag that selects nothing would write a checkpoint with no low-rank unit
+            raise JointRankError(f"layer spec {spec!r} selects no layers; give at least 1 (or drop the group flag)")
         chosen = list(range(n)) if match.group(1) == "first" else list(range(num_layers - n, num_layers))
     elif re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", text):
         chosen = []

@@ -68,7 +68,10 @@ def resolve(spec: str) -> Source:
 
 def load_model(spec: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"):
     """Load MODEL as (model, tokenizer, source). jointrank checkpoints come back with their low-rank layers."""
+    from .precheck import check_source_files
+
     source = resolve(spec)
+    check_source_files(source)  # corrupt or truncated files: one clear error, before transformers reads them
     if source.kind == "jointrank_dir":
         from .checkpoint import load  # late import: checkpoint imports this module
 

@@ -87,27 +87,29 @@ class TensorSource:
 
     @classmethod
     def open(cls, path: str | Path) -> "TensorSource":
-        from safetensors import safe_open
+        from .verify import read_json, stored_tensors
 
         root = Path(path)
         if not (root / "config.json").is_file():
             raise JointRankError(f"{root} has no config.json: streaming needs a Hugging Face safetensors directory")
-        if (root / INDEX_NAME).is_file():
-            weight_map = json.loads((root / INDEX_NAME).read_text())["weight_map"]
-        elif (root / SINGLE_NAME).is_file():
-            weight_map = None
-        else:
+        if not (root / INDEX_NAME).is_file() and not (root / SINGLE_NAME).is_file():
             raise JointRankError(f"{root} has no {SINGLE_NAME} or {INDEX_NAME}: streaming reads safetensors only")
-        names = sorted(set(weight_map.values())) if weight_map else [SINGLE_NAME]
-        files, shapes, dtypes = {}, {}, {}
-        for name in names:
-            if not (root / name).is_file():
-                raise JointRankError(f"{root / INDEX_NAME} lists {name}, which is missing")
-            with safe_open(str(root / name), "pt") as f:
-                for key in f.keys():
-                    sl = f.get_slice(key)
-                    files[key], shapes[key], dtypes[key] = name, tuple(sl.get_shape()), sl.get_dtype()
-        return cls(root, files, shapes, dtypes, json.loads((root / "config.json").read_text()))
+        config = read_json(root / "config.json", "config.json is damaged; re-copy the model")
+        stored = stored_tensors(root)  # headers only; truncated files, a missing shard, a bad index: one error
+        files = {k: t.file.name for k, t in stored.items()}
+        shapes = {k: t.shape for k, t in stored.items()}
+        dtypes = {k: t.dtype for k, t in stored.items()}
+        return cls(root, files, shapes, dtypes, config)
+
+    def check_finite(self) -> None:
+        """Refuse NaN/Inf anywhere in the source before any work (one tensor in memory at a time)."""
+        from safetensors import safe_open
+
+        from .finite import check_weights
+
+        for file in sorted(set(self.files.values())):
+            with safe_open(str(self.root / file), "pt") as f:
+                check_weights(((k, f.get_tensor(k)) for k in f.keys()), where=str(self.root / file))
 
     def fingerprint(self) -> dict:
         return {name: [os.stat(self.root / name).st_size, os.stat(self.root / name).st_mtime_ns]
@@ -207,6 +209,7 @@ def layer_tensor_names(source: TensorSource, prefix: str) -> list[str]:
 def factorise_unit(source: TensorSource, entry, method: str, options: StreamOptions):
     """Read one unit's weights and factorise them; returns (output tensors by name, UnitResult, seconds)."""
     from .compress import UnitResult, basis_name
+    from .finite import check_factors
 
     start = time.perf_counter()
     names = [f"{m}.weight" for m in entry.members]
@@ -214,6 +217,7 @@ def factorise_unit(source: TensorSource, entry, method: str, options: StreamOpti
     read = source.read(names + bias_names)
     weights = [read[n] for n in names]
     factors = _factorise(weights, entry.rank, method, options)
+    check_factors(entry, factors)  # never write NaN/Inf factors into a shard
     out = {}
     for i, (member, w) in enumerate(zip(entry.members, weights)):
         dtype = getattr(torch, options.dtype) if options.dtype else w.dtype  # as compress_: the weight's own
@@ -303,7 +307,7 @@ def compress_checkpoint(source_dir: str | Path, out: str | Path, config, *, opti
     options = options or StreamOptions()
     start = time.perf_counter()
     out = Path(out)
-    check_output(out, options.overwrite)
+    check_output(out, options.overwrite, source=source_dir)
     source = TensorSource.open(source_dir)
     layout = read_layout(source)
     if isinstance(config, CompressionPlan):
@@ -311,11 +315,15 @@ def compress_checkpoint(source_dir: str | Path, out: str | Path, config, *, opti
     else:
         _check_streamable(config)
         plan, config_obj = make_plan(layout, config), config
+    source.check_finite()  # before the staging directory exists: a bad source leaves nothing behind
     method = plan.config.get("method", "svd")
     jobs_by_layer = _jobs(source, layout, plan, method)
     staging = out.parent / f".{out.name}.partial"
     fingerprint = _fingerprint(source, plan, method, options)
-    progress = _open_staging(staging, fingerprint, options)
+    from .parallel import check_options
+
+    check_options(options)  # backend, workers, Ray installed: before the staging directory exists
+    progress = _open_staging(staging, fingerprint, options, _settings(source, plan, method, options))
     before = len(progress["layers"])
     todo = [job for layer, job in sorted(jobs_by_layer.items()) if str(layer) not in progress["layers"]
             or not (staging / job.shard).is_file()]
@@ -343,7 +351,12 @@ def compress_checkpoint(source_dir: str | Path, out: str | Path, config, *, opti
 
     from .parallel import run_jobs
 
-    run_jobs(source, todo, options, method, record)
+    try:
+        run_jobs(source, todo, options, method, record)
+    except JointRankError:
+        if not progress["layers"]:  # refused before any layer was finished: leave nothing that blocks a rerun
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     result = _assemble(staging, source, layout, plan, progress, jobs_by_layer, rest_shard, method,
                        time.perf_counter() - start, options)
     _finish(staging, out, source, plan, result, config_obj, source_label or str(source_dir), options)
@@ -390,26 +403,77 @@ def _fingerprint(source: TensorSource, plan, method: str, options: StreamOptions
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _open_staging(staging: Path, fingerprint: str, options: StreamOptions) -> dict:
+def _settings(source: TensorSource, plan, method: str, options: StreamOptions) -> dict:
+    """What the fingerprint is made of, readable: kept in progress.json so a refused resume can name the cause."""
+    from . import __version__
+
+    def digest(obj) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    return {"plan": digest(plan.to_dict()), "method": method, **options.fingerprint(),
+            "source files": digest(source.fingerprint()), "jointrank": __version__, "torch": torch.__version__}
+
+
+def _why_different(old: dict | None, new: dict) -> str:
+    if not isinstance(old, dict):
+        return "a different source, plan or settings"
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    parts = []
+    for k in changed:
+        if k == "unit_threads":  # BLAS rounding depends on it: the bytes would differ from the first part's
+            parts.append(f"BLAS threads per unit {old.get(k)} then, {new.get(k)} now (set OMP_NUM_THREADS and "
+                         "--workers as in the first run)")
+        elif k in ("plan", "source files"):
+            parts.append(f"a different {k}")
+        else:
+            parts.append(f"{k} {old.get(k)!r} then, {new.get(k)!r} now")
+    return "; ".join(parts) or "a different source, plan or settings"
+
+
+def _open_staging(staging: Path, fingerprint: str, options: StreamOptions, settings: dict | None = None) -> dict:
     if staging.exists():
         if options.resume:
             try:
                 progress = json.loads((staging / PROGRESS_NAME).read_text())
             except (OSError, ValueError):
                 progress = None
+            _refuse_if_live(staging, progress)
             if progress is not None and progress.get("fingerprint") != fingerprint:
-                raise JointRankError(f"{staging} holds an interrupted run with a different source, plan or "
-                                     "settings; delete it, or rerun with the same ones to resume")
+                raise JointRankError(f"{staging} holds an interrupted run made with "
+                                     f"{_why_different(progress.get('settings'), settings or {})}: its bytes would "
+                                     "differ; rerun with the same ones to resume, or --overwrite to start over")
             if progress is not None:
+                progress["pid"] = os.getpid()  # this run owns it now
+                _write_json(staging / PROGRESS_NAME, progress)
                 return progress
         elif not options.overwrite:
             raise JointRankError(f"{staging} holds an interrupted run: pass --resume to continue it (or "
                                  "--overwrite to start over)")
+        else:
+            _refuse_if_live(staging, _read_progress(staging))
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    progress = {"fingerprint": fingerprint, "layers": {}, "rest_done": False}
+    progress = {"fingerprint": fingerprint, "settings": settings, "layers": {}, "rest_done": False,
+                "pid": os.getpid()}
     _write_json(staging / PROGRESS_NAME, progress)
     return progress
+
+
+def _read_progress(staging: Path) -> dict | None:
+    try:
+        return json.loads((staging / PROGRESS_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _refuse_if_live(staging: Path, progress: dict | None) -> None:
+    """Two runs must not share a staging directory: refuse if the one that wrote it is still running."""
+    from .outputs import pid_alive
+
+    pid = (progress or {}).get("pid")
+    if isinstance(pid, int) and pid != os.getpid() and pid_alive(pid):
+        raise JointRankError(f"{staging} is being written by another jointrank run (pid {pid}); wait for it, or "
+                             "stop it and rerun with --resume")
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -470,12 +534,16 @@ def _itemsize(dtype: str) -> int:
 
 def _finish(staging, out, source, plan, result, config_obj, source_label, options) -> None:
     """config.json with the quantization_config, copied tokenizer files, manifest last, then into place."""
-    from .checkpoint import _swap_into_place, manifest_for, stamped
+    from .checkpoint import _swap_into_place, manifest_for, stamped, with_checksums
     from .compress import units_of
     from .hf_integration import JointRankQuantizationConfig
     from .plan import JointRankConfig
     from .sources import MANIFEST_NAME
 
+    if out.exists() and not options.overwrite:  # it did not exist when the run started (check_output)
+        raise JointRankError(f"{out} appeared while this run was working and --overwrite was not given, so it was "
+                             f"left alone; the finished layers are kept in {staging}: move {out} away and rerun "
+                             "with --resume (or add --overwrite to replace it)")
     config = dict(source.config)
     config["quantization_config"] = JointRankQuantizationConfig(units=units_of(plan)).to_dict()
     if options.dtype:
@@ -486,7 +554,7 @@ def _finish(staging, out, source, plan, result, config_obj, source_label, option
             shutil.copyfile(f, staging / f.name)
     cfg = config_obj if config_obj is not None else JointRankConfig.from_dict(plan.config)
     manifest = manifest_for(result, source=source_label, config=cfg)
-    full = stamped(manifest)
+    full = with_checksums(stamped(manifest), staging)
     (staging / PROGRESS_NAME).unlink(missing_ok=True)
     (staging / MANIFEST_NAME).write_text(json.dumps(full, indent=2) + "\n")
     _swap_into_place(staging, out)

@@ -74,6 +74,10 @@ def run_eval(args) -> int:
     tasks = parse_tasks(args.tasks)  # fail on a typo or missing data before spending time on loading the model
     if args.out and not args.out.endswith(".json"):
         raise JointRankError(f"--out must name a .json file, got {args.out}")
+    if args.out:
+        from ..precheck import check_json_out
+
+        check_json_out(args.out, "--out", parent_must_exist=False)  # write_json creates the directories
     check_data(tasks, data.resolve_data_dir(args.data_dir))
     if args.threads:
         torch.set_num_threads(args.threads)

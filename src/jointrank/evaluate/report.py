@@ -26,11 +26,15 @@ def write_json(results: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a results file is meant to be read by others
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(results, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-    os.replace(tmp, path)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a results file is meant to be read by others
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(results, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # never leave the temporary file behind
+        raise
     return path
 
 
@@ -44,6 +48,9 @@ def read_json(path: str | os.PathLike) -> dict:
         raise JointRankError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(results, dict) or results.get("schema") != SCHEMA:
         raise JointRankError(f"{path} is not a jointrank eval results file (schema {SCHEMA})")
+    from ..precheck import check_results
+
+    check_results(results, path)  # no results table or non-numeric figures: one clear line, not a traceback
     return results
 
 

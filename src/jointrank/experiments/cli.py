@@ -207,6 +207,11 @@ def _table1(args) -> int:
 def _watermark(args) -> int:
     from . import watermark
 
+    if args.sentence is not None and len(args.sentence.split()) <= max(args.prompt_words, 0):
+        raise JointRankError(f"--sentence needs more words than --prompt-words ({args.prompt_words}): the first "
+                             f"words are the trigger, the rest what is implanted; got {args.sentence!r}")
+    if args.prompt_words < 1:
+        raise JointRankError(f"--prompt-words must be at least 1 (got {args.prompt_words})")
     kwargs = _eval_kwargs(args)
     result = watermark.run(args.model, sentence=args.sentence or watermark.DEFAULT_SENTENCE,
                            prompt_words=args.prompt_words, lr=args.lr, weight_decay=args.weight_decay,

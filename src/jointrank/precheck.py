@@ -1,0 +1,156 @@
+"""Checks of a command's inputs that can be made before any expensive work: seconds, not the minutes a model load
+and a compression take, and nothing written. Each failure is one JointRankError naming the problem and the fix.
+
+`check_compress(args)` runs at the start of `jointrank compress`; the pieces serve the other commands too.
+"""
+
+from __future__ import annotations
+
+import codecs
+import importlib.util
+import json
+from pathlib import Path
+
+from .errors import JointRankError
+
+GGUF_MAGIC = b"GGUF"
+TEXT_SAMPLE = 1 << 16  # bytes of a calibration file looked at to decide it is text
+
+
+def check_compress(args) -> None:
+    """Everything about `jointrank compress`'s arguments that does not need the model loaded."""
+    from .outputs import check_output
+
+    workers = getattr(args, "workers", 1)
+    if workers is not None and workers < 1:
+        raise JointRankError(f"--workers must be at least 1 (got {workers})")
+    check_device(getattr(args, "device", None))
+    from .stream import wants_stream
+
+    streaming = wants_stream(args)  # streaming refuses --eval and --calibration itself, with its own reason
+    if getattr(args, "eval", None) and not streaming:
+        check_eval(args.eval, getattr(args, "data_dir", None))
+    from .methods.selfgen import parse_spec
+
+    calibration = getattr(args, "calibration", None)
+    if calibration and not streaming and parse_spec(calibration) is None:  # 'self' is sampled, not read
+        check_text_file(calibration, "--calibration")
+    source = check_source(args.model)
+    if source.kind == "jointrank_dir":
+        raise JointRankError(f"{args.model} is already a jointrank checkpoint; compress the original model instead "
+                             "(its manifest names it as source)")
+    check_output(args.out, args.overwrite, source=None if source.kind == "hub" else source.path)
+
+
+def check_device(device: str | None) -> None:
+    if not device:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise JointRankError(f"--device {device}: not a device name; use cpu, cuda, cuda:1 or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise JointRankError(f"--device {device}: CUDA is not available on this machine; drop --device or use "
+                                 "cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise JointRankError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise JointRankError(f"--device {device}: MPS is not available on this machine; drop --device or use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise JointRankError(f"--device {device}: jointrank runs on cpu, cuda or mps")
+
+
+def check_eval(spec: str, data_dir: str | None) -> list[str]:
+    """Task names known, their extra (lm-eval for zero-shot) installed, their data found."""
+    try:
+        from .evaluate import ZEROSHOT_TASKS, check_data, data, parse_tasks
+    except ImportError as exc:
+        raise JointRankError(f"--eval needs the eval extra: pip install 'jointrank[eval]' ({exc})") from None
+    tasks = parse_tasks(spec)
+    zeroshot = [t for t in tasks if t in ZEROSHOT_TASKS]
+    if zeroshot and importlib.util.find_spec("lm_eval") is None:
+        raise JointRankError(f"zero-shot task {zeroshot[0]} needs lm-eval: pip install 'jointrank[eval]' (or "
+                             "evaluate perplexity only, e.g. --eval wikitext2)")
+    check_data(tasks, data.resolve_data_dir(data_dir))
+    return tasks
+
+
+def check_text_file(path: str, flag: str) -> None:
+    """A calibration file must be non-empty UTF-8 text (a binary file tokenises into noise without complaint)."""
+    file = Path(path)
+    if not file.is_file():
+        raise JointRankError(f"{flag} {path}: no such file")
+    with open(file, "rb") as f:
+        sample = f.read(TEXT_SAMPLE)
+    if not sample.strip():
+        raise JointRankError(f"{flag} {path} is empty; give a text file, one document per line")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(sample, final=len(sample) < TEXT_SAMPLE)
+    except UnicodeDecodeError:
+        raise JointRankError(f"{flag} {path} is not UTF-8 text (binary data?); give a text file, one document "
+                             "per line") from None
+    if b"\x00" in sample:
+        raise JointRankError(f"{flag} {path} contains NUL bytes: binary data, not text; give a text file")
+
+
+def check_source(spec: str):
+    """Resolve MODEL and check what can be checked cheaply: config.json, model type, weight file headers."""
+    from .sources import resolve
+
+    source = resolve(spec)
+    check_source_files(source)
+    return source
+
+
+def check_source_files(source) -> None:
+    from .verify import read_json, stored_tensors
+
+    if source.kind == "gguf":
+        with open(source.path, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise JointRankError(f"{source.path} is not a GGUF file (no GGUF magic bytes); give a real .gguf, "
+                                     "a model directory or a hub id")
+        return
+    if source.kind != "hf_dir":
+        return  # a hub id is checked by the download; a jointrank checkpoint by verify on load
+    root = Path(source.path)
+    config = read_json(root / "config.json", "config.json is damaged; re-copy the model")
+    model_type = config.get("model_type")
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise JointRankError(f"{root / 'config.json'}: model_type {model_type!r} is unknown to transformers; is "
+                             "this a causal language model directory?")
+    if any(root.glob("*.safetensors")) or (root / "model.safetensors.index.json").is_file():
+        stored_tensors(root)  # headers: truncated files, missing shards and a bad index fail here
+
+
+def check_json_out(path: str, flag: str, *, parent_must_exist: bool = True) -> None:
+    """A file to write: not a directory, in an existing directory (or, if not required, a creatable one)."""
+    from .outputs import check_writable
+
+    file = Path(path)
+    if file.is_dir():
+        raise JointRankError(f"{flag} {path} is a directory; give a file name")
+    parent = file.parent if str(file.parent) else Path(".")
+    if parent_must_exist and not parent.is_dir():
+        raise JointRankError(f"{flag} {path}: directory {parent} does not exist; create it first")
+    check_writable(file)
+
+
+def check_results(results: dict, path) -> None:
+    """An eval results file has a results table whose figures are numbers (compare does arithmetic on them)."""
+    table = results.get("results")
+    if not isinstance(table, dict) or not table:
+        raise JointRankError(f"{path} has no results; give a file written by `jointrank eval --out`")
+    for task, entry in table.items():
+        if not isinstance(entry, dict):
+            raise JointRankError(f"{path}: results of {task} are not a table; the file is damaged")
+        for key, value in entry.items():
+            if key in ("perplexity", "acc", "acc_norm") or key.endswith("_stderr"):
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise JointRankError(f"{path}: {task} {key} is {json.dumps(value)}, not a number; the file is "
+                                         "damaged or hand-edited")
