@@ -232,6 +232,7 @@ def build(name: str, budget: float, *, progress: bool = False):
 def cmd_point(args) -> int:
     """One point in this process; prints its JSON on the last line of stdout."""
     budget = float(args.budget)
+    load_start = os.getloadavg()[0]
     if args.name == "dense":
         import torch
 
@@ -249,6 +250,7 @@ def cmd_point(args) -> int:
         point["perplexity"] = measure_perplexity(model, tokenizer)
     point["peak_rss_gib"] = peak_rss_gib()
     point["load_avg_1min"] = os.getloadavg()[0]
+    point["load_avg_1min_start"] = load_start
     print("POINT " + json.dumps(point), flush=True)
     return 0
 

@@ -65,12 +65,17 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
              "`refit+distill` = both.",
              "* Time: compress + heal = calibration (for `self`: sampling the text, as measured when its cache was "
              "made) + statistics, factorisation + healing, wall clock on the 2-core machine; peak RSS of the process "
-             "up to the end of healing (dense model, teacher copy of the decoder, optimizer state).", ""]
+             "up to the end of healing (dense model, teacher copy of the decoder, optimizer state). *load* = the "
+             "machine's 1-minute load average when the point finished (2.0 = both cores busy with this point alone; "
+             "more = another job shared the machine, and the point's times are inflated by it).",
+             "* Distillation loss (mean KL per token on the calibration windows, first step → mean of the last 10) "
+             "and the refit's mean relative output error (before → after) are in `results/quality.json` per point.",
+             ""]
 
     lines += ["## Targets", "", "| target | measured | required | met | row |", "|---|---|---|---|---|"]
     for t in results.get("targets", []):
-        lines.append(f"| {t['name']} | {_f(t['measured'])} | {t['target']} | {'yes' if t['met'] else '**no**'} "
-                     f"| {t.get('row') or '—'} |")
+        met = "not measured" if t["measured"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['name']} | {_f(t['measured'])} | {t['target']} | {met} | {t.get('row') or '—'} |")
     lines.append("")
 
     if dense:
@@ -86,8 +91,8 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
         labels = sorted({parse_row(r)[0] for r in rows}, key=list(STRUCTURES).index)
         lines += [f"Structures: " + "; ".join(f"`{k}` = {structure_label(k, budget)}" for k in labels) + ".", "",
                   "| row (structure/calibration/heal) | removed | perplexity | ppl / dense | zero-shot avg "
-                  "(retention) | sampling s | compress s | heal s | compress + heal min | peak RSS GiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "(retention) | sampling s | compress s | heal s | compress + heal min | peak RSS GiB | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             p = by[(r, budget)]
             ratio = ppl_ratio(p, dense) if dense else None
@@ -96,9 +101,9 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
                 + (f"{ratio[0]:.3f} ± {ratio[1]:.3f}" if ratio else "—")
                 + f" | {_zs_cell(p, dense)} | {_f(p.get('sampling_seconds'), 0)} | {_f(p['compress_seconds'], 0)} | "
                 f"{_f(p.get('heal_seconds'), 0)} | {_minutes(p['compress_heal_seconds'])} | "
-                f"{p['peak_rss_gib_compress']:.2f} |")
+                f"{p['peak_rss_gib_compress']:.2f} | {p['load_avg_1min']:.1f} |")
         for p in failed:
-            lines.append(f"| {p['row']} | failed: {p['error'][:160]} | | | | | | | | |")
+            lines.append(f"| {p['row']} | failed: {p['error'][:160]} | | | | | | | | | |")
         lines.append("")
         lines += _healing_section(by, budget) + _self_vs_c4_section(by, budget)
 
