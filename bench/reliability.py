@@ -229,13 +229,41 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def targets(data: dict) -> list[dict]:
+    """The issue's targets as machine-readable verdicts."""
+    ran = [r for r in data["bad_inputs"] if r["ok"] is not None]
+    kil = data["kills"]
+    finished_looking = sum(1 for r in kil if any("does not verify" in p or "not byte-identical" in p
+                                                   for p in r["problems"] if "after the kill" in p))
+    tam = data["tampered"]
+    return [
+        {"name": "bad inputs handled (exit 1, one line, no traceback, nothing written)",
+         "measured": sum(bool(r["ok"]) for r in ran), "target": f"all {len(ran)}",
+         "met": all(r["ok"] for r in ran)},
+        {"name": "kill -9 trials", "measured": len(kil), "target": ">= 50", "met": len(kil) >= 50},
+        {"name": "finished-looking partial outputs after kill -9", "measured": finished_looking, "target": "0",
+         "met": finished_looking == 0 and all(r["ok"] for r in kil)},
+        {"name": "tampered checkpoints refused (fraction)", "measured": sum(r["ok"] for r in tam) / len(tam),
+         "target": "1.0", "met": all(r["ok"] for r in tam)},
+    ]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=51, help="kill -9 trials (default 51: 17 each of in-memory, "
                         "streamed and --overwrite runs)")
     parser.add_argument("--seed", type=int, default=2026, help="seed of the kill moments")
     parser.add_argument("--out", default=str(ROOT / "results" / "reliability"), help="output stem (.json, .md)")
+    parser.add_argument("--report", action="store_true",
+                        help="only rewrite the .md (and the targets in the .json) from the existing .json")
     args = parser.parse_args(argv)
+    if args.report:
+        out = Path(args.out)
+        data = json.loads(out.with_suffix(".json").read_text())
+        data["targets"] = targets(data)
+        out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown(data))
+        return 0
     with contextlib.suppress(OSError):
         os.nice(19)  # the machine is shared: this is never the job that matters
     import torch
@@ -258,6 +286,7 @@ def main(argv=None) -> int:
         data["seconds"] = time.perf_counter() - start
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    data["targets"] = targets(data)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
