@@ -255,7 +255,7 @@ def model_dir(tmp_path_factory):
     (["--method", "qr"], "unknown method 'qr'"),
     (["--method", "balanced:mass"], "has no option 'mass'"),
     (["--method", "svd_llm"], "needs calibration text"),
-    (["--method", "svd_llm", "--calibration", "/nonexistent.txt"], "does not exist"),
+    (["--method", "svd_llm", "--calibration", "/nonexistent.txt"], "no such file"),
     (["--method", "svd", "--calibration", __file__], "is data-free and takes no --calibration"),
     (["--allocation", "global"], "give --target"),
 ])
