@@ -41,7 +41,7 @@ class SamplingSettings:
     seqlen: int = 512
     batch_size: int = 16  # windows sampled at once
     # sampled in bfloat16 (a temporary copy when the model is float32): 2-3x faster on CPUs and GPUs alike, and the
-    # text only has to be typical of the model, not bit-exact (measured against float32 in results/quality.md)
+    # text only has to be typical of the model, not bit-exact (bfloat16 against float32 sampling is not measured yet)
     dtype: str = "bfloat16"
 
 
@@ -176,8 +176,7 @@ def sample_windows(model, tokenizer, n_windows: int, seqlen: int, settings: Samp
 def _to_dtype(model, dtype):
     """Convert `model` to `dtype` in place and return a function that puts the original tensors back, bit for bit.
 
-    Cheaper than a converted copy (which also ran several times slower here for its first few hundred calls on
-    CPU): the float32 tensors are kept aside, so the round trip loses nothing."""
+    Cheaper in memory than a converted copy: the float32 tensors are kept aside, so the round trip loses nothing."""
     params = [(p, p.data) for p in model.parameters()]
     buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
     if all(p.dtype == dtype or not p.is_floating_point() for p, _ in params):
