@@ -160,8 +160,27 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def build(name: str, budget: float, *, progress: bool = False):
-    """Load dense, calibrate, compress and heal one point; returns (model, tokenizer, facts about the run)."""
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (Linux /proc/stat; 0 elsewhere)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool = False):
+    """Load dense, calibrate, compress and heal one point; returns (model, tokenizer, facts about the run).
+
+    `fresh_cache`: sample the self-generated text again into an empty cache (so the sampling is timed in this run,
+    as a user without a cache pays it) and record whether it is token-identical to the shared cache's copy.
+    """
     import torch
 
     from jointrank import compress_
@@ -174,6 +193,7 @@ def build(name: str, budget: float, *, progress: bool = False):
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     structure, cal_kind, heal = parse_row(name)
+    busy0, own0 = busy_cpu_seconds(), own_cpu_seconds()
     t0 = time.perf_counter()
     model, tokenizer, _ = load_model(MODEL)
     facts = {"load_seconds": time.perf_counter() - t0}
@@ -182,6 +202,19 @@ def build(name: str, budget: float, *, progress: bool = False):
     t = time.perf_counter()
     if cal_kind == "c4":
         calibration = load_text(C4_FILE, tokenizer, tokens=CAL_TOKENS, seqlen=512, seed=0)
+    elif cal_kind == "self" and fresh_cache:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            calibration = self_calibration(model, tokenizer, CAL_TOKENS, cache_dir=tmp, progress=progress)
+        shared = CACHE / Path(calibration.provenance["cache_file"]).name
+        if shared.is_file():
+            from safetensors.torch import load_file
+
+            facts["sampling_matches_cache"] = bool(torch.equal(load_file(str(shared))["input_ids"],
+                                                               calibration.input_ids))
+        facts["sampling_seconds"] = calibration.provenance["sampling_seconds"]
+        facts["sampling_from_cache"] = False
     elif cal_kind == "self":
         calibration = self_calibration(model, tokenizer, CAL_TOKENS, cache_dir=CACHE, progress=progress)
         prov = calibration.provenance
@@ -226,6 +259,9 @@ def build(name: str, budget: float, *, progress: bool = False):
         # the wall time a user pays without a cache: sampling as measured when the cache was made
         facts["compress_heal_seconds"] += facts["sampling_seconds"] or 0.0
     facts["peak_rss_gib_compress"] = peak_rss_gib()
+    # how much CPU other processes took while this one built: a timing is only a verdict on a quiet machine
+    facts["other_cpu_seconds"] = max(0.0, (busy_cpu_seconds() - busy0) - (own_cpu_seconds() - own0))
+    facts["build_wall_seconds"] = time.perf_counter() - t0
     return model, tokenizer, facts
 
 
@@ -242,12 +278,12 @@ def cmd_point(args) -> int:
         model, tokenizer, _ = load_model(MODEL)
         facts = {}
     else:
-        model, tokenizer, facts = build(args.name, budget, progress=args.progress)
-    point = {"row": args.name, "budget": budget, **facts}
+        model, tokenizer, facts = build(args.name, budget, progress=args.progress, fresh_cache=args.fresh_cache)
+    point = {"row": args.name, "budget": budget, **facts, "load_avg_1min_built": os.getloadavg()[0]}
+    if args.perplexity or not args.zeroshot:
+        point["perplexity"] = measure_perplexity(model, tokenizer)
     if args.zeroshot:
         point["zeroshot"] = measure_zeroshot(model, tokenizer)
-    else:
-        point["perplexity"] = measure_perplexity(model, tokenizer)
     point["peak_rss_gib"] = peak_rss_gib()
     point["load_avg_1min"] = os.getloadavg()[0]
     point["load_avg_1min_start"] = load_start
@@ -283,10 +319,10 @@ def save_results(results: dict) -> None:
     write_json(results, OUT_JSON)
 
 
-def run_point(name: str, budget: float, *, zeroshot: bool) -> dict:
+def run_point(name: str, budget: float, *, zeroshot: bool, perplexity: bool = True,
+              fresh_cache: bool = False) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "point", name, str(budget)]
-    if zeroshot:
-        cmd.append("--zeroshot")
+    cmd += ["--zeroshot"] * zeroshot + ["--perplexity"] * perplexity + ["--fresh-cache"] * fresh_cache
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("POINT ")]
@@ -312,7 +348,7 @@ def cmd_run(args) -> int:
         if time.monotonic() > deadline:
             print("time budget of this piece used up; run again to continue", flush=True)
             return 3
-        point = run_point(name, budget, zeroshot=False)
+        point = run_point(name, budget, zeroshot=args.zeroshot and name != "dense", fresh_cache=args.fresh_cache)
         results["points"] = [p for p in results["points"] if not (p["row"] == name and p["budget"] == budget)]
         results["points"].append(point)
         save_results(results)
@@ -339,7 +375,7 @@ def cmd_zeroshot(args) -> int:
             if time.monotonic() > deadline:
                 print("time budget of this piece used up; run again to continue", flush=True)
                 return 3
-            z = run_point(name, budget, zeroshot=True)
+            z = run_point(name, budget, zeroshot=True, perplexity=False, fresh_cache=args.fresh_cache)
             if "error" in z:
                 print(f"{name} @ {budget:.0%}: zero-shot FAILED {z['error']}", flush=True)
                 continue
@@ -347,6 +383,12 @@ def cmd_zeroshot(args) -> int:
                 raise SystemExit(f"{name} @ {budget}: the rebuilt model differs from the measured one")
             point["zeroshot"] = z["zeroshot"]
             point["zeroshot_peak_rss_gib"] = z["peak_rss_gib"]
+            if name != "dense":  # the rebuild is another timing of compress + heal: keep it beside the first
+                point.setdefault("rebuilds", []).append(
+                    {k: z.get(k) for k in ("compress_heal_seconds", "sampling_seconds", "sampling_from_cache",
+                                           "sampling_matches_cache", "compress_seconds", "heal_seconds",
+                                           "peak_rss_gib_compress", "load_avg_1min_start", "load_avg_1min_built",
+                                           "other_cpu_seconds", "build_wall_seconds")})
             save_results(load_results() | {"points": results["points"]})
             print(f"{name} @ {budget:.0%}: zero-shot avg {z['zeroshot']['avg']:.4f}", flush=True)
     return 0
@@ -390,6 +432,13 @@ def zs_retention(point: dict, dense: dict) -> tuple[float, float] | None:
 
 
 NO_USER_DATA = ("none", "self")
+
+
+def quietest_timing(point: dict) -> dict:
+    """Of a point's compress + heal runs (the first, then any rebuild for zero-shot), the one other processes
+    disturbed least (CPU seconds they took meanwhile; runs from before that was recorded count as disturbed)."""
+    runs = [point] + point.get("rebuilds", [])
+    return min(runs, key=lambda r: r.get("other_cpu_seconds", math.inf))
 
 
 def best_no_user_data(by: dict, budget: float, *, zeroshot: bool = False) -> dict | None:
@@ -436,11 +485,14 @@ def targets(results: dict) -> list[dict]:
                     "met": worst is not None and worst[0] <= 2, "row": worst[1] if worst else None,
                     "pairs": len(pairs)})
     timed = [p for (row, b), p in by.items() if row != "dense" and parse_row(row)[2] != "none"]
-    slowest = max(timed, key=lambda p: p["compress_heal_seconds"]) if timed else None
-    out.append({"name": "compress + heal wall time, minutes (slowest healed row)",
-                "measured": slowest["compress_heal_seconds"] / 60 if slowest else None, "target": "<= 20",
-                "met": slowest is not None and slowest["compress_heal_seconds"] <= 1200,
-                "row": slowest["row"] if slowest else None})
+    quiet = {p["row"] + str(p["budget"]): quietest_timing(p) for p in timed}
+    slowest = max(timed, key=lambda p: quiet[p["row"] + str(p["budget"])]["compress_heal_seconds"]) if timed else None
+    t = quiet[slowest["row"] + str(slowest["budget"])] if slowest else None
+    out.append({"name": "compress + heal wall time, minutes (slowest healed row, its quietest run)",
+                "measured": t["compress_heal_seconds"] / 60 if t else None, "target": "<= 20",
+                "met": t is not None and t["compress_heal_seconds"] <= 1200,
+                "row": slowest["row"] if slowest else None,
+                "other_cpu_seconds": t.get("other_cpu_seconds") if t else None})
     heavy = max(timed, key=lambda p: p["peak_rss_gib_compress"]) if timed else None
     out.append({"name": "compress + heal peak RSS, GiB (largest healed row)",
                 "measured": heavy["peak_rss_gib_compress"] if heavy else None, "target": "<= 4 GB (3.73 GiB)",
@@ -466,17 +518,23 @@ def main(argv=None) -> int:
     run.add_argument("--only", default="", help="comma-separated rows STRUCTURE/CALIBRATION/HEAL")
     run.add_argument("--budgets", default=None, help="comma-separated fractions (default: 0.1,0.2,0.3)")
     run.add_argument("--max-minutes", type=float, default=60.0, help="start no new point after this long")
+    run.add_argument("--zeroshot", action="store_true", help="also zero-shot, in the same process as perplexity")
+    run.add_argument("--fresh-cache", action="store_true", help="sample self-generated text again, timed")
     run.set_defaults(func=cmd_run)
     zs = sub.add_parser("zeroshot", help="zero-shot for measured points (rebuilt: every step is deterministic)")
     zs.add_argument("--only", default="")
     zs.add_argument("--budgets", default=None)
     zs.add_argument("--dense", action="store_true", help="also the dense model")
     zs.add_argument("--max-minutes", type=float, default=60.0)
+    zs.add_argument("--fresh-cache", action="store_true",
+                    help="sample self-generated text again (timed; checked identical to the cached text)")
     zs.set_defaults(func=cmd_zeroshot)
     point = sub.add_parser("point", help="one point in this process (used by run and zeroshot)")
     point.add_argument("name")
     point.add_argument("budget")
-    point.add_argument("--zeroshot", action="store_true")
+    point.add_argument("--zeroshot", action="store_true", help="measure zero-shot accuracy")
+    point.add_argument("--perplexity", action="store_true", help="measure perplexity (default unless --zeroshot)")
+    point.add_argument("--fresh-cache", action="store_true", help="sample self-generated text again, timed")
     point.add_argument("--progress", action="store_true")
     point.set_defaults(func=cmd_point)
     report = sub.add_parser("report")
