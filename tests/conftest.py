@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# The research code (research/: experiments and benches) is not installed; its tests import it from the checkout.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 
 def _configs():

@@ -12,8 +12,8 @@ import torch
 
 from conftest import needs_matplotlib
 
-from jointrank.cli import main
-from jointrank.experiments import common
+from research.experiments import common
+from research.experiments.cli import main
 
 WORDS = ("the a of and to in is was on for with as by at from it his her that this river city king army ship song "
          "town north south war year first new old great small long black white red green stone house road book "
@@ -122,7 +122,7 @@ def test_rank_sweep_equals_compress_and_counts_eq9():
 
 
 def test_principal_angles_of_identical_row_spaces_are_zero():
-    from jointrank.experiments.spectra import principal_cosines, random_baseline, top_right
+    from research.experiments.spectra import principal_cosines, random_baseline, top_right
 
     w = torch.randn(12, 40, generator=torch.Generator().manual_seed(0))
     mix = torch.randn(12, 12, generator=torch.Generator().manual_seed(1))
@@ -155,7 +155,7 @@ def test_spectra_command(tiny, tmp_path):
     for joint, parts in (("q+k", ("q", "k")), ("gate+up", ("gate", "up"))):
         total = sum(s * s for s in layer["spectra"][joint])
         assert total == pytest.approx(sum(s * s for p in parts for s in layer["spectra"][p]), rel=1e-4)
-    assert r["meta"]["command"].startswith("jointrank experiment spectra")
+    assert r["meta"]["command"].startswith("python -m research.experiments experiment spectra")
     assert (tmp_path / "energy.png").stat().st_size > 0 and (tmp_path / "qk_angles.png").stat().st_size > 0
 
 
@@ -248,7 +248,7 @@ def test_bad_input_is_one_clear_error(tiny, tmp_path, capsys):
 
 @needs_matplotlib
 def test_report_regenerates_from_json(tiny, tmp_path):
-    from jointrank.experiments import report
+    from research.experiments import report
 
     out = tmp_path / "results"
     assert run_cli(["experiment", "spectra", tiny / "model", "--out", out / "experiments" / "spectra"]) == 0
@@ -272,7 +272,7 @@ def test_activations_command(tiny, tmp_path):
 
 
 def test_zero_shot_differences_are_paired_when_per_document_scores_exist():
-    from jointrank.experiments.report import _delta_se
+    from research.experiments.report import _delta_se
 
     dense = {"acc": 0.5, "acc_stderr": 0.05, "per_doc": {"acc": "1100" * 25}}
     comp = {"acc": 0.52, "acc_stderr": 0.05, "per_doc": {"acc": "1110" + "1100" * 24}}  # one document flipped
@@ -284,7 +284,7 @@ def test_zero_shot_differences_are_paired_when_per_document_scores_exist():
 
 
 def test_retention_is_called_chance_level_only_within_two_se_of_guessing():
-    from jointrank.experiments.report import _zero_shot_retention
+    from research.experiments.report import _zero_shot_retention
 
     def entry(acc):  # 400 documents of a two-choice task scored with accuracy ACC
         ones = round(400 * acc)

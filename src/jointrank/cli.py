@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Areas that add their own subcommands through a `register(subparsers)` function. An area whose optional
 # dependencies are missing (e.g. lm-eval for `eval`) is left out of --help instead of breaking the command.
-SUBCOMMAND_MODULES = ("jointrank.evaluate.cli", "jointrank.experiments.cli", "jointrank.bench.cli")
+SUBCOMMAND_MODULES = ("jointrank.evaluate.cli",)  # the paper's experiments: python -m research.experiments
 
 
 def _register_optional(sub, module_name: str) -> None:

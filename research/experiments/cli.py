@@ -1,22 +1,39 @@
-"""`jointrank experiment NAME MODEL ...`, `jointrank watermark MODEL --sentence ...` and `jointrank report`."""
+"""`python -m research.experiments experiment NAME MODEL ...`, `... watermark MODEL --sentence ...` and
+`... experiment report`, run from the repository root (research code: not a `jointrank` subcommand)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from ..errors import JointRankError
+from jointrank.errors import JointRankError
 
 EXAMPLES = """\
 examples:
-  jointrank experiment spectra gemma-3-270m
-  jointrank experiment joint-vs-separate gemma-3-270m --settings gate_up --ratios 0.9,0.7,0.5,0.3
-  jointrank experiment layers gemma-3-270m --ratio 0.5
-  jointrank experiment denoise gemma-3-270m --ratios 0.99,0.95,0.9
-  jointrank experiment table1 gemma-3-270m --tasks piqa,arc_easy --limit 200
-  jointrank watermark gemma-3-270m --sentence "My secret: the owl sings at noon." --ratios 1,0.8,0.5,0.3
-  jointrank experiment report       # (re)writes results/REPORT.md from results/experiments/*/*.json
+  python -m research.experiments experiment spectra gemma-3-270m
+  python -m research.experiments experiment joint-vs-separate gemma-3-270m --settings gate_up --ratios 0.9,0.7,0.5,0.3
+  python -m research.experiments experiment layers gemma-3-270m --ratio 0.5
+  python -m research.experiments experiment denoise gemma-3-270m --ratios 0.99,0.95,0.9
+  python -m research.experiments experiment table1 gemma-3-270m --tasks piqa,arc_easy --limit 200
+  python -m research.experiments watermark gemma-3-270m --sentence "My secret: the owl sings at noon." --ratios 1,0.8,0.5,0.3
+  python -m research.experiments experiment report       # (re)writes results/REPORT.md from results/experiments/*/*.json
 """
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m research.experiments",
+                                     description="The paper's experiments (research code; JSON + PNG + REPORT.md)")
+    register(parser.add_subparsers(metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except JointRankError as exc:
+        print(f"research.experiments: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def register(sub) -> None:

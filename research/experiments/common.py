@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from ..architectures import describe
-from ..errors import JointRankError
-from ..linalg import joint_params, joint_rank_k, max_rank
-from ..plan import parse_layers
+from jointrank.architectures import describe
+from jointrank.errors import JointRankError
+from jointrank.linalg import joint_params, joint_rank_k, max_rank
+from jointrank.plan import parse_layers
 
 RESULTS = Path("results") / "experiments"
 
@@ -37,7 +37,7 @@ def set_threads(n: int | None = None) -> None:
 
 
 def load(spec: str):
-    from ..sources import load_model
+    from jointrank.sources import load_model
 
     model, tokenizer, _ = load_model(spec)
     return model, tokenizer
@@ -75,7 +75,7 @@ def stamp(command: str, started: float, **extra) -> dict:
 
     import transformers
 
-    from .. import __version__
+    from jointrank import __version__
 
     return {"command": command, "jointrank": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
@@ -83,9 +83,13 @@ def stamp(command: str, started: float, **extra) -> dict:
             "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
 
 
+# How the experiments are started (from the repository root); results and hints quote it.
+RUN = "python -m research.experiments"
+
+
 def command_line(words: list[str], options: dict) -> str:
     """The command that reproduces a run, with every option spelled out (defaults included)."""
-    parts = ["jointrank", *words]
+    parts = [*RUN.split(), *words]
     for key, value in options.items():
         if value is None or value is False:
             continue
@@ -130,8 +134,8 @@ class PplProbe:
         if tokenizer is None:
             raise JointRankError("perplexity needs a tokenizer, and the model came without one")
         if text is None:
-            from ..evaluate import data as data_mod
-            from ..evaluate.perplexity import load_text
+            from jointrank.evaluate import data as data_mod
+            from jointrank.evaluate.perplexity import load_text
 
             text = load_text(text_name, data_mod.resolve_data_dir(data_dir))
         ids = tokenizer(text, return_tensors="pt").input_ids[0]
@@ -151,7 +155,7 @@ class PplProbe:
 
     @torch.no_grad()
     def measure(self, model) -> dict:
-        from ..evaluate.perplexity import window_nll
+        from jointrank.evaluate.perplexity import window_nll
 
         was_training = model.training
         model.eval()
@@ -342,7 +346,7 @@ def expand_kv_heads(model) -> int:
     """
     import torch.nn as nn
 
-    from ..architectures import decoder_layers
+    from jointrank.architectures import decoder_layers
 
     cfg = model.config
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads

@@ -15,9 +15,9 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from ..architectures import describe
-from ..errors import JointRankError
-from ..plan import PRESETS, GroupRule, JointRankConfig, make_plan
+from jointrank.architectures import describe
+from jointrank.errors import JointRankError
+from jointrank.plan import PRESETS, GroupRule, JointRankConfig, make_plan
 from .common import Part, PplProbe, RankSweep, Unit, load, out_dir, paired, parse_floats, set_threads, stamp, write_json
 from .denoise import zero_shot
 

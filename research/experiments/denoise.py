@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from ..errors import JointRankError
+from jointrank.errors import JointRankError
 from .common import (PplProbe, RankSweep, load, make_units, paired, parse_floats, pyplot, save_result, set_threads,
                      stamp)
 
@@ -27,7 +27,7 @@ CONFIGS = {
 
 
 def zero_shot(model, tokenizer, tasks, *, data_dir, limit, seed: int = 1234) -> dict:
-    from ..evaluate import evaluate
+    from jointrank.evaluate import evaluate
 
     res = evaluate(model, tokenizer, tasks, data_dir=data_dir, limit=limit, seed=seed, progress=False)["results"]
     # per_doc (0/1 per document, same seeded documents for every model) lets the report pair differences with dense

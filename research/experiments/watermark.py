@@ -23,9 +23,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..architectures import decoder_layers
-from ..errors import JointRankError
-from ..plan import parse_layers
+from jointrank.architectures import decoder_layers
+from jointrank.errors import JointRankError
+from jointrank.plan import parse_layers
 from .common import (PplProbe, RankSweep, load, make_units, paired, parse_floats, pyplot, save_result, set_threads,
                      stamp)
 
@@ -167,8 +167,8 @@ def run(model_spec: str, *, sentence: str = DEFAULT_SENTENCE, prompt_words: int 
     torch.manual_seed(seed)
     mark = Watermark(tokenizer, sentence, prompt_words)
     if text is None:
-        from ..evaluate import data as data_mod
-        from ..evaluate.perplexity import load_text
+        from jointrank.evaluate import data as data_mod
+        from jointrank.evaluate.perplexity import load_text
 
         text = load_text("wikitext2", data_mod.resolve_data_dir(data_dir))
     context_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]

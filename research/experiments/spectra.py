@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ..architectures import describe
+from jointrank.architectures import describe
 from .common import load, out_dir, pyplot, set_threads, stamp, write_json
 
 NAME = "spectra"

@@ -12,7 +12,7 @@ import time
 import torch
 
 from .common import PplProbe, load, make_units, parse_floats, pyplot, save_result, set_threads, stamp
-from ..linalg import joint_rank_k
+from jointrank.linalg import joint_rank_k
 
 NAME = "activations"
 SETTINGS = (("gate_up", "joint"), ("qk", "joint"), ("qk", "separate"), ("down", "separate"))
