@@ -1,7 +1,7 @@
 """Does balancing stop K being starved? Per-member relative weight error of every joint Q/K and gate/up unit of
 Gemma-3-270M, plain stacking vs the balanced options, at equal rank (so at equal parameters). Weights only, no data.
 
-    python bench/balanced_members.py        # -> results/balanced_members.json (read by bench/report_methods.py)
+    python research/bench/balanced_members.py        # -> results/balanced_members.json (read by research/bench/report_methods.py)
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "results" / "balanced_members.json"
 RATIOS = (0.25, 0.5)
 SPECS = ("svd", "balanced:norm", "balanced:heads", "balanced:alone")
@@ -38,7 +38,7 @@ def main() -> int:
                 row[spec] = factorise(spec, weights, k).member_rel_errors
             rows.append(row)
     OUT.write_text(json.dumps({"model": "gemma-3-270m", "ratios": RATIOS, "specs": SPECS, "rows": rows,
-                               "command": "python bench/balanced_members.py"}, indent=1) + "\n")
+                               "command": "python research/bench/balanced_members.py"}, indent=1) + "\n")
     print(f"wrote {OUT.relative_to(REPO)}")
     return 0
 

@@ -14,7 +14,7 @@ One run does everything:
      --repeats runs each, as a ratio to exact SVD in the same process), plus the two pieces no eigendecomposition-
      based exact solver can avoid (the Gram product and a full float32 `eigh`), which bound the possible speed-up.
 
-    flock -x /tmp/jointrank-cpu.lock python bench/compress_speed.py --layers 4   # writes results/compress_speed.*
+    flock -x /tmp/jointrank-cpu.lock python research/bench/compress_speed.py --layers 4   # writes results/compress_speed.*
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                 vocab_size=32000, num_hidden_layers=32, max_position_embeddings=4096, rms_norm_eps=1e-6,
                 tie_word_embeddings=False)
@@ -307,7 +307,7 @@ def _render_solvers(study: dict | None) -> list[str]:
 
 def _command() -> str:
     """The exact command line, with the flock wrapper around it when there is one (it says how CPU was shared)."""
-    own = "python " + " ".join(["bench/compress_speed.py", *sys.argv[1:]])
+    own = "python " + " ".join(["research/bench/compress_speed.py", *sys.argv[1:]])
     try:
         parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
         if parent and parent[0].endswith(b"flock"):

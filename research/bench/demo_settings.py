@@ -1,6 +1,6 @@
 """Which settings can a user of the small demo model afford? Perplexity (and optionally zero-shot) per setting.
 
-    python bench/demo_settings.py --data-dir ../shared/data --max-windows 8 --out results/demo_settings
+    python research/bench/demo_settings.py --data-dir ../shared/data --max-windows 8 --out results/demo_settings
 
 Writes OUT.json and OUT.md (generated from the JSON; the command that made them is recorded in both). Every setting
 is compressed from the same dense model in the same process, so the numbers compare like with like.

@@ -1,8 +1,8 @@
 """Every decomposition method and the paper's presets on Gemma-3-270M at 5/10/20/30% decoder-parameter reduction.
 
-    python bench/methods_compare.py run [--only NAME,...] [--budgets 0.05,0.1] [--max-minutes 14]
-    python bench/methods_compare.py zeroshot --only NAME,... --budgets 0.2   # adds zero-shot to measured points
-    python bench/methods_compare.py report          # results/methods.md + methods.png from results/methods.json
+    python research/bench/methods_compare.py run [--only NAME,...] [--budgets 0.05,0.1] [--max-minutes 14]
+    python research/bench/methods_compare.py zeroshot --only NAME,... --budgets 0.2   # adds zero-shot to measured points
+    python research/bench/methods_compare.py report          # results/methods.md + methods.png from results/methods.json
 
 `run` is resumable: each (row, budget) point is appended to results/methods.json as soon as it is measured and
 skipped when present, so the sweep runs in pieces of at most --max-minutes (run each piece under
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OUT_JSON = REPO / "results" / "methods.json"
 OUT_MD = REPO / "results" / "methods.md"
 OUT_PNG = REPO / "results" / "methods.png"
@@ -278,9 +278,9 @@ def cmd_zeroshot(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from report_methods import write_report
+    from research.bench.report_methods import write_report
 
-    write_report(load_results(), OUT_MD, OUT_PNG, command=" ".join(["python", "bench/methods_compare.py", *sys.argv[1:]]))
+    write_report(load_results(), OUT_MD, OUT_PNG, command=" ".join(["python", "research/bench/methods_compare.py", *sys.argv[1:]]))
     print(f"wrote {OUT_MD.relative_to(REPO)} and {OUT_PNG.relative_to(REPO)}")
     return 0
 
@@ -302,7 +302,7 @@ def main(argv=None) -> int:
     report = sub.add_parser("report")
     report.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(REPO))  # run as a script: make the research package importable
     return args.func(args)
 
 

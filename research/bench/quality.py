@@ -1,10 +1,10 @@
 """What healing and self-generated calibration buy on Gemma-3-270M at 10/20/30% of the decoder parameters.
 
-    python bench/quality.py run [--only ROW,...] [--budgets 0.1,0.2] [--max-minutes 60]   # perplexity points
-    python bench/quality.py zeroshot --only ROW,... [--budgets 0.1] [--dense]              # + zero-shot
-    python bench/quality.py report                     # results/quality.md + quality.png from results/quality.json
+    python research/bench/quality.py run [--only ROW,...] [--budgets 0.1,0.2] [--max-minutes 60]   # perplexity points
+    python research/bench/quality.py zeroshot --only ROW,... [--budgets 0.1] [--dense]              # + zero-shot
+    python research/bench/quality.py report                     # results/quality.md + quality.png from results/quality.json
 
-Every point runs in a fresh subprocess (`python bench/quality.py point ROW BUDGET`), so its wall time and peak RSS
+Every point runs in a fresh subprocess (`python research/bench/quality.py point ROW BUDGET`), so its wall time and peak RSS
 are its own: load the dense model, sample or read calibration text, plan, compress, heal (timed: calibration
 sampling, compression and healing separately), then
   * WikiText-2 (raw) test perplexity on WINDOWS windows of SEQLEN tokens drawn with seed WINDOW_SEED from all
@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OUT_JSON = REPO / "results" / "quality.json"
 OUT_MD = REPO / "results" / "quality.md"
 OUT_PNG = REPO / "results" / "quality.png"
@@ -502,7 +502,7 @@ def targets(results: dict) -> list[dict]:
 
 
 def cmd_report(args) -> int:
-    from quality_report import write_report
+    from research.bench.quality_report import write_report
 
     results = load_results()
     results["targets"] = targets(results)
@@ -540,7 +540,7 @@ def main(argv=None) -> int:
     report = sub.add_parser("report")
     report.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(REPO))  # run as a script: make the research package importable
     return args.func(args)
 
 

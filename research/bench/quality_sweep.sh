@@ -2,8 +2,8 @@
 # The sweep behind results/quality.md, in the order it was run (the rows that decide the targets first).
 # Resumable: rerun it and finished points are skipped. One heavy job at a time: run nothing else beside it.
 set -u
-cd "$(dirname "$0")/.."
-Q="python bench/quality.py"
+cd "$(dirname "$0")/../.."
+Q="python research/bench/quality.py"
 $Q run --budgets 0.1 --only svd_llm/self/refit+distill
 $Q run --budgets 0.1 --only svd_llm/self/none,svd_llm/c4/none
 $Q run --budgets 0.2 --only llm_rom/self/none,llm_rom/c4/none

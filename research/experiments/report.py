@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from ..common import CHANCE
 from .common import RUN
 
 TITLE = "# Reproducing arXiv 2402.16319 (data-free joint rank-k) on a model you can run"
@@ -235,10 +236,6 @@ def _table1(exp: Path) -> str:
             out.append("")
     return "\n".join(out)
 
-
-# accuracy of guessing: 1 / number of answer choices (ARC has a few 3- and 5-choice questions; 4 is the norm)
-CHANCE = {"piqa": 1 / 2, "hellaswag": 1 / 4, "winogrande": 1 / 2, "boolq": 1 / 2, "openbookqa": 1 / 4,
-          "arc_easy": 1 / 4, "arc_challenge": 1 / 4}
 
 
 def _zero_shot_retention(dense: dict | None, comp: dict | None, tasks: list[str]) -> str:
