@@ -1,4 +1,4 @@
-"""Bad inputs a careful user can give, as a table: shared by tests/test_bad_inputs.py and bench/reliability.py.
+"""Bad inputs a careful user can give, as a table: shared by tests/test_bad_inputs.py and research/bench/reliability.py.
 
 Each case builds what it needs in its own directory (from a few shared pristine sources, which must never change)
 and gives the command line. Expected: exit code 1, exactly one stderr line "jointrank: error: ..." containing
@@ -342,8 +342,7 @@ CASES = [
     Case("compare: garbage JSON", _compare_garbage, "is not valid JSON", needs="jointrank.evaluate.cli"),
     Case("compare: missing file", lambda b, w: ["compare", b.results, w / "nope.json"], "results file not found",
          needs="jointrank.evaluate.cli"),
-    Case("watermark --sentence ''", lambda b, w: ["watermark", b.llama, "--sentence", ""], "needs more words",
-         needs="jointrank.experiments.cli"),
+    # watermark is research code now (python -m research.experiments): tests/test_experiments.py covers it
 ]
 
 

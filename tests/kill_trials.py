@@ -1,7 +1,7 @@
 """Real crashes: `jointrank compress` in a subprocess, killed with SIGKILL at a random moment, then looked at.
 
 Shared by tests/test_kill.py (a few trials in the default suite, many behind the slow marker) and
-bench/reliability.py. A trial passes when, after the kill:
+research/bench/reliability.py. A trial passes when, after the kill:
 - nothing finished-looking is left: OUT either does not exist or is complete (verifies, checksums included, and
   holds the same tensors bytes as an uninterrupted run);
 - the next run recovers: an in-memory rerun (or --overwrite rerun) succeeds, cleaning the dead run's staging; a

@@ -244,6 +244,10 @@ def test_bad_input_is_one_clear_error(tiny, tmp_path, capsys):
                     "--text-file", tiny / "text.txt", "--no-eval", "--out", tmp_path / "y"]) == 1
     assert "--prompt-words" in capsys.readouterr().err
     assert not (tmp_path / "y" / "watermark.json").exists()
+    # (was a case of tests/bad_inputs.py while watermark was a `jointrank` subcommand)
+    assert run_cli(["watermark", tiny / "model", "--sentence", "", "--no-eval", "--out", tmp_path / "z"]) == 1
+    assert "needs more words" in capsys.readouterr().err
+    assert not (tmp_path / "z" / "watermark.json").exists()
 
 
 @needs_matplotlib

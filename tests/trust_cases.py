@@ -1,4 +1,4 @@
-"""The damage a checkpoint can suffer, as data: shared by tests/test_trust.py and bench/reliability.py.
+"""The damage a checkpoint can suffer, as data: shared by tests/test_trust.py and research/bench/reliability.py.
 
 Each tamper edits a saved checkpoint directory in place the way a bad copy, a hand edit or a buggy tool would.
 Some edit config.json and the manifest consistently, so only the tensor check can catch them; others edit one
