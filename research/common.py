@@ -4,6 +4,15 @@ Research code only: it uses the public jointrank API and is not installed with t
 
 from __future__ import annotations
 
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample stddev / sqrt(n)); the error is nan for a single value. Given paired
+    differences (per window, per document), the error is the paired standard error of the mean difference."""
+    n = len(values)
+    mean = sum(values) / n
+    se = (sum((x - mean) ** 2 for x in values) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
+    return mean, se
+
 # Accuracy of guessing: 1 / number of answer choices (ARC has a few 3- and 5-choice questions; 4 is the norm).
 CHANCE = {"piqa": 1 / 2, "hellaswag": 1 / 4, "winogrande": 1 / 2, "boolq": 1 / 2, "openbookqa": 1 / 4,
           "arc_easy": 1 / 4, "arc_challenge": 1 / 4}

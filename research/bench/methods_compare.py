@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as a script (python research/bench/...): make `research` importable
+    sys.path.insert(0, str(REPO))
 OUT_JSON = REPO / "results" / "methods.json"
 OUT_MD = REPO / "results" / "methods.md"
 OUT_PNG = REPO / "results" / "methods.png"
@@ -302,7 +304,6 @@ def main(argv=None) -> int:
     report = sub.add_parser("report")
     report.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(REPO))  # run as a script: make the research package importable
     return args.func(args)
 
 

@@ -30,6 +30,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as a script (python research/bench/...): make `research` importable
+    sys.path.insert(0, str(REPO))
+
+from research.common import mean_se  # noqa: E402
+
 OUT_JSON = REPO / "results" / "quality.json"
 OUT_MD = REPO / "results" / "quality.md"
 OUT_PNG = REPO / "results" / "quality.png"
@@ -401,12 +406,6 @@ def _by(results) -> dict:
     return {(p["row"], p["budget"]): p for p in results["points"] if "perplexity" in p}
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    return mean, ((sum((x - mean) ** 2 for x in values) / (n - 1) / n) ** 0.5 if n > 1 else float("nan"))
-
-
 def paired_nll(a: dict, b: dict) -> tuple[float, float]:
     """Mean per-window NLL of a minus b over the same windows, with its paired standard error."""
     return mean_se([x - y for x, y in zip(a["perplexity"]["per_window_nll"], b["perplexity"]["per_window_nll"])])
@@ -540,7 +539,6 @@ def main(argv=None) -> int:
     report = sub.add_parser("report")
     report.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(REPO))  # run as a script: make the research package importable
     return args.func(args)
 
 

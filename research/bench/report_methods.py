@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from research.common import mean_se
+
 NOTES = [
     "## How the methods relate (no numbers here: read them above)", "",
     "* **llm_rom and svd_llm solve the same problem.** The rank-k W' minimising the output error "
@@ -42,14 +44,6 @@ PAPER = ("paper-10", "paper-20", "joint-svd")
 
 def _fmt(x, digits=3):
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and its standard error (sample stddev / sqrt(n)); nan for a single value."""
-    n = len(values)
-    mean = sum(values) / n
-    se = (sum((x - mean) ** 2 for x in values) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
-    return mean, se
 
 
 def paired_delta(point: dict, ref: dict | None) -> tuple[float, float] | None:

@@ -27,6 +27,8 @@ from jointrank.errors import JointRankError
 from jointrank.linalg import joint_params, joint_rank_k, max_rank
 from jointrank.plan import parse_layers
 
+from ..common import mean_se
+
 RESULTS = Path("results") / "experiments"
 
 
@@ -171,22 +173,14 @@ class PplProbe:
         print(f"[{time.strftime('%H:%M:%S')}] perplexity {math.exp(mean):.3f} on {len(per_window)} windows "
               f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
         return {"ppl": math.exp(mean), "mean_nll": mean, "window_nll": per_window,
-                "nll_se": _se(per_window)}
-
-
-def _se(values: list[float]) -> float:
-    n = len(values)
-    if n < 2:
-        return float("nan")
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+                "nll_se": mean_se(per_window)[1]}
 
 
 def paired(base: dict, other: dict) -> dict:
     """Change in mean NLL against a baseline on the same windows: mean, paired SE, and the ppl ratio."""
     diffs = [b - a for a, b in zip(base["window_nll"], other["window_nll"])]
     mean = sum(diffs) / len(diffs)
-    return {"delta_nll": mean, "delta_nll_se": _se(diffs), "ppl_ratio": math.exp(mean)}
+    return {"delta_nll": mean, "delta_nll_se": mean_se(diffs)[1], "ppl_ratio": math.exp(mean)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
