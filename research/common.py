@@ -4,6 +4,11 @@ Research code only: it uses the public jointrank API and is not installed with t
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from pathlib import Path
+
 
 def mean_se(values: list[float]) -> tuple[float, float]:
     """Mean and its standard error (sample stddev / sqrt(n)); the error is nan for a single value. Given paired
@@ -16,3 +21,22 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 # Accuracy of guessing: 1 / number of answer choices (ARC has a few 3- and 5-choice questions; 4 is the norm).
 CHANCE = {"piqa": 1 / 2, "hellaswag": 1 / 4, "winogrande": 1 / 2, "boolq": 1 / 2, "openbookqa": 1 / 4,
           "arc_easy": 1 / 4, "arc_challenge": 1 / 4}
+
+
+def write_json(path: str | os.PathLike, payload: dict, *, indent: int = 2, default=None, newline: bool = True) -> Path:
+    """Atomic: a crash never leaves a half-written result that a report would then read. `indent`, `default` and
+    `newline` (a final newline) keep each result file's existing layout, so rewriting one changes no bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a results file is meant to be read by others
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=indent, default=default)
+            if newline:
+                fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # never leave the temporary file behind
+        raise
+    return path

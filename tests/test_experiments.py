@@ -298,3 +298,33 @@ def test_retention_is_called_chance_level_only_within_two_se_of_guessing():
     assert "this is chance level" in _zero_shot_retention(dense, {"piqa": entry(0.51)}, ["piqa"])
     assert "this is above chance" in _zero_shot_retention(dense, {"piqa": entry(0.70)}, ["piqa"])
     assert "retention 93.33%" in _zero_shot_retention(dense, {"piqa": entry(0.70)}, ["piqa"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# research/common.py: the helpers experiments and benches share.
+
+
+def test_mean_se_is_the_standard_error_of_the_mean():
+    from research.common import mean_se
+
+    values = [1.0, 2.0, 4.0, 7.0]
+    mean, se = mean_se(values)
+    assert mean == 3.5
+    sample_var = sum((v - 3.5) ** 2 for v in values) / 3
+    assert math.isclose(se, math.sqrt(sample_var / 4))
+    assert math.isnan(mean_se([2.0])[1])  # one value: no spread to estimate
+
+
+def test_write_json_is_atomic_and_keeps_each_files_layout(tmp_path):
+    from research.common import write_json
+
+    from jointrank.evaluate.report import write_json as package_write_json
+
+    payload = {"b": [1, 2], "a": {"x": 0.5}}
+    ours = write_json(tmp_path / "sub" / "ours.json", payload)
+    package_write_json(payload, tmp_path / "theirs.json")
+    assert ours.read_bytes() == (tmp_path / "theirs.json").read_bytes()  # the benches' layout: indent 2 + newline
+    experiment = common.write_json(tmp_path / "e.json", {"t": torch.tensor([1.0, 2.0]), "p": tmp_path})
+    assert experiment.read_text() == json.dumps({"t": [1.0, 2.0], "p": str(tmp_path)}, indent=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "sub", "theirs.json"]  # no temporary left
+    assert oct(ours.stat().st_mode & 0o777) == "0o644"

@@ -160,9 +160,9 @@ def settings() -> dict:
 
 
 def save_results(results: dict) -> None:
-    from jointrank.evaluate.report import write_json
+    from research.common import write_json
 
-    write_json(results, OUT_JSON)
+    write_json(OUT_JSON, results)
 
 
 def cmd_run(args) -> int:

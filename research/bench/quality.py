@@ -317,11 +317,11 @@ def settings() -> dict:
 
 
 def save_results(results: dict) -> None:
-    from jointrank.evaluate.report import write_json
+    from research.common import write_json
 
     results["settings"] = settings()
     results["targets"] = targets(results)
-    write_json(results, OUT_JSON)
+    write_json(OUT_JSON, results)
 
 
 def run_point(name: str, budget: float, *, zeroshot: bool, perplexity: bool = True,

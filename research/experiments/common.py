@@ -10,12 +10,10 @@ tests/test_experiments.py checks that equality against `compress_`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shlex
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from jointrank.errors import JointRankError
 from jointrank.linalg import joint_params, joint_rank_k, max_rank
 from jointrank.plan import parse_layers
 
+from .. import common
 from ..common import mean_se
 
 RESULTS = Path("results") / "experiments"
@@ -52,15 +51,8 @@ def out_dir(name: str, root: str | os.PathLike | None = None) -> Path:
 
 
 def write_json(path: Path, payload: dict) -> Path:
-    """Atomic: a crash never leaves a half-written result that the report would then read."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1, default=_jsonable)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
+    """An experiment's result file, written atomically (tensors and paths become lists and strings)."""
+    return common.write_json(path, payload, indent=1, default=_jsonable, newline=False)
 
 
 def _jsonable(x):
