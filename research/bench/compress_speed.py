@@ -117,7 +117,7 @@ def run_naive(src: Path, out: Path, ratio: float) -> dict:
     from transformers import AutoModelForCausalLM
 
     import jointrank
-    from jointrank.compress import compress_
+    from jointrank import compress_
 
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16)

@@ -55,7 +55,7 @@ PROMPT_LEN = 32
 
 
 def config_for(structure: str, target: float):
-    from jointrank.plan import GroupRule, JointRankConfig
+    from jointrank import GroupRule, JointRankConfig
 
     rules = {g: GroupRule(m, layers) for g, (m, layers) in STRUCTURES[structure].items()}
     return JointRankConfig(rules=rules, target=target, scope="decoder")

@@ -120,8 +120,7 @@ def kills(work: Path, n: int, seed: int) -> list[dict]:
 def threads(work: Path) -> dict:
     import torch
 
-    from jointrank.errors import JointRankError
-    from jointrank.plan import GroupRule, JointRankConfig
+    from jointrank import GroupRule, JointRankConfig, JointRankError
     from jointrank.stream import StreamOptions, compress_checkpoint
 
     from kill_trials import make_source

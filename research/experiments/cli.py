@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from jointrank.errors import JointRankError
+from jointrank import JointRankError
 
 EXAMPLES = """\
 examples:

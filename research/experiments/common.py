@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from jointrank.architectures import describe
-from jointrank.errors import JointRankError
+from jointrank import JointRankError
 from jointrank.linalg import joint_params, joint_rank_k, max_rank
 from jointrank.plan import parse_layers
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from jointrank.errors import JointRankError
+from jointrank import JointRankError
 from .common import (PplProbe, RankSweep, load, make_units, paired, parse_floats, pyplot, save_result, set_threads,
                      stamp)
 

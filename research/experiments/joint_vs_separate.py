@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from jointrank.errors import JointRankError
+from jointrank import JointRankError
 from .common import (PplProbe, RankSweep, expand_kv_heads, load, make_units, out_dir, paired, parse_floats, pyplot,
                      set_threads, stamp, summarise_units, write_json)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from jointrank.errors import JointRankError
+from jointrank import JointRankError
 from jointrank.plan import parse_layers
 from .common import PplProbe, RankSweep, load, make_units, out_dir, paired, pyplot, set_threads, stamp, write_json
 

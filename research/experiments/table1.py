@@ -16,8 +16,7 @@ import dataclasses
 import time
 
 from jointrank.architectures import describe
-from jointrank.errors import JointRankError
-from jointrank.plan import PRESETS, GroupRule, JointRankConfig, make_plan
+from jointrank import PRESETS, GroupRule, JointRankConfig, JointRankError, make_plan
 from .common import Part, PplProbe, RankSweep, Unit, load, out_dir, paired, parse_floats, set_threads, stamp, write_json
 from .denoise import zero_shot
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from jointrank.architectures import decoder_layers
-from jointrank.errors import JointRankError
+from jointrank import JointRankError
 from jointrank.plan import parse_layers
 from .common import (PplProbe, RankSweep, load, make_units, paired, parse_floats, pyplot, save_result, set_threads,
                      stamp)
