@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from jointrank.architectures import describe
 from jointrank import PRESETS, GroupRule, JointRankConfig, JointRankError, make_plan
+from jointrank.architectures import describe
 from .common import Part, PplProbe, RankSweep, Unit, load, out_dir, paired, parse_floats, set_threads, stamp, write_json
 from .denoise import zero_shot
 
