@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from jointrank.architectures import describe
 from jointrank import JointRankError
+from jointrank.architectures import describe
 from jointrank.linalg import joint_params, joint_rank_k, max_rank
 from jointrank.plan import parse_layers
 

@@ -23,8 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from jointrank.architectures import decoder_layers
 from jointrank import JointRankError
+from jointrank.architectures import decoder_layers
 from jointrank.plan import parse_layers
 from .common import (PplProbe, RankSweep, load, make_units, paired, parse_floats, pyplot, save_result, set_threads,
                      stamp)
