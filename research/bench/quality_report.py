@@ -10,8 +10,9 @@ from research.bench.quality import (BUDGETS, HEALS, STRUCTURES, ZS_TASKS, _by, p
                      structure_label, zs_retention)
 
 COMMANDS = [
-    "python research/bench/quality.py run --only ROWS [--budgets B]   # perplexity points (ROWS as in the tables below)",
-    "python research/bench/quality.py zeroshot --dense --only ROWS --budgets B",
+    "bash research/bench/quality_sweep.sh   # every point below, in the order run (resumable), then the report:",
+    "python research/bench/quality.py run --only ROWS [--budgets B] [--zeroshot]   # perplexity (+ zero-shot) points",
+    "python research/bench/quality.py zeroshot [--dense] [--fresh-cache] --only ROWS --budgets B   # zero-shot later",
     "python research/bench/quality.py report",
 ]
 
@@ -105,7 +106,7 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
         for p in failed:
             lines.append(f"| {p['row']} | failed: {p['error'][:160]} | | | | | | | | | |")
         lines.append("")
-        lines += _healing_section(by, budget) + _self_vs_c4_section(by, budget)
+        lines += _healing_section(by, budget) + _self_vs_c4_section(by, budget) + _timing_section(by, budget)
 
     lines += ["## Not measured", "",
               "Rows of the issue's grid (every structure × calibration × healing at every budget) that are not in the "
@@ -114,6 +115,27 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
               "`research/bench/quality.py run --only ROW` adds any of them without rerunning the others.", ""]
     md_path.write_text("\n".join(lines) + "\n")
     _plot(by, dense, png_path)
+
+
+def _timing_section(by, budget) -> list[str]:
+    """Every timed compress + heal run of the healed rows: the first, and any rebuild (for zero-shot), with the CPU
+    seconds other processes took meanwhile, so a reader can tell a quiet-machine timing from a disturbed one."""
+    out = []
+    for (r, b), p in sorted(by.items(), key=lambda kv: _order(kv[0][0]) if kv[0][0] != "dense" else (-1,)):
+        if b != budget or r == "dense" or parse_row(r)[2] == "none":
+            continue
+        for i, run in enumerate([p] + p.get("rebuilds", [])):
+            other = run.get("other_cpu_seconds")
+            sampled = ("sampled in this run" if run.get("sampling_from_cache") is False
+                       else "sampling time from when the cache was made")
+            same = run.get("sampling_matches_cache")
+            out.append(f"* {r}, {'first run' if i == 0 else 'rebuild ' + str(i)}: "
+                       f"{_minutes(run['compress_heal_seconds'])} min (sampling {_f(run.get('sampling_seconds'), 0)} s,"
+                       f" {sampled}{', token-identical to the cache' if same else ''}; compress "
+                       f"{_f(run.get('compress_seconds'), 0)} s; heal {_f(run.get('heal_seconds'), 0)} s), peak "
+                       f"{run['peak_rss_gib_compress']:.2f} GiB; other processes took "
+                       + ("an unrecorded amount of CPU" if other is None else f"{other:.0f} CPU s") + " meanwhile")
+    return (["Compress + heal timings (every run):", "", *out, ""] if out else [])
 
 
 def _healing_section(by, budget) -> list[str]:
