@@ -4,10 +4,10 @@ Research code only: it uses the public jointrank API and is not installed with t
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
+
+from jointrank.evaluate import report as evaluate_report
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -24,19 +24,6 @@ CHANCE = {"piqa": 1 / 2, "hellaswag": 1 / 4, "winogrande": 1 / 2, "boolq": 1 / 2
 
 
 def write_json(path: str | os.PathLike, payload: dict, *, indent: int = 2, default=None, newline: bool = True) -> Path:
-    """Atomic: a crash never leaves a half-written result that a report would then read. `indent`, `default` and
+    """The package's atomic JSON writer, path first as the research code calls it. `indent`, `default` and
     `newline` (a final newline) keep each result file's existing layout, so rewriting one changes no bytes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a results file is meant to be read by others
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=indent, default=default)
-            if newline:
-                fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)  # never leave the temporary file behind
-        raise
-    return path
+    return evaluate_report.write_json(payload, path, indent=indent, default=default, newline=newline)

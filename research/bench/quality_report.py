@@ -84,7 +84,7 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
         lines += [f"Dense: perplexity {dense['perplexity']['perplexity']:.3f}"
                   + (f"; zero-shot average {z['avg']:.4f} ± {z['avg_se']:.4f}" if z else "") + ".", ""]
     for budget in BUDGETS:
-        rows = sorted((r for (r, b) in by if b == budget and r != "dense"), key=_order)
+        rows = [r for r, _ in _rows_at(by, budget)]
         failed = [p for p in results["points"] if p["budget"] == budget and "error" in p]
         if not rows and not failed:
             continue
@@ -117,12 +117,17 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
     _plot(by, dense, png_path)
 
 
+def _rows_at(by, budget) -> list[tuple[str, dict]]:
+    """(row, point) of every compressed row measured at `budget`, in table order."""
+    return [(r, by[(r, budget)]) for r in sorted((r for (r, b) in by if b == budget and r != "dense"), key=_order)]
+
+
 def _timing_section(by, budget) -> list[str]:
     """Every timed compress + heal run of the healed rows: the first, and any rebuild (for zero-shot), with the CPU
     seconds other processes took meanwhile, so a reader can tell a quiet-machine timing from a disturbed one."""
     out = []
-    for (r, b), p in sorted(by.items(), key=lambda kv: _order(kv[0][0]) if kv[0][0] != "dense" else (-1,)):
-        if b != budget or r == "dense" or parse_row(r)[2] == "none":
+    for r, p in _rows_at(by, budget):
+        if parse_row(r)[2] == "none":
             continue
         for i, run in enumerate([p] + p.get("rebuilds", [])):
             other = run.get("other_cpu_seconds")
@@ -140,9 +145,7 @@ def _timing_section(by, budget) -> list[str]:
 
 def _healing_section(by, budget) -> list[str]:
     out = []
-    for (r, b), p in sorted(by.items(), key=lambda kv: _order(kv[0][0]) if kv[0][0] != "dense" else (-1,)):
-        if b != budget or r == "dense":
-            continue
+    for r, p in _rows_at(by, budget):
         s, c, h = parse_row(r)
         base = by.get((f"{s}/{c}/none", budget)) or (by.get((f"{s}/none/none", budget)) if c != "none" else None)
         if h == "none" or base is None:
@@ -156,9 +159,7 @@ def _healing_section(by, budget) -> list[str]:
 
 def _self_vs_c4_section(by, budget) -> list[str]:
     out = []
-    for (r, b), p in sorted(by.items(), key=lambda kv: _order(kv[0][0]) if kv[0][0] != "dense" else (-1,)):
-        if b != budget or r == "dense":
-            continue
+    for r, p in _rows_at(by, budget):
         s, c, h = parse_row(r)
         twin = by.get((f"{s}/c4/{h}", budget))
         if c != "self" or twin is None:
@@ -182,7 +183,7 @@ def _plot(by, dense, png_path: Path) -> None:
     fig, axes = plt.subplots(1, len(BUDGETS), figsize=(5 * len(BUDGETS), 4.8), sharey=True)
     colors = {"none": "#999999", "refit": "#1f77b4", "distill": "#ff7f0e", "refit+distill": "#2ca02c"}
     for ax, budget in zip(axes, BUDGETS):
-        rows = sorted((r for (r, b) in by if b == budget and r != "dense"), key=_order)
+        rows = [r for r, _ in _rows_at(by, budget)]
         for i, r in enumerate(rows):
             ratio, se = ppl_ratio(by[(r, budget)], dense)
             h = parse_row(r)[2]

@@ -21,16 +21,18 @@ SCHEMA = "jointrank.eval/1"
 PERPLEXITY_TASKS = ("wikitext2", "c4")
 
 
-def write_json(results: dict, path: str | os.PathLike) -> Path:
-    """Atomic write: a crash mid-write never leaves a truncated results file behind."""
+def write_json(results: dict, path: str | os.PathLike, *, indent: int = 2, default=None, newline: bool = True) -> Path:
+    """Atomic write: a crash mid-write never leaves a truncated results file behind. `indent`, `default` and
+    `newline` (a final newline) let a caller keep an existing file's layout, so rewriting it changes no bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; a results file is meant to be read by others
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=2, sort_keys=False)
-            fh.write("\n")
+            json.dump(results, fh, indent=indent, default=default)
+            if newline:
+                fh.write("\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)  # never leave the temporary file behind
