@@ -12,6 +12,9 @@ $Q zeroshot --fresh-cache --budgets 0.1 --only svd_llm/self/refit+distill
 $Q run --zeroshot --budgets 0.2 --only llm_rom/self/refit+distill
 $Q run --zeroshot --budgets 0.3 --only llm_rom/self/refit+distill
 $Q run --budgets 0.1 --only svd_llm/self/refit,svd_llm/self/distill,svd_llm/c4/refit+distill
-$Q run --budgets 0.1 --only paper/none/none,best-free/none/none
+# session 6 (run at nice 19 beside other work: its wall times are contended, other_cpu_seconds says by how much)
+$Q run --budgets 0.1,0.2,0.3 --only paper/none/none,best-free/none/none
 $Q run --budgets 0.3 --only llm_rom/self/none,llm_rom/c4/none
+$Q run --budgets 0.1 --only svd_llm/self/distill,svd_llm/c4/refit+distill
+$Q run --budgets 0.2 --only llm_rom/c4/refit+distill
 $Q report
