@@ -4,6 +4,10 @@
     python research/bench/quality.py zeroshot --only ROW,... [--budgets 0.1] [--dense]              # + zero-shot
     python research/bench/quality.py report                     # results/quality.md + quality.png from results/quality.json
 
+Another model or a lighter protocol (the scale study, research/bench/scale.py): global options before the command,
+forwarded to every point, e.g. `quality.py --model smollm2-135m --results results/scale/smollm2-135m.json run ...`
+(--windows, --zs-limit, --eval-dtype bfloat16 for the models too slow for the full protocol on 2 cores).
+
 Every point runs in a fresh subprocess (`python research/bench/quality.py point ROW BUDGET`), so its wall time and peak RSS
 are its own: load the dense model, sample or read calibration text, plan, compress, heal (timed: calibration
 sampling, compression and healing separately), then
@@ -27,6 +31,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,18 +40,34 @@ if str(REPO) not in sys.path:  # run as a script (python research/bench/...): ma
 
 from research.common import mean_se  # noqa: E402
 
-OUT_JSON = REPO / "results" / "quality.json"
 OUT_MD = REPO / "results" / "quality.md"
 OUT_PNG = REPO / "results" / "quality.png"
 DATA = Path(os.environ.get("JOINTRANK_DATA", REPO.parent / "shared" / "data"))
 C4_FILE = DATA / "c4_calibration" / "exllamav2_c4.utf8"
 CACHE = Path(os.environ.get("JOINTRANK_CACHE", REPO / ".cache"))  # self-generated text (gitignored)
 
-MODEL = "gemma-3-270m"
 BUDGETS = (0.10, 0.20, 0.30)
-SEQLEN, WINDOWS, WINDOW_SEED = 512, 32, 1234
+SEQLEN, WINDOW_SEED = 512, 1234
 ZS_TASKS = ("piqa", "hellaswag", "winogrande", "boolq", "openbookqa", "arc_easy", "arc_challenge")
-ZS_LIMIT = 250
+
+
+@dataclass
+class Protocol:
+    """What a run measures and where it is written; the defaults are results/quality.md's (Gemma-3-270M, full
+    protocol). Set once from the global options in main() and forwarded to every point's subprocess."""
+
+    model: str = "gemma-3-270m"
+    results: Path = REPO / "results" / "quality.json"
+    windows: int = 32
+    zs_limit: int = 250
+    eval_dtype: str = "float32"  # the model is built in float32; only the evaluation runs in this dtype
+
+    def argv(self) -> list[str]:
+        return ["--model", self.model, "--results", str(self.results), "--windows", str(self.windows),
+                "--zs-limit", str(self.zs_limit), "--eval-dtype", self.eval_dtype]
+
+
+P = Protocol()
 CAL_TOKENS = 16384  # calibration tokens, C4 or self-generated, in windows of 512
 HEAL_STEPS, HEAL_LR = 100, 1e-4
 
@@ -129,7 +150,7 @@ def eval_windows(tokenizer):
 
     text = load_text("wikitext2", data.resolve_data_dir(str(DATA)))
     all_windows = make_windows(tokenizer(text, return_tensors="pt").input_ids[0], SEQLEN)
-    pick = torch.randperm(len(all_windows), generator=torch.Generator().manual_seed(WINDOW_SEED))[:WINDOWS]
+    pick = torch.randperm(len(all_windows), generator=torch.Generator().manual_seed(WINDOW_SEED))[:P.windows]
     pick = pick.sort().values
     return all_windows[pick], pick.tolist(), len(all_windows)
 
@@ -152,11 +173,11 @@ def measure_zeroshot(model, tokenizer) -> dict:
     from jointrank.evaluate import evaluate
 
     t = time.perf_counter()
-    res = evaluate(model, tokenizer, list(ZS_TASKS), data_dir=str(DATA), limit=ZS_LIMIT, progress=False)["results"]
+    res = evaluate(model, tokenizer, list(ZS_TASKS), data_dir=str(DATA), limit=P.zs_limit, progress=False)["results"]
     accs = {t_: res[t_]["acc"] for t_ in ZS_TASKS}
     ses = {t_: res[t_].get("acc_stderr") for t_ in ZS_TASKS}
     return {"acc": accs, "acc_se": ses, "avg": sum(accs.values()) / len(accs),
-            "avg_se": math.sqrt(sum(s**2 for s in ses.values() if s is not None)) / len(accs), "limit": ZS_LIMIT,
+            "avg_se": math.sqrt(sum(s**2 for s in ses.values() if s is not None)) / len(accs), "limit": P.zs_limit,
             "per_doc": {t_: res[t_].get("per_doc", {}).get("acc") for t_ in ZS_TASKS},
             "seconds": time.perf_counter() - t}
 
@@ -200,7 +221,7 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
     structure, cal_kind, heal = parse_row(name)
     busy0, own0 = busy_cpu_seconds(), own_cpu_seconds()
     t0 = time.perf_counter()
-    model, tokenizer, _ = load_model(MODEL)
+    model, tokenizer, _ = load_model(P.model)
     facts = {"load_seconds": time.perf_counter() - t0}
     config = config_for(structure, budget)
     calibration = None
@@ -280,11 +301,15 @@ def cmd_point(args) -> int:
         from jointrank.sources import load_model
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-        model, tokenizer, _ = load_model(MODEL)
+        model, tokenizer, _ = load_model(P.model)
         facts = {}
     else:
         model, tokenizer, facts = build(args.name, budget, progress=args.progress, fresh_cache=args.fresh_cache)
     point = {"row": args.name, "budget": budget, **facts, "load_avg_1min_built": os.getloadavg()[0]}
+    if P.eval_dtype != "float32":
+        import torch
+
+        model.to(getattr(torch, P.eval_dtype))
     if args.perplexity or not args.zeroshot:
         point["perplexity"] = measure_perplexity(model, tokenizer)
     if args.zeroshot:
@@ -300,15 +325,16 @@ def cmd_point(args) -> int:
 
 
 def load_results() -> dict:
-    if OUT_JSON.is_file():
-        return json.loads(OUT_JSON.read_text())
+    if P.results.is_file():
+        return json.loads(P.results.read_text())
     return {"points": []}
 
 
 def settings() -> dict:
-    return {"model": MODEL, "budgets": list(BUDGETS), "scope": "decoder",
-            "perplexity": {"text": "wikitext-2-raw test", "seqlen": SEQLEN, "windows": WINDOWS, "seed": WINDOW_SEED},
-            "zeroshot": {"tasks": list(ZS_TASKS), "limit": ZS_LIMIT, "seed": 1234},
+    extra = {} if P.eval_dtype == "float32" else {"eval_dtype": P.eval_dtype}
+    return {"model": P.model, "budgets": list(BUDGETS), "scope": "decoder", **extra,
+            "perplexity": {"text": "wikitext-2-raw test", "seqlen": SEQLEN, "windows": P.windows, "seed": WINDOW_SEED},
+            "zeroshot": {"tasks": list(ZS_TASKS), "limit": P.zs_limit, "seed": 1234},
             "calibration": {"c4": str(C4_FILE.relative_to(DATA.parent)) if C4_FILE.is_relative_to(DATA.parent)
                             else str(C4_FILE), "tokens": CAL_TOKENS, "seqlen": 512,
                             "self": "sampled from the dense model: temperature 1, top-p 0.95, seed 0, bfloat16, "
@@ -321,12 +347,12 @@ def save_results(results: dict) -> None:
 
     results["settings"] = settings()
     results["targets"] = targets(results)
-    write_json(OUT_JSON, results)
+    write_json(P.results, results)
 
 
 def run_point(name: str, budget: float, *, zeroshot: bool, perplexity: bool = True,
               fresh_cache: bool = False) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "point", name, str(budget)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), *P.argv(), "point", name, str(budget)]
     cmd += ["--zeroshot"] * zeroshot + ["--perplexity"] * perplexity + ["--fresh-cache"] * fresh_cache
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -512,6 +538,13 @@ def cmd_report(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = Protocol()
+    parser.add_argument("--model", default=defaults.model, help="model alias or path (default %(default)s)")
+    parser.add_argument("--results", type=Path, default=defaults.results, help="results JSON (default: quality.json)")
+    parser.add_argument("--windows", type=int, default=defaults.windows, help="perplexity windows (default %(default)s)")
+    parser.add_argument("--zs-limit", type=int, default=defaults.zs_limit, help="documents per zero-shot task")
+    parser.add_argument("--eval-dtype", choices=["float32", "bfloat16"], default=defaults.eval_dtype,
+                        help="dtype of the evaluation (the model is built in float32)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="perplexity points, each in a fresh process, appended to results/quality.json")
     run.add_argument("--only", default="", help="comma-separated rows STRUCTURE/CALIBRATION/HEAL")
@@ -539,6 +572,9 @@ def main(argv=None) -> int:
     report = sub.add_parser("report")
     report.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
+    global P
+    P = Protocol(model=args.model, results=args.results.resolve(), windows=args.windows, zs_limit=args.zs_limit,
+                 eval_dtype=args.eval_dtype)
     return args.func(args)
 
 

@@ -1,0 +1,234 @@
+"""Scale study: what 10% and 20% of the decoder cost on four real models, 135M to 1.5B parameters.
+
+    python research/bench/scale.py run [--models smollm2-135m,...] [--max-minutes 60]   # resumable, model by model
+    python research/bench/scale.py report     # results/scale.md + scale.json + scale.png from the per-model JSONs
+
+Each model is measured by research/bench/quality.py with that model's protocol (global options forwarded to every
+point, one point per process): its own dense baseline, then every setting in SETTINGS at 10% and 20% of the
+decoder parameters, perplexity paired per window and zero-shot paired per document against that dense model.
+Gemma-3-270M shares its points with results/quality.json. The models are instruct/coder models except Gemma: every
+number is relative to the model's own dense baseline, never compared across models in absolute terms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as a script: make `research` importable
+    sys.path.insert(0, str(REPO))
+
+from research.bench.quality import ZS_TASKS, _by, ppl_ratio, zs_retention  # noqa: E402
+
+OUT_MD, OUT_JSON, OUT_PNG = (REPO / "results" / f"scale.{ext}" for ext in ("md", "json", "png"))
+BUDGETS = (0.10, 0.20)
+PAPER_CLAIM = 0.988  # the seed paper: 98.80% of zero-shot accuracy kept at 10% fewer parameters (LLaMA-7B)
+
+# model -> (quality.py global options, results file). The 1.5B model costs ~6x Gemma-3-270M per token on 2 cores:
+# bfloat16 evaluation, 16 windows and 100 documents per task there (bfloat16 changed dense perplexity by 0.1% on
+# Gemma, results/gemma-3-270m/dtype_check.md).
+MODELS = {
+    "smollm2-135m": ([], REPO / "results" / "scale" / "smollm2-135m.json"),
+    "gemma-3-270m": ([], REPO / "results" / "quality.json"),
+    "qwen2.5-coder-0.5b": ([], REPO / "results" / "scale" / "qwen2.5-coder-0.5b.json"),
+    "qwen2.5-coder-1.5b": (["--windows", "16", "--zs-limit", "100", "--eval-dtype", "bfloat16"],
+                           REPO / "results" / "scale" / "qwen2.5-coder-1.5b.json"),
+}
+
+# setting -> the quality.py row at each budget (the best rows of results/quality.md on Gemma-3-270M)
+SETTINGS = {
+    "paper (svd, data-free)": {0.10: "paper/none/none", 0.20: "paper/none/none"},
+    "best data-free": {0.10: "best-free/none/none", 0.20: "best-free/none/none"},
+    "best without user data (self-generated, healed)": {0.10: "svd_llm/self/refit+distill",
+                                                         0.20: "llm_rom/self/refit+distill"},
+    "best with user data (C4, healed)": {0.10: "svd_llm/c4/refit+distill", 0.20: "llm_rom/c4/refit+distill"},
+}
+
+
+def quality_cmd(model: str) -> list[str]:
+    options, results = MODELS[model]
+    return [sys.executable, str(REPO / "research" / "bench" / "quality.py"), "--model", model,
+            "--results", str(results), *options]
+
+
+def cmd_run(args) -> int:
+    """Model by model, cheapest first: the dense baseline and every setting, perplexity and zero-shot together."""
+    models = args.models.split(",") if args.models else list(MODELS)
+    for model in models:
+        if model not in MODELS:
+            raise SystemExit(f"unknown model {model!r}: one of {', '.join(MODELS)}")
+        MODELS[model][1].parent.mkdir(parents=True, exist_ok=True)
+        base = quality_cmd(model)
+        for budget in BUDGETS:
+            rows = ",".join(rows_at[budget] for rows_at in SETTINGS.values())
+            code = subprocess.call(base + ["run", "--zeroshot", "--budgets", str(budget), "--only", rows,
+                                           "--max-minutes", str(args.max_minutes)])
+            if code:
+                return code
+        # points measured before zero-shot was asked for (Gemma's from quality.json) get it now
+        for budget in BUDGETS:
+            rows = ",".join(rows_at[budget] for rows_at in SETTINGS.values())
+            code = subprocess.call(base + ["zeroshot", "--dense", "--budgets", str(budget), "--only", rows,
+                                           "--max-minutes", str(args.max_minutes)])
+            if code:
+                return code
+    return 0
+
+
+def params_of(points: dict) -> tuple[int, int] | None:
+    """(total, decoder) parameters of the dense model, from any compressed point (only the decoder changes)."""
+    for p in points.values():
+        if "params_decoder_before" in p:
+            before, after = p["params_decoder_before"], p["params_decoder_after"]
+            return p.get("params_total_after_heal", p["params_total_after"]) + before - after, before
+    return None
+
+
+def collect() -> dict:
+    """One record per model × setting × budget, with the ratios against that model's dense baseline."""
+    out = {"models": {}, "points": []}
+    for model, (options, path) in MODELS.items():
+        results = json.loads(path.read_text()) if path.is_file() else {"points": []}
+        by = _by(results)
+        dense = by.get(("dense", 0.0))
+        sizes = params_of(by)
+        out["models"][model] = {
+            "results": str(path.relative_to(REPO)), "options": options,
+            "params_total": sizes[0] if sizes else None, "params_decoder": sizes[1] if sizes else None,
+            "dense_perplexity": dense["perplexity"]["perplexity"] if dense else None,
+            "dense_zeroshot": dense["zeroshot"]["avg"] if dense and dense.get("zeroshot") else None}
+        for setting, rows_at in SETTINGS.items():
+            for budget in BUDGETS:
+                p = by.get((rows_at[budget], budget))
+                rec = {"model": model, "setting": setting, "budget": budget, "row": rows_at[budget]}
+                if p and dense:
+                    rec["removed"] = p["decoder_reduction"]
+                    rec["ppl_ratio"], rec["ppl_ratio_se"] = ppl_ratio(p, dense)
+                    r = zs_retention(p, dense)
+                    if r:
+                        rec["retention"], rec["retention_se"] = r
+                out["points"].append(rec)
+    return out
+
+
+def verdict(data: dict) -> list[str]:
+    lines = []
+    for setting in SETTINGS:
+        pts = [p for p in data["points"] if p["setting"] == setting and p["budget"] == 0.10 and "retention" in p]
+        if not pts:
+            continue
+        held = [p["model"] for p in pts if p["retention"] - 2 * p["retention_se"] >= PAPER_CLAIM]
+        within = [p["model"] for p in pts if p["retention"] + 2 * p["retention_se"] >= PAPER_CLAIM]
+        lines.append(f"* {setting}, 10%: the paper's {PAPER_CLAIM:.1%} retention holds (beyond 2 SE) on "
+                     f"{', '.join(held) or 'none'} of the {len(pts)} models measured; within 2 SE of it on "
+                     f"{', '.join(within) or 'none'}.")
+    return lines
+
+
+def _f(x, fmt):
+    return "—" if x is None else format(x, fmt)
+
+
+def cmd_report(args) -> int:
+    from research.common import write_json
+
+    data = collect()
+    write_json(OUT_JSON, data)
+    lines = ["# Scale study: what 10% and 20% of the decoder cost, 135M to 1.5B parameters", "",
+             "Generated by `python research/bench/scale.py report` from the per-model results that "
+             "`python research/bench/scale.py run` wrote (each point measured by `research/bench/quality.py`, one "
+             "per process, resumable). Do not edit by hand.", "",
+             "Protocol: as results/quality.md — WikiText-2 test perplexity on seeded 512-token windows, paired per "
+             f"window against the model's own dense baseline; zero-shot on {', '.join(ZS_TASKS)}, nested seeded "
+             "documents, paired per document. Exceptions per model are in the table. The models are instruct or "
+             "coder models except Gemma-3-270M (base): only ratios against each model's own dense baseline are "
+             "compared, never absolute numbers across models.", "",
+             "| model | parameters | decoder share | protocol | dense perplexity | dense zero-shot |",
+             "|---|---|---|---|---|---|"]
+    for model, m in data["models"].items():
+        share = m["params_decoder"] / m["params_total"] if m["params_total"] else None
+        lines.append(f"| {model} | {_f(m['params_total'], ',')} | {_f(share, '.0%')} | "
+                     f"{' '.join(m['options']) or 'full (32 windows, 250 documents, float32)'} | "
+                     f"{_f(m['dense_perplexity'], '.3f')} | {_f(m['dense_zeroshot'], '.4f')} |")
+    lines += ["", "## Results", "", "| setting | budget | " + " | ".join(data["models"]) + " |",
+              "|---|---|" + "---|" * len(data["models"])]
+    for setting in SETTINGS:
+        for budget in BUDGETS:
+            cells = []
+            for model in data["models"]:
+                p = next(q for q in data["points"] if q["model"] == model and q["setting"] == setting
+                         and q["budget"] == budget)
+                if "ppl_ratio" not in p:
+                    cells.append("not measured")
+                    continue
+                z = (f"{100 * p['retention']:.1f}% ± {100 * p['retention_se']:.1f}" if "retention" in p
+                     else "zero-shot not measured")
+                cells.append(f"ppl {p['ppl_ratio']:.2f}x ± {p['ppl_ratio_se']:.2f}; {z}")
+            lines.append(f"| {setting} | {budget:.0%} | " + " | ".join(cells) + " |")
+    lines += ["", "Each cell: perplexity / dense ± paired SE; zero-shot retention (average accuracy / dense) ± "
+              "paired SE. Rows: " + "; ".join(f"{s} = `{r[0.10]}` at 10%, `{r[0.20]}` at 20%"
+                                               for s, r in SETTINGS.items()) + ".", "",
+              "## Verdict", "", *(verdict(data) or ["* No zero-shot points yet."]),
+              "", "![retention and perplexity ratio against model size](scale.png)", ""]
+    missing = [p for p in data["points"] if "ppl_ratio" not in p]
+    if missing:
+        lines += ["## Not measured yet", "", f"{len(missing)} of {len(data['points'])} model × setting × budget "
+                  "points: " + ", ".join(f"{p['model']} {p['row']} @ {p['budget']:.0%}" for p in missing) + ".",
+                  "`python research/bench/scale.py run` continues where it stopped.", ""]
+    OUT_MD.write_text("\n".join(lines) + "\n")
+    _plot(data)
+    print(f"wrote {OUT_MD.relative_to(REPO)}, {OUT_JSON.name} and {OUT_PNG.name}")
+    return 0
+
+
+def _plot(data: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for setting in SETTINGS:
+        for budget, style in zip(BUDGETS, ("-o", "--s")):
+            pts = [(data["models"][p["model"]]["params_total"], p) for p in data["points"]
+                   if p["setting"] == setting and p["budget"] == budget and "ppl_ratio" in p]
+            pts.sort(key=lambda x: x[0])
+            if not pts:
+                continue
+            label = f"{setting}, {budget:.0%}"
+            zs = [(n, p) for n, p in pts if "retention" in p]
+            if zs:
+                axes[0].errorbar([n for n, _ in zs], [100 * p["retention"] for _, p in zs],
+                                 yerr=[200 * p["retention_se"] for _, p in zs], fmt=style, capsize=3, label=label)
+            axes[1].errorbar([n for n, _ in pts], [p["ppl_ratio"] for _, p in pts],
+                             yerr=[2 * p["ppl_ratio_se"] for _, p in pts], fmt=style, capsize=3, label=label)
+    axes[0].axhline(100 * PAPER_CLAIM, color="grey", lw=0.8, ls=":")
+    axes[0].set(xscale="log", xlabel="parameters (dense)", ylabel="zero-shot retention, % of dense (± 2 SE)")
+    axes[1].set(xscale="log", yscale="log", xlabel="parameters (dense)", ylabel="perplexity / dense (± 2 SE)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(OUT_PNG, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="measure, model by model (resumable)")
+    run.add_argument("--models", default="", help=f"comma-separated, default all: {','.join(MODELS)}")
+    run.add_argument("--max-minutes", type=float, default=600.0, help="start no new point after this long")
+    run.set_defaults(func=cmd_run)
+    sub.add_parser("report").set_defaults(func=cmd_report)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
