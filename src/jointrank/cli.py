@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     compress = sub.add_parser("compress", help="compress a model and save it",
                               description="Plan, factorise and save. MODEL: a Hugging Face directory, a .gguf "
-                              "file, a hub id (org/name) or the alias gemma-3-270m (the embedded default).",
+                              "file, a hub id (org/name) or an alias: gemma-3-270m (the embedded default) or another model "
+                              "listed by `jointrank models`.",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_plan_arguments(compress)
     compress.add_argument("--out", required=True, help="output directory (refused if it exists, see --overwrite)")
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Areas that add their own subcommands through a `register(subparsers)` function. An area whose optional
 # dependencies are missing (e.g. lm-eval for `eval`) is left out of --help instead of breaking the command.
-SUBCOMMAND_MODULES = ("jointrank.evaluate.cli",)  # the paper's experiments: python -m research.experiments
+SUBCOMMAND_MODULES = ("jointrank.evaluate.cli", "jointrank.zoo_cli")  # the paper's experiments: python -m research.experiments
 
 
 def _register_optional(sub, module_name: str) -> None:
