@@ -125,3 +125,19 @@ def test_entry_point_exits_non_zero_on_bad_input(tmp_path):
                            "--qk", "joint", "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert done.returncode == 1 and "ratio must be in (0, 1]" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_cli_choices_come_from_the_registries():
+    """A preset, solver or allocation added to its registry is accepted by the CLI without editing cli.py."""
+    import argparse
+
+    from jointrank.cli import _add_plan_arguments
+    from jointrank.linalg import SOLVERS
+    from jointrank.plan import ALLOCATIONS, PRESETS
+
+    parser = argparse.ArgumentParser()
+    _add_plan_arguments(parser)
+    choices = {a.dest: a.choices for a in parser._actions if a.choices is not None}
+    assert sorted(choices["preset"]) == sorted(PRESETS)
+    assert tuple(choices["solver"]) == tuple(SOLVERS)
+    assert tuple(choices["allocation"]) == tuple(ALLOCATIONS)

@@ -8,6 +8,8 @@ import sys
 import time
 
 from .errors import JointRankError
+from .linalg import SOLVERS
+from .plan import ALLOCATIONS, PRESETS
 
 DESCRIPTION = """\
 Make a language model smaller by low-rank approximation of its weights, without data, and see what it cost.
@@ -125,7 +127,7 @@ def _register_optional(sub, module_name: str) -> None:
 
 def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--preset", choices=["paper-10", "paper-20"],
+    p.add_argument("--preset", choices=sorted(PRESETS),  # from the registry, so a new preset needs no CLI edit
                    help="the paper's structures: paper-10 = separate rank-k on W_Q and W_K of every layer; "
                    "paper-20 = that plus joint rank-k on W_gate/W_up of the last 22/32 of the layers. Ranks are "
                    "solved so 10%% / 20%% of the parameters in --scope are removed")
@@ -146,7 +148,7 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
                        "separate@0-5,20-31")
     p.add_argument("--layers", default="all", help="layers for group flags given without @LAYERS: all, first:N, "
                    "last:N, last:A/B (a fraction), or 0-5,20-31 (default: all)")
-    p.add_argument("--solver", choices=["auto", "svd", "gram", "gram32", "rsvd"], default="auto",
+    p.add_argument("--solver", choices=SOLVERS, default="auto",
                    help="how factors are computed: exact SVD; Gram matrix + eigh in float64 (faster on tall "
                    "matrices) or in float32, falling back to float64 when float32 could cost over 1e-5 of relative error "
                    "(gram32, 2-3x faster than SVD on LLaMA-7B shapes); seeded randomized SVD (rsvd, for low "
@@ -160,7 +162,7 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="svd", metavar="NAME[:OPTION]",
                    help="decomposition: svd (plain, the paper's; default), balanced[:norm|heads|alone] (joint "
                    "members weighted before stacking); with --calibration: asvd, svd_llm, llm_rom")
-    p.add_argument("--allocation", choices=["uniform", "global"], default="uniform",
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
                    help="uniform: one ratio for every unit; global: every unit's rank (or dense) chosen together "
                    "from the weights' spectra to meet --target (data-free)")
     p.add_argument("--calibration", default=None, metavar="FILE|self[:TOKENS]",
