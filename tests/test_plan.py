@@ -117,3 +117,14 @@ def test_plan_and_config_round_trip_through_dicts():
     assert JointRankConfig.from_dict(config.to_dict()) == config
     plan = make_plan(llama7b_layout(4), config)
     assert CompressionPlan.from_dict(plan.to_dict()) == plan
+
+
+def test_config_from_a_global_allocation_plan_reads_back():
+    """stream._finish rebuilds the config from plan.config; a global plan's config carries allocation_prior."""
+    from jointrank.plan import JointRankConfig
+
+    cfg = JointRankConfig(rules={"qk": GroupRule("separate")}, target=0.1, allocation="global")
+    d = {**cfg.to_dict(), "allocation_prior": "depth"}
+    back = JointRankConfig.from_dict(d)
+    assert back == cfg
+    assert back.allocation == "global"

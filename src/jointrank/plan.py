@@ -56,6 +56,9 @@ class JointRankConfig:
         if d.get("version", CONFIG_VERSION) != CONFIG_VERSION:
             raise JointRankError(f"config version {d.get('version')} is not supported by this jointrank")
         d["rules"] = {g: GroupRule(**r) for g, r in d.get("rules", {}).items()}
+        # A global-allocation plan records its prior next to the config (methods.allocation.plan_global); it shaped
+        # the plan's ranks and is not a compression setting, so reading such a plan's config back must not fail.
+        d.pop("allocation_prior", None)
         return cls(**d)
 
 
