@@ -257,7 +257,6 @@ def cmd_compress(args) -> int:
     from .checkpoint import check_output, manifest_for, save
     from .compress import compress_, merge_
     from .sources import load_model, resolve
-    from .tables import params_summary
 
     config = config_from_args(args)  # bad flags fail here, before anything is loaded
     _check_compress(args)
@@ -310,8 +309,7 @@ def cmd_compress(args) -> int:
         import shutil
 
         shutil.rmtree(_heal_state_dir(args.out), ignore_errors=True)  # the checkpoint is complete: no resume needed
-    print(params_summary(result.params_total_before, result.params_total_after, result.params_decoder_before,
-                         result.params_decoder_after))
+    # the scope table was already printed with the plan (_print_plan): printing it again here duplicated it
     healed = ""
     if "heal" in result.extra:
         healed = f", heal {result.extra['heal']['seconds']:.1f} s"
