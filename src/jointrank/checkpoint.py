@@ -7,7 +7,6 @@ complete, the manifest last: an interrupted run leaves `.NAME.tmp-*`, never a di
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import time
@@ -16,9 +15,8 @@ from pathlib import Path
 import torch
 
 from .errors import JointRankError
-from .sources import MANIFEST_NAME
-
-MANIFEST_FORMAT = 1
+from .format import MANIFEST_FORMAT, MANIFEST_NAME
+from .outputs import swap_into_place
 
 
 def check_output(out: str | Path, overwrite: bool, source: str | Path | None = None) -> Path:
@@ -40,7 +38,7 @@ def save(model, tokenizer, out: str | Path, manifest: dict, *, overwrite: bool =
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / MANIFEST_NAME).write_text(json.dumps(with_checksums(stamped(manifest), staging), indent=2) + "\n")
-        _swap_into_place(staging, out)
+        swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -82,19 +80,6 @@ def with_checksums(manifest: dict, staging: Path) -> dict:
     from .verify import tensor_checksums
 
     return {**manifest, "checksums": tensor_checksums(staging)}
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    from .outputs import finish_modes, graveyard as graveyard_of
-
-    finish_modes(staging)
-    if out.exists():
-        graveyard = graveyard_of(out)
-        os.replace(out, graveyard)
-        os.replace(staging, out)
-        shutil.rmtree(graveyard, ignore_errors=True)
-    else:
-        os.replace(staging, out)
 
 
 def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",

@@ -120,6 +120,19 @@ def clean_stale(out: Path) -> None:
             _say(f"restored {out} from {old}: a run replacing it died (pid {pid}) before its new output was in place")
 
 
+def swap_into_place(staging: Path, out: Path) -> None:
+    """Rename a complete staging directory to `out`; an existing `out` (--overwrite) is moved aside first and
+    deleted only after the new one is in place, so no moment leaves neither."""
+    finish_modes(staging)
+    if out.exists():
+        aside = graveyard(out)
+        os.replace(out, aside)
+        os.replace(staging, out)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
 def finish_modes(staging: Path) -> None:
     """tempfile.mkdtemp makes 0700 directories; a finished checkpoint gets what mkdir (save_pretrained) gives."""
     umask = os.umask(0)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import JointRankError
-from .stream import LayerJob, StreamOptions, TensorSource, _unit_record, factorise_unit, passthrough, run_layer_job, \
+from .stream import LayerJob, StreamOptions, TensorSource, unit_record, factorise_unit, passthrough, run_layer_job, \
     write_shard
 
 BACKENDS = ("local", "ray")
@@ -66,7 +66,7 @@ def _finish_layer(source, options, job: LayerJob, futures, started: float) -> di
     for future in futures:
         out, result, seconds = future.result()
         tensors.update(out)
-        units.append(_unit_record(result, seconds))
+        units.append(unit_record(result, seconds))
     write_shard(tensors, Path(job.staging) / job.shard)
     return {"layer": job.layer, "units": units, "seconds": time.perf_counter() - started}
 

@@ -271,12 +271,12 @@ def run_layer_job(job: LayerJob, options: StreamOptions) -> dict:
     for entry in job.entries:
         out, result, seconds = factorise_unit(source, entry, job.method, options)
         tensors.update(out)
-        units.append(_unit_record(result, seconds))
+        units.append(unit_record(result, seconds))
     write_shard(tensors, Path(job.staging) / job.shard)
     return {"layer": job.layer, "units": units, "seconds": time.perf_counter() - start}
 
 
-def _unit_record(result, seconds: float) -> dict:
+def unit_record(result, seconds: float) -> dict:
     d = dict(vars(result))
     d["members"] = list(d["members"])
     d["seconds"] = seconds
@@ -534,11 +534,12 @@ def _itemsize(dtype: str) -> int:
 
 def _finish(staging, out, source, plan, result, config_obj, source_label, options) -> None:
     """config.json with the quantization_config, copied tokenizer files, manifest last, then into place."""
-    from .checkpoint import _swap_into_place, manifest_for, stamped, with_checksums
+    from .checkpoint import manifest_for, stamped, with_checksums
     from .compress import units_of
     from .hf_integration import JointRankQuantizationConfig
     from .plan import JointRankConfig
-    from .sources import MANIFEST_NAME
+    from .format import MANIFEST_NAME
+    from .outputs import swap_into_place
 
     if out.exists() and not options.overwrite:  # it did not exist when the run started (check_output)
         raise JointRankError(f"{out} appeared while this run was working and --overwrite was not given, so it was "
@@ -557,7 +558,7 @@ def _finish(staging, out, source, plan, result, config_obj, source_label, option
     full = with_checksums(stamped(manifest), staging)
     (staging / PROGRESS_NAME).unlink(missing_ok=True)
     (staging / MANIFEST_NAME).write_text(json.dumps(full, indent=2) + "\n")
-    _swap_into_place(staging, out)
+    swap_into_place(staging, out)
 
 
 def is_streamable_source(path: str | Path) -> bool:

@@ -27,9 +27,7 @@ from pathlib import Path
 
 from .errors import JointRankError
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-MANIFEST_NAME = "jointrank_manifest.json"
+from .format import INDEX_NAME, MANIFEST_NAME, SINGLE_NAME
 CHECKSUM_ALGORITHM = "sha256"
 # Buffers some checkpoints store although they are not parameters (transformers ignores them on load).
 IGNORED_SUFFIXES = (".inv_freq", ".masked_bias", ".attn.bias")

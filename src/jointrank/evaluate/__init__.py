@@ -71,7 +71,7 @@ def _load_avg() -> list[float] | None:
 
 def read_manifest(model_dir: str | None) -> dict | None:
     """The compression manifest (jointrank_manifest.json) of a model directory, if it has one."""
-    from ..sources import MANIFEST_NAME
+    from ..format import MANIFEST_NAME
 
     if not model_dir:
         return None
