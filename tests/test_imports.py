@@ -19,8 +19,6 @@ KNOWN_CYCLES = [
      "jointrank.methods.svd", "jointrank.methods.svd_llm"},
     # install_unit lives in compress.py and the quantizer needs it; verify reads the module structure
     {"jointrank.compress", "jointrank.hf_integration", "jointrank.verify"},
-    # checkpoint reads __version__ from the package root, which re-exports checkpoint
-    {"jointrank", "jointrank.checkpoint"},
     # sources -> checkpoint.load -> ...; parallel <-> stream; evaluate reads manifests; precheck resolves sources
     {"jointrank.evaluate", "jointrank.evaluate.report", "jointrank.parallel", "jointrank.precheck",
      "jointrank.sources", "jointrank.stream"},

@@ -7,7 +7,6 @@
     model = jointrank.load("out-dir")    # or AutoModelForCausalLM.from_pretrained("out-dir") after import jointrank
 """
 
-__version__ = "0.1.0"
 
 from . import hf_integration as _hf_integration
 from .checkpoint import load, manifest_for, read_manifest, save
@@ -16,6 +15,7 @@ from .errors import JointRankError
 from .heal import DistillSettings, heal_, teacher_copy
 from .methods.selfgen import self_calibration
 from .plan import PRESETS, CompressionPlan, GroupRule, JointRankConfig, make_plan
+from .version import __version__
 
 _hf_integration.register()
 

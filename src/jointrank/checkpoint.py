@@ -110,7 +110,7 @@ def read_manifest(path: str | Path) -> dict:
 def versions() -> dict:
     import transformers
 
-    from . import __version__
+    from .version import __version__
 
     return {"jointrank": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}

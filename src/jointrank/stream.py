@@ -395,7 +395,7 @@ def _jobs(source: TensorSource, layout: ModelLayout, plan, method: str) -> dict[
 
 
 def _fingerprint(source: TensorSource, plan, method: str, options: StreamOptions) -> str:
-    from . import __version__
+    from .version import __version__
 
     blob = json.dumps({"plan": plan.to_dict(), "method": method, "options": options.fingerprint(),
                        "source": source.fingerprint(), "jointrank": __version__, "torch": torch.__version__},
@@ -405,7 +405,7 @@ def _fingerprint(source: TensorSource, plan, method: str, options: StreamOptions
 
 def _settings(source: TensorSource, plan, method: str, options: StreamOptions) -> dict:
     """What the fingerprint is made of, readable: kept in progress.json so a refused resume can name the cause."""
-    from . import __version__
+    from .version import __version__
 
     def digest(obj) -> str:
         return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
