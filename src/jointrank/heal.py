@@ -237,9 +237,9 @@ def _window_order(n: int, steps: int, seed: int) -> list[int]:
 
 
 def _split(model):
-    from .evaluate.perplexity import _split_model
+    from .evaluate.perplexity import split_model
 
-    parts = _split_model(model)
+    parts = split_model(model)
     if parts is None:
         raise JointRankError("distillation needs a model with a separate decoder and LM head (get_decoder)")
     return parts

@@ -96,7 +96,7 @@ def joint_rank_k(weights: list[torch.Tensor], k: int, solver: str = "auto", *, s
         if solver == "gram32":
             s, basis, solver = _gram32_svd(stacked, k)
         else:
-            s, basis = _gram_svd(stacked, k)
+            s, basis = gram_svd(stacked, k)
         out = stacked @ basis.T  # = U_k S_k, exact for the chosen basis
     else:
         s, basis, out = _randomized_svd(stacked, k, seed=DEFAULT_SEED if seed is None else seed,
@@ -207,7 +207,7 @@ GRAM32_TOLERANCE = 1e-5
 
 
 def _gram32_svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """_gram_svd in float32, two to three times as fast; float64 when float32 could cost accuracy.
+    """gram_svd in float32, two to three times as fast; float64 when float32 could cost accuracy.
 
     Squaring the matrix squares its condition number, so float32 only loses the *small* eigenvalues, those below
     the resolution r = sqrt(n)·eps·λ_max. A kept direction whose eigenvalue is resolved is kept correctly (its
@@ -230,7 +230,7 @@ def _gram32_svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
         error = (tail / total) ** 0.5
         bound = ((tail + 2 * unresolved * resolution) / total) ** 0.5 - error
         if bound > GRAM32_TOLERANCE:
-            s, basis = _gram_svd(matrix, k)
+            s, basis = gram_svd(matrix, k)
             return s, basis, "gram"
     if cols <= rows:
         basis = evecs[:, :k].T
@@ -240,7 +240,7 @@ def _gram32_svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return evals.clamp_min(0).sqrt(), basis.contiguous(), "gram32"
 
 
-def _gram_svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gram_svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k right singular vectors (k, d_in) and all singular values, from the eigenvectors of MᵀM or MMᵀ."""
     m64 = matrix.to(torch.float64)
     rows, cols = m64.shape

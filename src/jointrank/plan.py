@@ -242,7 +242,7 @@ def validate(config: JointRankConfig) -> None:
 
 def make_plan(layout: ModelLayout, config: JointRankConfig) -> CompressionPlan:
     validate(config)
-    units = _units(layout, config)
+    units = plan_units(layout, config)
     if config.target is not None:
         ratio = _solve_ratio(layout, config, units)
     else:
@@ -253,7 +253,7 @@ def make_plan(layout: ModelLayout, config: JointRankConfig) -> CompressionPlan:
                            layout.params_decoder, config.to_dict(), ratio)
 
 
-def _units(layout: ModelLayout, config: JointRankConfig) -> list[tuple[GroupLayout, str, tuple[int, ...]]]:
+def plan_units(layout: ModelLayout, config: JointRankConfig) -> list[tuple[GroupLayout, str, tuple[int, ...]]]:
     """(group, method, member indices) per factorisation unit, in model order; kept groups have method keep."""
     layer_sets = {g: set(parse_layers(r.layers, layout.num_layers)) for g, r in config.rules.items()}
     units = []

@@ -59,7 +59,7 @@ def make_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None =
     return token_ids[: n * seqlen].view(n, seqlen)
 
 
-def _split_model(model):
+def split_model(model):
     """(decoder, head, softcap) when the model can be run without full logits, else None."""
     get_decoder = getattr(model, "get_decoder", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -75,7 +75,7 @@ def window_nll(model, windows: torch.Tensor, loss_chunk: int = 512) -> tuple[flo
     device = next(model.parameters()).device
     windows = windows.to(device)
     targets = windows[:, 1:]
-    parts = _split_model(model)
+    parts = split_model(model)
     if parts is None:  # an arbitrary causal LM: full logits, still scored in float32
         logits = model(input_ids=windows, use_cache=False).logits[:, :-1].float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")

@@ -124,7 +124,7 @@ def _continuation_only_hflm():
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from .perplexity import _split_model
+    from .perplexity import split_model
 
     class ContinuationOnlyHFLM(HFLM):
         _max_cont = None
@@ -137,7 +137,7 @@ def _continuation_only_hflm():
                 self._max_cont = None
 
         def _model_call(self, inps, attn_mask=None, labels=None):
-            parts = _split_model(self.model)
+            parts = split_model(self.model)
             if attn_mask is not None or labels is not None or parts is None or self._max_cont is None:
                 return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
             decoder, head, softcap = parts

@@ -29,7 +29,7 @@ import torch
 from ..architectures import describe
 from ..errors import JointRankError
 from ..linalg import joint_params
-from ..plan import CompressionPlan, PlanEntry, _units, validate
+from ..plan import CompressionPlan, PlanEntry, plan_units, validate
 from . import parse
 
 PRIORS = ("flat", "depth", "residual")
@@ -94,7 +94,7 @@ def plan_global(model, config, *, prior: str = "flat", spectra: dict | None = No
     if config.target is None:
         raise JointRankError("global allocation needs a parameter budget (--target)")
     layout = describe(model)
-    units = _units(layout, config)
+    units = plan_units(layout, config)
     scope_total = layout.params_total if config.scope == "model" else layout.params_decoder
     budget = config.target * scope_total
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import Factors, _gram_svd, max_rank
+from ..linalg import Factors, gram_svd, max_rank
 
 
 def check(weights: list[torch.Tensor], k: int) -> tuple[list[int], int]:
@@ -26,7 +26,7 @@ def stacked64(weights: list[torch.Tensor]) -> torch.Tensor:
 def top_right(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All singular values of m and its top-k right singular vectors (k, d_in), both float64, through the small
     Gram matrix (linalg's float64 solver): one eigendecomposition of min(rows, cols)², not a full SVD of m."""
-    s, vk = _gram_svd(m, k)
+    s, vk = gram_svd(m, k)
     return s.to(torch.float64), vk.to(torch.float64)
 
 
