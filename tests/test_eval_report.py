@@ -9,7 +9,7 @@ import pytest
 
 from jointrank.errors import JointRankError
 from jointrank.evaluate import parse_tasks, report
-from jointrank.evaluate.cli import main
+from jointrank.cli import main  # `eval` and `compare` are subcommands of the one CLI
 
 
 def results(spec: str, accs: dict, ppl: float, n: int = 400) -> dict:

@@ -105,7 +105,7 @@ def run_eval(args) -> int:
 
 
 def _command_line() -> str:
-    prog = ["jointrank"] if Path(sys.argv[0]).name == "jointrank" else [Path(sys.executable).name, "-m", "jointrank.evaluate.cli"]
+    prog = ["jointrank"] if Path(sys.argv[0]).name == "jointrank" else [Path(sys.executable).name, "-m", "jointrank.cli"]
     return shlex.join([*prog, *sys.argv[1:]])
 
 
@@ -118,19 +118,3 @@ def run_compare(args) -> int:
         Path(args.out).write_text(render_compare(cmp, markdown=True), encoding="utf-8")
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (python -m jointrank.evaluate.cli ...) until the main CLI wires register() in."""
-    parser = argparse.ArgumentParser(prog="jointrank")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except JointRankError as exc:
-        print(f"jointrank: error: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
