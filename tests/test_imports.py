@@ -17,8 +17,6 @@ KNOWN_CYCLES = [
     # methods/__init__ (the registry) imports every method, and each method imports the registry's helpers
     {"jointrank.methods", "jointrank.methods.asvd", "jointrank.methods.balanced", "jointrank.methods.llm_rom",
      "jointrank.methods.svd", "jointrank.methods.svd_llm"},
-    # install_unit lives in compress.py and the quantizer needs it; verify reads the module structure
-    {"jointrank.compress", "jointrank.hf_integration", "jointrank.verify"},
     # sources -> checkpoint.load -> ...; parallel <-> stream; evaluate reads manifests; precheck resolves sources
     {"jointrank.evaluate", "jointrank.evaluate.report", "jointrank.parallel", "jointrank.precheck",
      "jointrank.sources", "jointrank.stream"},

@@ -90,28 +90,39 @@ def describe(model: nn.Module) -> ModelLayout:
             f"unsupported architecture {model_type!r}: layer 0 ({type(layers[0]).__name__}) has weight matrices "
             f"{', '.join(found) or 'none'}; supported: {', '.join(sorted(ARCHITECTURES))}"
         )
-    groups = []
-    for index, layer in enumerate(layers):
-        for group, (parent_name, names) in table.items():
-            parent = layer.get_submodule(parent_name)
-            members = []
-            for name in names:
-                module = getattr(parent, name, None)
-                if module is None:
-                    raise JointRankError(f"{model_type} layer {index}: {parent_name}.{name} is missing")
-                full = f"{layers_path}.{index}.{parent_name}.{name}"
-                members.append(_member(full, module))
-            if len({m.d_in for m in members}) != 1:
-                raise JointRankError(f"{model_type} layer {index}: members of {group} read inputs of different sizes")
-            groups.append(GroupLayout(index, group, f"{layers_path}.{index}.{parent_name}", tuple(members)))
+    def member(index: int, parent_name: str, name: str) -> Member | None:
+        module = getattr(layers[index].get_submodule(parent_name), name, None)
+        return None if module is None else _member(f"{layers_path}.{index}.{parent_name}.{name}", module)
+
+    groups = group_layouts(model_type, layers_path, len(layers), member)
     return ModelLayout(
         model_type=model_type,
         num_layers=len(layers),
-        groups=tuple(groups),
+        groups=groups,
         params_total=count_parameters(model),
         params_decoder=count_parameters(layers),
         layers_path=layers_path,
     )
+
+
+def group_layouts(model_type: str, layers_path: str, num_layers: int, member) -> tuple[GroupLayout, ...]:
+    """Every group of every decoder layer, from the family's table. `member(layer, parent, name)` gives the Member
+    found there (from a module, or from a checkpoint's tensor shapes when streaming) or None if it is missing."""
+    table = ARCHITECTURES[model_type]
+    groups = []
+    for index in range(num_layers):
+        for group, (parent_name, names) in table.items():
+            members = []
+            for name in names:
+                found = member(index, parent_name, name)
+                if found is None:
+                    raise JointRankError(f"{model_type} layer {index}: {parent_name}.{name} is missing or not a "
+                                         "matrix")
+                members.append(found)
+            if len({m.d_in for m in members}) != 1:
+                raise JointRankError(f"{model_type} layer {index}: members of {group} read inputs of different sizes")
+            groups.append(GroupLayout(index, group, f"{layers_path}.{index}.{parent_name}", tuple(members)))
+    return tuple(groups)
 
 
 def _member(name: str, module: nn.Module) -> Member:

@@ -10,23 +10,17 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .architectures import count_parameters, decoder_layers, describe
+from .engine import UnitResult, run_unit
 from .errors import JointRankError
-from .finite import check_factors
-from .modules import LowRankLinear, SharedBasis
+from .format import basis_name, is_shared, quantization_units, unit_tensors
+from .linalg import Solver
+from .modules import install_unit, merge_
 from .plan import CompressionPlan, JointRankConfig, make_plan
 
-
-@dataclass
-class UnitResult:
-    layer: int
-    group: str
-    method: str
-    members: tuple[str, ...]
-    rank: int
-    energy_kept: float
-    rel_error: float
-    member_rel_errors: list[float]
-    solver: str = ""  # the solver that ran (Factors.solver); empty for methods that do not say
+# Older names, kept for code that imported them from here: the format owns the names, modules the structure.
+units_of = quantization_units
+__all__ = ["CompressionResult", "UnitResult", "basis_name", "compress_", "install_factors", "install_unit",
+           "merge_", "plan_for", "units_of"]
 
 
 @dataclass
@@ -89,28 +83,20 @@ def compress_(model: nn.Module, config: JointRankConfig | CompressionPlan, *, de
 
     spec = plan.config.get("method", "svd")
     method, _ = methods.parse(spec)
-    results = []
     work = plan.factorised
     extra = {}
     if method.needs_calibration:
         from .methods.apply import compress_calibrated
 
-        done, extra = compress_calibrated(model, plan, calibration, solver=solver, progress=progress,
-                                          install=lambda entry, factors: (check_factors(entry, factors),
-                                                                         install_factors(model, entry, factors)))
+        results, extra = compress_calibrated(model, plan, calibration, solver=solver, progress=progress,
+                                             install=lambda entry, factors: install_factors(model, entry, factors))
     else:
-        done = []
+        results = []
         for entry in tqdm(work, desc="factorising", unit="unit", disable=not progress or not work):
-            modules = [model.get_submodule(name) for name in entry.members]
-            weights = [m.weight.detach().to(device) if device else m.weight.detach() for m in modules]
-            factors = methods.factorise(spec, weights, entry.rank, solver=solver)
-            check_factors(entry, factors)
+            weights = [model.get_submodule(name).weight.detach() for name in entry.members]
+            factors, result, _ = run_unit(entry, weights, spec, solver=Solver(solver, device=device))
             install_factors(model, entry, factors)
-            done.append((entry, factors))
-    for entry, factors in done:
-        results.append(UnitResult(entry.layer, entry.group, entry.method, entry.members, entry.rank,
-                                  factors.energy_kept, factors.rel_error, factors.member_rel_errors,
-                                  factors.solver))
+            results.append(result)
     attach_quantization_config(model, plan)
     _, layers = decoder_layers(model)
     return CompressionResult(
@@ -125,11 +111,16 @@ def compress_(model: nn.Module, config: JointRankConfig | CompressionPlan, *, de
     )
 
 
+@torch.no_grad()
 def install_factors(model: nn.Module, entry, factors) -> None:
-    """Replace one plan unit's dense members by low-rank modules holding `factors` (any method's)."""
-    modules = [model.get_submodule(name) for name in entry.members]
-    install_unit(model, entry.members, entry.rank, shared=entry.method == "joint", group=entry.group)
-    _load_factors(model, entry.members, factors, originals=modules, shared=entry.method == "joint")
+    """Replace one plan unit's dense members by low-rank modules holding `factors` (any method's): the tensors are
+    named as the checkpoint format names them and copied in by those names, as a reload would."""
+    originals = [model.get_submodule(name) for name in entry.members]
+    ref = originals[0].weight
+    biases = {name: m.bias for name, m in zip(entry.members, originals) if m.bias is not None}  # kept exact
+    install_unit(model, entry.members, entry.rank, shared=is_shared(entry), group=entry.group)
+    for name, tensor in unit_tensors(entry, factors, biases, dtype=ref.dtype, device=ref.device).items():
+        model.get_parameter(name).copy_(tensor)
 
 
 def _check_plan_fits(plan: CompressionPlan, layout) -> None:
@@ -141,85 +132,11 @@ def _check_plan_fits(plan: CompressionPlan, layout) -> None:
                                      f"the plan expects {(d_out, e.d_in)}")
 
 
-def basis_name(parent: str, group: str) -> str:
-    return f"{parent}.{group}_basis"
-
-
-def install_unit(model: nn.Module, members: tuple[str, ...] | list[str], rank: int, *, shared: bool,
-                 group: str) -> None:
-    """Swap the members' nn.Linear for LowRankLinear of the given rank (weights uninitialised).
-
-    Used both when compressing and when transformers rebuilds a saved checkpoint on the meta device, so the two
-    paths cannot disagree on module structure or state-dict names.
-    """
-    originals = [model.get_submodule(name) for name in members]
-    ref = originals[0].weight
-    factory = {"device": ref.device, "dtype": ref.dtype}
-    basis = None
-    if shared:
-        parent_name = members[0].rsplit(".", 1)[0]
-        basis = SharedBasis(rank, originals[0].in_features, len(members), **factory)
-        model.get_submodule(parent_name).add_module(basis_name(parent_name, group).rsplit(".", 1)[1], basis)
-    for name, old in zip(members, originals):
-        parent_name, attr = name.rsplit(".", 1)
-        new = LowRankLinear(old.in_features, old.out_features, rank, old.bias is not None, shared_basis=basis,
-                            **factory)
-        setattr(model.get_submodule(parent_name), attr, new)
-
-
-@torch.no_grad()
-def _load_factors(model, members, factors, *, originals, shared: bool) -> None:
-    for i, (name, old) in enumerate(zip(members, originals)):
-        new = model.get_submodule(name)
-        dtype, device = old.weight.dtype, old.weight.device
-        new.out.weight.copy_(factors.outs[i].to(device=device, dtype=dtype))
-        if old.bias is not None:
-            new.out.bias.copy_(old.bias)  # biases are kept exact
-        if shared:
-            if i == 0:
-                new.shared_basis.weight.copy_(factors.basis.to(device=device, dtype=dtype))
-        else:
-            new.basis.weight.copy_(factors.basis.to(device=device, dtype=dtype))
-
-
-def units_of(plan: CompressionPlan) -> list[dict]:
-    """The module structure a checkpoint needs to be rebuilt: what goes into config.json's quantization_config."""
-    return [{"group": e.group, "members": list(e.members), "rank": e.rank, "shared": e.method == "joint"}
-            for e in plan.factorised]
-
-
 def attach_quantization_config(model: nn.Module, plan: CompressionPlan) -> None:
     from .hf_integration import JointRankQuantizationConfig, JointRankHfQuantizer
 
-    qconfig = JointRankQuantizationConfig(units=units_of(plan))
+    qconfig = JointRankQuantizationConfig(units=quantization_units(plan))
     model.config.quantization_config = qconfig
     model.hf_quantizer = JointRankHfQuantizer(qconfig, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = "jointrank"
-
-
-@torch.no_grad()
-def merge_(model: nn.Module) -> int:
-    """Write every low-rank layer back into a dense nn.Linear of the original shape; returns how many."""
-    merged = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LowRankLinear):
-            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                              device=module.out.weight.device, dtype=module.out.weight.dtype)
-            dense.weight.copy_(module.dense_weight())
-            if module.bias is not None:
-                dense.bias.copy_(module.bias)
-            parent, attr = name.rsplit(".", 1)
-            setattr(model.get_submodule(parent), attr, dense)
-            merged += 1
-    for name, module in list(model.named_modules()):
-        if isinstance(module, SharedBasis):
-            parent, attr = name.rsplit(".", 1)
-            delattr(model.get_submodule(parent), attr)
-    for attr in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, attr):
-            delattr(model, attr)
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    model.is_quantized = False
-    return merged

@@ -34,7 +34,7 @@ class JointRankHfQuantizer(HfQuantizer):
     requires_calibration = False
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        from .compress import install_unit
+        from .modules import install_unit
         from .verify import install_units, verify_on_load
 
         install_units(model, self.quantization_config.units, install_unit)

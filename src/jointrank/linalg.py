@@ -25,6 +25,21 @@ RSVD_ITERS = 6  # subspace iterations, each one pass with W and one with Wᵀ
 RSVD_MIN_DIM = 2048
 
 
+@dataclass(frozen=True)
+class Solver:
+    """How one unit's decomposition runs: the solver's name (SOLVERS), its seed (only the randomized solver draws
+    random numbers) and the device the arithmetic runs on (default: where the weights are)."""
+
+    name: str = "auto"
+    seed: int | None = None
+    device: str | None = None
+
+    @classmethod
+    def of(cls, value: "Solver | str | None") -> "Solver":
+        """A Solver from a Solver or a solver name (the older, name-only form)."""
+        return value if isinstance(value, Solver) else cls(name=value or "auto")
+
+
 @dataclass
 class Factors:
     """The result of one (joint) rank-k approximation."""

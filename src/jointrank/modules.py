@@ -1,8 +1,8 @@
-"""Low-rank layers that replace nn.Linear. A joint group's members share one input basis, stored once.
+"""Low-rank layers that replace nn.Linear, installing them into a model and merging them back.
 
-State-dict names (what a checkpoint holds):
-  separate:  <layer>.q_proj.basis.weight (k, d_in)       <layer>.q_proj.out.weight (d_out, k) [+ .out.bias]
-  joint:     <parent>.qk_basis.weight (k, d_in), once     <layer>.q_proj.out.weight, <layer>.k_proj.out.weight
+A joint group's members share one input basis, stored once. The state-dict names these modules produce are the
+checkpoint format's (format.py documents them); `install_unit` is the one place that builds the structure, used
+when compressing and when transformers rebuilds a saved checkpoint, so the two cannot disagree.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import weakref
 
 import torch
 import torch.nn as nn
+
+from .format import basis_name
 
 
 class SharedBasis(nn.Module):
@@ -115,3 +117,52 @@ class LowRankLinear(nn.Module):
     def extra_repr(self) -> str:
         kind = "joint" if self.shared_basis is not None else "separate"
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, {kind}"
+
+
+def install_unit(model: nn.Module, members: tuple[str, ...] | list[str], rank: int, *, shared: bool,
+                 group: str) -> None:
+    """Swap the members' nn.Linear for LowRankLinear of the given rank (weights uninitialised).
+
+    Used both when compressing and when transformers rebuilds a saved checkpoint on the meta device, so the two
+    paths cannot disagree on module structure or state-dict names.
+    """
+    originals = [model.get_submodule(name) for name in members]
+    ref = originals[0].weight
+    factory = {"device": ref.device, "dtype": ref.dtype}
+    basis = None
+    if shared:
+        parent_name = members[0].rsplit(".", 1)[0]
+        basis = SharedBasis(rank, originals[0].in_features, len(members), **factory)
+        model.get_submodule(parent_name).add_module(basis_name(parent_name, group).rsplit(".", 1)[1], basis)
+    for name, old in zip(members, originals):
+        parent_name, attr = name.rsplit(".", 1)
+        new = LowRankLinear(old.in_features, old.out_features, rank, old.bias is not None, shared_basis=basis,
+                            **factory)
+        setattr(model.get_submodule(parent_name), attr, new)
+
+
+@torch.no_grad()
+def merge_(model: nn.Module) -> int:
+    """Write every low-rank layer back into a dense nn.Linear of the original shape; returns how many."""
+    merged = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LowRankLinear):
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              device=module.out.weight.device, dtype=module.out.weight.dtype)
+            dense.weight.copy_(module.dense_weight())
+            if module.bias is not None:
+                dense.bias.copy_(module.bias)
+            parent, attr = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent), attr, dense)
+            merged += 1
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SharedBasis):
+            parent, attr = name.rsplit(".", 1)
+            delattr(model.get_submodule(parent), attr)
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.is_quantized = False
+    return merged

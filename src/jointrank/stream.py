@@ -29,17 +29,17 @@ from pathlib import Path
 
 import torch
 
-from .architectures import ARCHITECTURES, GroupLayout, Member, ModelLayout
+from .architectures import ARCHITECTURES, Member, ModelLayout, group_layouts
+from .engine import UnitResult, run_unit
 from .errors import JointRankError
+from .format import INDEX_NAME, MANIFEST_NAME, SINGLE_NAME, counts_as_parameter, unit_tensors
+from .linalg import Solver
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 PROGRESS_NAME = "progress.json"
 # Besides config.json and the weights, these files of the source travel with the checkpoint (tokenizer,
 # generation config, chat template). Never code (.py): outputs must load without trust_remote_code.
 COPY_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken")
-NOT_COPIED = {"config.json", INDEX_NAME, "jointrank_manifest.json"}
-BUFFER_SUFFIXES = (".inv_freq", ".masked_bias", ".attn.bias")  # buffers some old checkpoints store: not parameters
+NOT_COPIED = {"config.json", INDEX_NAME, MANIFEST_NAME}
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,9 @@ class StreamOptions:
         runs on are part of it (a resumed run must split the cores the same way to write the same bytes)."""
         return {"solver": self.solver, "seed": self.seed, "device": self.device, "dtype": self.dtype,
                 "unit_threads": self.unit_threads()}
+
+    def solver_settings(self) -> Solver:
+        return Solver(self.solver, self.seed, self.device)
 
     def cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(getattr(torch, self.dtype)) if self.dtype and t.is_floating_point() else t
@@ -151,22 +154,17 @@ def read_layout(source: TensorSource) -> ModelLayout:
     expected = config.get("num_hidden_layers", num_layers)
     if expected != num_layers:
         raise JointRankError(f"config.json says {expected} layers, the checkpoint holds {num_layers}")
-    groups = []
-    for index in range(num_layers):
-        for group, (parent_name, names) in table.items():
-            members = []
-            for name in names:
-                full = f"{layers_path}.{index}.{parent_name}.{name}"
-                shape = source.shapes.get(f"{full}.weight")
-                if shape is None or len(shape) != 2:
-                    raise JointRankError(f"{model_type} layer {index}: {full}.weight is missing or not a matrix")
-                members.append(Member(full, shape[0], shape[1], f"{full}.bias" in source.shapes))
-            if len({m.d_in for m in members}) != 1:
-                raise JointRankError(f"{model_type} layer {index}: members of {group} read inputs of different sizes")
-            groups.append(GroupLayout(index, group, f"{layers_path}.{index}.{parent_name}", tuple(members)))
+    def member(index: int, parent_name: str, name: str) -> Member | None:
+        full = f"{layers_path}.{index}.{parent_name}.{name}"
+        shape = source.shapes.get(f"{full}.weight")
+        if shape is None or len(shape) != 2:
+            return None
+        return Member(full, shape[0], shape[1], f"{full}.bias" in source.shapes)
+
+    groups = group_layouts(model_type, layers_path, num_layers, member)
     params = _parameter_names(source)
     decoder = [n for n in params if n.startswith(layers_path + ".")]
-    return ModelLayout(model_type=model_type, num_layers=num_layers, groups=tuple(groups),
+    return ModelLayout(model_type=model_type, num_layers=num_layers, groups=groups,
                        params_total=sum(_numel(source.shapes[n]) for n in params),
                        params_decoder=sum(_numel(source.shapes[n]) for n in decoder), layers_path=layers_path)
 
@@ -174,8 +172,7 @@ def read_layout(source: TensorSource) -> ModelLayout:
 def _parameter_names(source: TensorSource) -> list[str]:
     """Stored tensors that are parameters, each counted once (a tied lm_head stored anyway is the embedding)."""
     tied = source.config.get("tie_word_embeddings", False)
-    return [n for n in source.shapes
-            if not n.endswith(BUFFER_SUFFIXES) and not (tied and n == "lm_head.weight")]
+    return [n for n in source.shapes if counts_as_parameter(n, tied)]
 
 
 def _numel(shape) -> int:
@@ -207,44 +204,15 @@ def layer_tensor_names(source: TensorSource, prefix: str) -> list[str]:
 
 
 def factorise_unit(source: TensorSource, entry, method: str, options: StreamOptions):
-    """Read one unit's weights and factorise them; returns (output tensors by name, UnitResult, seconds)."""
-    from .compress import UnitResult, basis_name
-    from .finite import check_factors
-
-    start = time.perf_counter()
+    """Read one unit's weights, run it through the engine; returns (output tensors by name, UnitResult, seconds)."""
     names = [f"{m}.weight" for m in entry.members]
     bias_names = [f"{m}.bias" for m in entry.members if f"{m}.bias" in source.shapes]
     read = source.read(names + bias_names)
     weights = [read[n] for n in names]
-    factors = _factorise(weights, entry.rank, method, options)
-    check_factors(entry, factors)  # never write NaN/Inf factors into a shard
-    out = {}
-    for i, (member, w) in enumerate(zip(entry.members, weights)):
-        dtype = getattr(torch, options.dtype) if options.dtype else w.dtype  # as compress_: the weight's own
-        out[f"{member}.out.weight"] = factors.outs[i].to(device="cpu", dtype=dtype, copy=True)
-        if f"{member}.bias" in read:
-            out[f"{member}.out.bias"] = options.cast(read[f"{member}.bias"])  # biases are kept exact
-        if entry.method == "joint":
-            if i == 0:
-                parent = member.rsplit(".", 1)[0]  # where install_unit registers the shared basis
-                out[f"{basis_name(parent, entry.group)}.weight"] = factors.basis.to(device="cpu", dtype=dtype,
-                                                                                   copy=True)
-        else:
-            out[f"{member}.basis.weight"] = factors.basis.to(device="cpu", dtype=dtype, copy=True)
-    result = UnitResult(entry.layer, entry.group, entry.method, tuple(entry.members), entry.rank,
-                        factors.energy_kept, factors.rel_error, factors.member_rel_errors, factors.solver)
-    return out, result, time.perf_counter() - start
-
-
-def _factorise(weights, k, method: str, options: StreamOptions):
-    from . import methods
-    from .linalg import joint_rank_k
-
-    if methods.parse(method)[0].name == "svd":  # the data-free default: pass the seed and device through
-        return joint_rank_k(weights, k, solver=options.solver, seed=options.seed, device=options.device)
-    if options.device:
-        weights = [w.to(options.device) for w in weights]
-    return methods.factorise(method, weights, k, solver=options.solver)
+    factors, result, seconds = run_unit(entry, weights, method, solver=options.solver_settings())
+    biases = {m: options.cast(read[f"{m}.bias"]) for m in entry.members if f"{m}.bias" in read}  # kept exact
+    dtype = getattr(torch, options.dtype) if options.dtype else weights[0].dtype  # as compress_: the weight's own
+    return unit_tensors(entry, factors, biases, dtype=dtype), result, seconds
 
 
 def passthrough(source: TensorSource, job: LayerJob, options: StreamOptions) -> dict[str, torch.Tensor]:
@@ -276,11 +244,8 @@ def run_layer_job(job: LayerJob, options: StreamOptions) -> dict:
     return {"layer": job.layer, "units": units, "seconds": time.perf_counter() - start}
 
 
-def unit_record(result, seconds: float) -> dict:
-    d = dict(vars(result))
-    d["members"] = list(d["members"])
-    d["seconds"] = seconds
-    return d
+def unit_record(result: UnitResult, seconds: float) -> dict:
+    return result.to_record(seconds)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -486,7 +451,7 @@ def _assemble(staging, source, layout, plan, progress, jobs_by_layer, rest_shard
     """The CompressionResult of the whole run (from progress records) and the shard index."""
     from safetensors import safe_open
 
-    from .compress import CompressionResult, UnitResult
+    from .compress import CompressionResult
 
     units, unit_seconds, layer_seconds = [], [], []
     for layer in sorted(jobs_by_layer):
@@ -494,9 +459,7 @@ def _assemble(staging, source, layout, plan, progress, jobs_by_layer, rest_shard
         layer_seconds.append(rec["seconds"])
         for u in rec["units"]:
             unit_seconds.append(u["seconds"])
-            units.append(UnitResult(u["layer"], u["group"], u["method"], tuple(u["members"]), u["rank"],
-                                    u["energy_kept"], u["rel_error"], u["member_rel_errors"],
-                                    u.get("solver", "")))
+            units.append(UnitResult.from_record(u))
     weight_map, total_size, params_total, params_decoder = {}, 0, 0, 0
     tied = source.config.get("tie_word_embeddings", False)
     for shard in [jobs_by_layer[i].shard for i in sorted(jobs_by_layer)] + [rest_shard]:
@@ -506,7 +469,7 @@ def _assemble(staging, source, layout, plan, progress, jobs_by_layer, rest_shard
                 weight_map[key] = shard
                 n = _numel(shape)
                 total_size += n * _itemsize(f.get_slice(key).get_dtype())
-                if key.endswith(BUFFER_SUFFIXES) or (tied and key == "lm_head.weight"):
+                if not counts_as_parameter(key, tied):
                     continue
                 params_total += n
                 if key.startswith(layout.layers_path + "."):
@@ -535,18 +498,17 @@ def _itemsize(dtype: str) -> int:
 def _finish(staging, out, source, plan, result, config_obj, source_label, options) -> None:
     """config.json with the quantization_config, copied tokenizer files, manifest last, then into place."""
     from .checkpoint import manifest_for, stamped, with_checksums
-    from .compress import units_of
+    from .format import quantization_units
     from .hf_integration import JointRankQuantizationConfig
-    from .plan import JointRankConfig
-    from .format import MANIFEST_NAME
     from .outputs import swap_into_place
+    from .plan import JointRankConfig
 
     if out.exists() and not options.overwrite:  # it did not exist when the run started (check_output)
         raise JointRankError(f"{out} appeared while this run was working and --overwrite was not given, so it was "
                              f"left alone; the finished layers are kept in {staging}: move {out} away and rerun "
                              "with --resume (or add --overwrite to replace it)")
     config = dict(source.config)
-    config["quantization_config"] = JointRankQuantizationConfig(units=units_of(plan)).to_dict()
+    config["quantization_config"] = JointRankQuantizationConfig(units=quantization_units(plan)).to_dict()
     if options.dtype:
         config["dtype"] = config["torch_dtype"] = options.dtype
     _write_json(staging / "config.json", config)

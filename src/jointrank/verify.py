@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import JointRankError
+from .format import BUFFER_SUFFIXES, INDEX_NAME, MANIFEST_NAME, SINGLE_NAME
 
-from .format import INDEX_NAME, MANIFEST_NAME, SINGLE_NAME
 CHECKSUM_ALGORITHM = "sha256"
-# Buffers some checkpoints store although they are not parameters (transformers ignores them on load).
-IGNORED_SUFFIXES = (".inv_freq", ".masked_bias", ".attn.bias")
+
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
@@ -154,7 +153,7 @@ def skeleton(config_dict: dict, units: list[dict]):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .compress import install_unit
+    from .modules import install_unit
 
     cfg = {k: v for k, v in config_dict.items() if k != "quantization_config"}
     model_type = cfg.pop("model_type", None)
@@ -186,7 +185,7 @@ def check_tensors(model, stored: dict[str, StoredTensor] | dict[str, tuple], whe
     required, optional = expected_tensors(model)
     shapes = {n: (t.shape if isinstance(t, StoredTensor) else tuple(t)) for n, t in stored.items()}
     missing = sorted(set(required) - set(shapes))
-    extra = sorted(n for n in set(shapes) - set(required) - optional if not n.endswith(IGNORED_SUFFIXES))
+    extra = sorted(n for n in set(shapes) - set(required) - optional if not n.endswith(BUFFER_SUFFIXES))
     wrong = sorted(n for n in set(required) & set(shapes) if tuple(shapes[n]) != required[n])
     problems = []
     if missing:

@@ -18,14 +18,14 @@ from typing import Callable
 import torch
 
 from ..errors import JointRankError
-from ..linalg import Factors
+from ..linalg import Factors, Solver
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     summary: str
-    # factorise(weights, k, *, option, stats, solver) -> Factors
+    # factorise(weights, k, *, option, stats, solver: linalg.Solver) -> Factors, on the weights' device
     factorise: Callable[..., Factors]
     needs_calibration: bool = False
     # data-aware only: statistics of layer i come from the model with layers < i already compressed (LLM-ROM,
@@ -61,10 +61,17 @@ def parse(spec: str) -> tuple[Method, str | None]:
     return method, option or method.default_option
 
 
-def factorise(spec: str, weights: list[torch.Tensor], k: int, *, stats=None, solver: str = "auto") -> Factors:
+def factorise(spec: str, weights: list[torch.Tensor], k: int, *, stats=None,
+              solver: Solver | str = "auto") -> Factors:
+    """One unit's factors by the method `spec` names. `solver`: a linalg.Solver (name, seed, device) or a solver
+    name; with a device, the weights and statistics are moved there and the factors come back there."""
     method, option = parse(spec)
+    solver = Solver.of(solver)
     if method.needs_calibration and stats is None:
         raise JointRankError(f"method {method.name!r} needs calibration text (--calibration FILE)")
+    if solver.device is not None:
+        weights = [w.to(solver.device) for w in weights]
+        stats = stats.to(solver.device) if stats is not None else None
     return method.factorise(weights, k, option=option, stats=stats, solver=solver)
 
 

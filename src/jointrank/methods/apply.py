@@ -11,15 +11,16 @@ from collections import defaultdict
 
 from tqdm.auto import tqdm
 
+from ..engine import run_unit
 from ..errors import JointRankError
 from ..linalg import joint_rank_k
-from . import factorise, parse
+from . import parse
 from .calibration import Calibration, layerwise
 from .common import output_error
 
 
 def compress_calibrated(model, plan, calibration: Calibration | None, *, solver: str, install, progress: bool = True):
-    """install(entry, factors) puts one unit's factors into the model; returns (unit results, extra)."""
+    """install(entry, factors) puts one unit's factors into the model; returns (UnitResults, extra)."""
     spec = plan.config.get("method", "svd")
     method, _ = parse(spec)
     if calibration is None:
@@ -29,7 +30,7 @@ def compress_calibrated(model, plan, calibration: Calibration | None, *, solver:
         by_layer[entry.layer].append(entry)
     # one statistic per group and layer: all members of a group read the same input
     watch = {layer: {e.group: e.members[0] for e in entries} for layer, entries in by_layer.items()}
-    done: list[tuple] = []
+    done: list = []
     errors: list[dict] = []
     bar = tqdm(total=len(plan.factorised), desc=f"{method.name} (calibrated)", unit="unit", disable=not progress)
 
@@ -38,14 +39,14 @@ def compress_calibrated(model, plan, calibration: Calibration | None, *, solver:
             modules = [model.get_submodule(name) for name in entry.members]
             weights = [m.weight.detach() for m in modules]
             unit_stats = stats[entry.group]
-            factors = factorise(spec, weights, entry.rank, stats=unit_stats, solver=solver)
+            factors, result, _ = run_unit(entry, weights, spec, stats=unit_stats, solver=solver)
             plain = joint_rank_k(weights, entry.rank, solver=solver)
             errors.append({"layer": entry.layer, "group": entry.group, "members": list(entry.members),
                            "rank": entry.rank, "tokens": unit_stats.tokens,
                            "calib_rel_error": output_error(weights, factors, unit_stats.second_moment),
                            "svd_calib_rel_error": output_error(weights, plain, unit_stats.second_moment)})
             install(entry, factors)
-            done.append((entry, factors))
+            done.append(result)
             bar.update()
 
     try:

@@ -16,7 +16,7 @@ from .common import build, check, stacked64, top_right
 ALPHA = 0.5
 
 
-def factorise(weights, k, *, option=None, stats=None, solver="auto"):
+def factorise(weights, k, *, option=None, stats=None, solver=None):  # the solver does not apply: see top_right
     check(weights, k)
     scale = stats.mean_abs.to(torch.float64).clamp_min(0) ** ALPHA
     # a channel that never fired would get scale 0 and an infinite inverse: give it the smallest positive scale

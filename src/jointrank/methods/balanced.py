@@ -39,12 +39,13 @@ def member_weights(weights: list[torch.Tensor], k: int, option: str) -> list[flo
     raise ValueError(f"unknown balancing {option!r}")
 
 
-def factorise(weights, k, *, option="norm", stats=None, solver="auto"):
+def factorise(weights, k, *, option="norm", stats=None, solver):
     check(weights, k)
     if len(weights) == 1:
-        return joint_rank_k(weights, k, solver=solver)
+        return joint_rank_k(weights, k, solver=solver.name, seed=solver.seed)
     scales = member_weights(weights, k, option)
-    scaled = joint_rank_k([w.to(torch.float64) * a for w, a in zip(weights, scales)], k, solver=solver)
+    scaled = joint_rank_k([w.to(torch.float64) * a for w, a in zip(weights, scales)], k, solver=solver.name,
+                          seed=solver.seed)
     # unscale each member's output factor: A_i = (a_i A_i) / a_i, so A_i B approximates the unscaled W_i
     out = torch.cat([o.to(torch.float64) / a for o, a in zip(scaled.outs, scales)], dim=0)
     return build(weights, scaled.basis.to(torch.float64), out, scaled.singular_values, k)

@@ -42,6 +42,13 @@ class InputStats:
         self.mean_abs.mul_(self.tokens / total).add_(x.abs().sum(0), alpha=1.0 / total)
         self.tokens = total
 
+    def to(self, device) -> "InputStats":
+        """A copy on `device` (where a unit's weights are factorised)."""
+        moved = InputStats.__new__(InputStats)
+        moved.second_moment, moved.mean_abs = self.second_moment.to(device), self.mean_abs.to(device)
+        moved.tokens = self.tokens
+        return moved
+
 
 @dataclass
 class Calibration:

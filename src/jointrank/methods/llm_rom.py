@@ -22,7 +22,7 @@ from .svd_llm import cholesky_factor
 RIDGE = 1e-8
 
 
-def factorise(weights, k, *, option=None, stats=None, solver="auto"):
+def factorise(weights, k, *, option=None, stats=None, solver=None):  # the solver does not apply: see top_right
     check(weights, k)
     w = stacked64(weights)
     # any square root L of C (L Lᵀ = C) gives W L (W L)ᵀ = W C Wᵀ: the Cholesky factor is the cheapest one

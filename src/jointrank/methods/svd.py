@@ -6,8 +6,8 @@ from ..linalg import joint_rank_k
 from . import Method, register
 
 
-def factorise(weights, k, *, option=None, stats=None, solver="auto"):
-    return joint_rank_k(weights, k, solver=solver)
+def factorise(weights, k, *, option=None, stats=None, solver):
+    return joint_rank_k(weights, k, solver=solver.name, seed=solver.seed)
 
 
 register(Method("svd", "plain truncated SVD of the (stacked) weights; data-free, the paper's method", factorise))

@@ -32,7 +32,7 @@ def cholesky_factor(second_moment: torch.Tensor, damping: float = DAMPING) -> to
     raise ValueError("the calibration second moment is not positive definite even after damping")
 
 
-def factorise(weights, k, *, option=None, stats=None, solver="auto"):
+def factorise(weights, k, *, option=None, stats=None, solver=None):  # the solver does not apply: see top_right
     check(weights, k)
     s_chol = cholesky_factor(stats.second_moment)
     whitened = stacked64(weights) @ s_chol
