@@ -13,7 +13,8 @@ from conftest import ARCHS, tiny_model
 from jointrank import JointRankError, compress_, merge_
 from jointrank.architectures import describe
 from jointrank.modules import LowRankLinear, SharedBasis, shared_projection
-from jointrank.plan import GroupRule, JointRankConfig, make_plan, unit_cost
+from jointrank.plan import GroupRule, JointRankConfig, unit_cost
+from jointrank.planning import make_plan
 from jointrank.tables import plan_summary
 
 JOINT = JointRankConfig(rules={"qk": GroupRule("joint"), "gate_up": GroupRule("joint"), "v": GroupRule("separate")},

@@ -4,6 +4,8 @@ what each method promises over plain SVD (output error on calibration inputs, ba
 A new method = one file in src/jointrank/methods/ + one row in METHODS below.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -193,7 +195,7 @@ def structured_model():
 
 
 def objective(plan, model):
-    from jointrank.methods.allocation import unit_spectrum
+    from jointrank.planning.allocation import unit_spectrum
 
     total = 0.0
     for e in plan.factorised:
@@ -203,12 +205,10 @@ def objective(plan, model):
 
 
 def test_global_allocation_meets_the_budget_and_loses_less_energy_than_uniform():
-    from jointrank.methods.allocation import plan_global
-
     model = structured_model()
     config = JointRankConfig(rules=ALL_GROUPS, target=0.25, scope="decoder")
     uniform = jointrank.plan_for(model, config)
-    glob = plan_global(model, config)
+    glob = jointrank.plan_for(model, dataclasses.replace(config, allocation="global"))
     removed = glob.params_removed / glob.params_decoder_before
     step = max(sum(e.d_outs) + e.d_in for e in glob.entries)
     assert 0.25 <= removed <= 0.25 + step / glob.params_decoder_before  # within one rank step of the target
@@ -281,15 +281,17 @@ def test_cli_global_balanced_plan_and_compress(model_dir, tmp_path, capsys):
 
 
 def test_residual_prior_follows_the_stream_norm_and_refuses_models_without_post_norms():
-    from jointrank.methods.allocation import plan_global, residual_priors
+    from jointrank.architectures import describe
+    from jointrank.planning import ModelTensors
+    from jointrank.planning.allocation import residual_priors
 
     model = tiny_model("gemma3_text")  # post-block norms initialised to γ = 0: every block writes with scale 1
     emb = model.get_input_embeddings().weight.detach().double()
     stream = float(emb.pow(2).mean()) * emb.shape[1]
-    priors = residual_priors(model)
+    priors = residual_priors(describe(model), ModelTensors(model))
     expected = [1 / (stream + j) for j in range(2 * 3)]  # each block adds 1 to the squared stream norm
     got = [priors[(i, b)] for i in range(3) for b in ("attn", "mlp")]
     assert got == pytest.approx(expected, rel=1e-9)
     with pytest.raises(JointRankError, match="needs norms after each block"):
-        plan_global(tiny_model("llama"), JointRankConfig(rules=ALL_GROUPS, target=0.2, scope="decoder"),
-                    prior="residual")
+        jointrank.plan_for(tiny_model("llama"), JointRankConfig(rules=ALL_GROUPS, target=0.2, scope="decoder",
+                                                                allocation="global", allocation_prior="residual"))

@@ -9,7 +9,7 @@ import torch
 
 from jointrank import load, merge_, stream
 from jointrank.errors import JointRankError
-from jointrank.plan import make_plan
+from jointrank.planning import make_plan
 from jointrank.stream import StreamOptions, compress_checkpoint
 
 from test_stream import CONFIG, saved_tensors, tiny

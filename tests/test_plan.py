@@ -4,7 +4,8 @@ import pytest
 
 from jointrank import JointRankError
 from jointrank.architectures import GroupLayout, Member, ModelLayout
-from jointrank.plan import PRESETS, CompressionPlan, GroupRule, JointRankConfig, make_plan, parse_layers
+from jointrank.plan import PRESETS, CompressionPlan, GroupRule, JointRankConfig, parse_layers
+from jointrank.planning import make_plan
 
 
 def llama7b_layout(num_layers=32, d=4096, ffn=11008, kv=4096):
@@ -120,11 +121,10 @@ def test_plan_and_config_round_trip_through_dicts():
 
 
 def test_config_from_a_global_allocation_plan_reads_back():
-    """stream._finish rebuilds the config from plan.config; a global plan's config carries allocation_prior."""
-    from jointrank.plan import JointRankConfig
-
-    cfg = JointRankConfig(rules={"qk": GroupRule("separate")}, target=0.1, allocation="global")
-    d = {**cfg.to_dict(), "allocation_prior": "depth"}
-    back = JointRankConfig.from_dict(d)
-    assert back == cfg
-    assert back.allocation == "global"
+    """stream._finish rebuilds the config from plan.config; the prior is a setting and survives the round trip,
+    and a config stored before the prior was a setting reads back with the default."""
+    cfg = JointRankConfig(rules={"qk": GroupRule("separate")}, target=0.1, allocation="global",
+                          allocation_prior="depth")
+    assert JointRankConfig.from_dict(cfg.to_dict()) == cfg
+    old = {k: v for k, v in cfg.to_dict().items() if k != "allocation_prior"}
+    assert JointRankConfig.from_dict(old).allocation_prior == "flat"

@@ -14,7 +14,8 @@ from jointrank.checkpoint import save
 from jointrank.checkpoint import manifest_for
 from jointrank.compress import compress_
 from jointrank.errors import JointRankError
-from jointrank.plan import GroupRule, JointRankConfig, make_plan
+from jointrank.plan import GroupRule, JointRankConfig
+from jointrank.planning import make_plan
 from jointrank.stream import INDEX_NAME, StreamOptions, TensorSource, compress_checkpoint, read_layout
 
 CONFIG = JointRankConfig(rules={"qk": GroupRule("joint"), "gate_up": GroupRule("joint", "last:2"),
@@ -154,7 +155,7 @@ def test_stream_refuses_what_it_cannot_do(tmp_path):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "config.json").write_text("{}")
         compress_checkpoint(tmp_path / "empty", tmp_path / "o", CONFIG)
-    bad = JointRankConfig(rules={"qk": GroupRule("joint")}, target=0.1, allocation="global")
+    bad = JointRankConfig(rules={"qk": GroupRule("joint")}, target=0.1, method="svd_llm")  # needs calibration
     with pytest.raises(JointRankError, match="in-memory path"):
         compress_checkpoint(src, tmp_path / "o", bad)
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.partial"))

@@ -89,24 +89,21 @@ DATA_FREE = ("paper-10", "paper-20", "joint-svd", "balanced", "balanced-heads", 
 def config_for(name: str, budget: float):
     from jointrank import PRESETS, GroupRule, JointRankConfig
 
-    structure, method, allocation, _, _ = ROWS[name]
+    structure, method, allocation, prior, _ = ROWS[name]
     if isinstance(structure, str):
         rules = dict(PRESETS[structure].rules)
     else:
         rules = {g: GroupRule(m) for g, m in structure.items()}
     return JointRankConfig(rules=rules, target=budget, scope="decoder", method=method, allocation=allocation,
-                           preset=structure if isinstance(structure, str) else None)
+                           preset=structure if isinstance(structure, str) else None,
+                           allocation_prior=prior or "flat")
 
 
 def plan(model, name: str, budget: float):
     from jointrank import plan_for
-    from jointrank.methods.allocation import plan_global
 
-    config = config_for(name, budget)
-    prior = ROWS[name][3]
-    if config.allocation == "global":
-        return plan_global(model, config, prior=prior, spectra=_SPECTRA.setdefault(ROWS[name][1], {}))
-    return plan_for(model, config)
+    # global allocation reads every unit's spectrum; the weights are the same for every budget, so cache them
+    return plan_for(model, config_for(name, budget), spectra=_SPECTRA.setdefault(ROWS[name][1], {}))
 
 
 _SPECTRA: dict[str, dict] = {}  # method -> unit -> spectrum: the weights are the same for every budget

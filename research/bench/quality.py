@@ -122,7 +122,7 @@ def config_for(structure: str, budget: float):
     else:
         rules = {g: GroupRule(m) for g, m in rules.items()}
     return JointRankConfig(rules=rules, target=budget, scope="decoder", method=method, allocation=allocation,
-                           preset=preset)
+                           preset=preset, allocation_prior=prior_for(structure, budget) or "flat")
 
 
 def prior_for(structure: str, budget: float) -> str | None:
@@ -212,7 +212,6 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
     from jointrank import compress_
     from jointrank.heal import DistillSettings, heal_, teacher_copy
     from jointrank.methods import parse
-    from jointrank.methods.allocation import plan_global
     from jointrank.methods.calibration import load_text
     from jointrank.methods.selfgen import self_calibration
     from jointrank.sources import load_model
@@ -254,12 +253,9 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
     facts["calibration_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
     teacher = teacher_copy(model) if heal != "none" else None
-    if config.allocation == "global":
-        plan = plan_global(model, config, prior=prior_for(structure, budget))
-    else:
-        from jointrank import plan_for
+    from jointrank import plan_for
 
-        plan = plan_for(model, config)
+    plan = plan_for(model, config)
     method, _ = parse(config.method)
     result = compress_(model, plan, progress=progress, calibration=calibration if method.needs_calibration else None)
     facts["compress_seconds"] = time.perf_counter() - t

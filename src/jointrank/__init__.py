@@ -14,7 +14,8 @@ from .compress import CompressionResult, compress_, merge_, plan_for
 from .errors import JointRankError
 from .heal import DistillSettings, heal_, teacher_copy
 from .methods.selfgen import self_calibration
-from .plan import PRESETS, CompressionPlan, GroupRule, JointRankConfig, make_plan
+from .plan import PRESETS, CompressionPlan, GroupRule, JointRankConfig
+from .planning import make_plan
 from .version import __version__
 
 _hf_integration.register()

@@ -9,7 +9,7 @@ import time
 
 from .errors import JointRankError
 from .linalg import SOLVERS
-from .plan import ALLOCATIONS, PRESETS
+from .plan import ALLOCATION_PRIORS, ALLOCATIONS, PRESETS
 
 DESCRIPTION = """\
 Make a language model smaller by low-rank approximation of its weights, without data, and see what it cost.
@@ -164,7 +164,11 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    "members weighted before stacking); with --calibration: asvd, svd_llm, llm_rom")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
                    help="uniform: one ratio for every unit; global: every unit's rank (or dense) chosen together "
-                   "from the weights' spectra to meet --target (data-free)")
+                   "from the weights' spectra to meet --target (data-free; works with --stream too)")
+    p.add_argument("--allocation-prior", choices=ALLOCATION_PRIORS, default="flat",
+                   help="with --allocation global, how much a unit's lost energy counts: flat (the same everywhere), "
+                   "depth (early layers count up to twice), residual (Gemma-2/3: each block's write scale relative to "
+                   "the residual stream it writes into; best measured at 20-30%%, results/methods.md)")
     p.add_argument("--calibration", default=None, metavar="FILE|self[:TOKENS]",
                    help="calibration text for the data-aware methods and for --heal: a text file (documents one per "
                    "line), or 'self' for text sampled from the dense model itself, no user data (seeded; cached in "
@@ -205,7 +209,8 @@ def config_from_args(args):
     config = JointRankConfig(rules=rules, ratio=args.ratio, rank=args.rank, target=target,
                              scope=args.scope or "model", solver=args.solver,
                              only_if_smaller=not args.keep_unprofitable, preset=args.preset,
-                             method=args.method, allocation=args.allocation, keep_slow=args.keep_slow)
+                             method=args.method, allocation=args.allocation, keep_slow=args.keep_slow,
+                             allocation_prior=args.allocation_prior)
     validate(config)
     return config
 

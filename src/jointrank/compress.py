@@ -15,7 +15,8 @@ from .errors import JointRankError
 from .format import basis_name, is_shared, quantization_units, unit_tensors
 from .linalg import Solver
 from .modules import install_unit, merge_
-from .plan import CompressionPlan, JointRankConfig, make_plan
+from .plan import CompressionPlan, JointRankConfig
+from .planning import ModelTensors, make_plan
 
 # Older names, kept for code that imported them from here: the format owns the names, modules the structure.
 units_of = quantization_units
@@ -48,15 +49,12 @@ class CompressionResult:
         }
 
 
-def plan_for(model: nn.Module, config: JointRankConfig) -> CompressionPlan:
+def plan_for(model: nn.Module, config: JointRankConfig, *, spectra: dict | None = None) -> CompressionPlan:
+    """The plan for this model (global allocation reads its weights; `spectra` caches them across budgets)."""
     from .finite import check_weights
 
     check_weights(model.named_parameters())  # NaN/Inf: refused before any planning or factorising
-    if getattr(config, "allocation", "uniform") == "global":  # ranks chosen from the weights' spectra
-        from .methods.allocation import plan_global
-
-        return plan_global(model, config)
-    return make_plan(describe(model), config)
+    return make_plan(describe(model), config, tensors=ModelTensors(model), spectra=spectra)
 
 
 def compress_(model: nn.Module, config: JointRankConfig | CompressionPlan, *, device: str | None = None,

@@ -1,9 +1,10 @@
 """What to compress and how: a CompressionPlan is a plain value computed from shapes alone, before any weight changes.
 
 A JointRankConfig says *how to choose* (per group a method and the layers it applies to, and one rank rule);
-make_plan turns it and a ModelLayout into a CompressionPlan that says *exactly what* happens: for every group of
-every layer, keep / separate / joint, the rank, and the parameters before and after. The plan can be printed,
-saved, diffed and tested without touching a weight.
+jointrank.planning.make_plan turns it and a ModelLayout into a CompressionPlan that says *exactly what* happens: for
+every group of every layer, keep / separate / joint, the rank, and the parameters before and after. The plan can be
+printed, saved, diffed and tested without touching a weight. This module holds those values and their validation;
+the planners live in jointrank.planning.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from .architectures import GROUP_NAMES, JOINABLE, GroupLayout, ModelLayout
+from .architectures import GROUP_NAMES, JOINABLE
 from .errors import JointRankError
 from .linalg import SOLVERS, joint_params, max_rank
 
 METHODS = ("keep", "separate", "joint")
 SCOPES = ("model", "decoder")
 ALLOCATIONS = ("uniform", "global")
+ALLOCATION_PRIORS = ("flat", "depth", "residual")  # global allocation's data-free sensitivity prior (planning.allocation)
 CONFIG_VERSION = 1
 
 
@@ -42,8 +44,9 @@ class JointRankConfig:
     preset: str | None = None
     version: int = CONFIG_VERSION
     method: str = "svd"  # how each unit is factorised: a name in jointrank.methods (svd, balanced, svd_llm, ...)
-    allocation: str = "uniform"  # uniform: one ratio everywhere; global: ranks chosen per unit (methods.allocation)
+    allocation: str = "uniform"  # uniform: one ratio everywhere; global: ranks chosen per unit (planning.allocation)
     keep_slow: float | None = None  # keep dense a unit whose modelled cost is not this fraction below dense (unit_cost)
+    allocation_prior: str = "flat"  # global allocation only: flat | depth | residual (planning.allocation)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -56,9 +59,8 @@ class JointRankConfig:
         if d.get("version", CONFIG_VERSION) != CONFIG_VERSION:
             raise JointRankError(f"config version {d.get('version')} is not supported by this jointrank")
         d["rules"] = {g: GroupRule(**r) for g, r in d.get("rules", {}).items()}
-        # A global-allocation plan records its prior next to the config (methods.allocation.plan_global); it shaped
-        # the plan's ranks and is not a compression setting, so reading such a plan's config back must not fail.
-        d.pop("allocation_prior", None)
+        # Checkpoints from before the prior was a setting: a uniform plan's config has no prior (the default is
+        # right), a global plan's recorded the one it used under this same key.
         return cls(**d)
 
 
@@ -226,6 +228,9 @@ def validate(config: JointRankConfig) -> None:
         raise JointRankError(f"--keep-slow margin must be in [0, 1); got {config.keep_slow}")
     if config.allocation not in ALLOCATIONS:
         raise JointRankError(f"--allocation must be one of {', '.join(ALLOCATIONS)}; got {config.allocation!r}")
+    if config.allocation_prior not in ALLOCATION_PRIORS:
+        raise JointRankError(f"--allocation-prior must be one of {', '.join(ALLOCATION_PRIORS)}; got "
+                             f"{config.allocation_prior!r}")
     if config.allocation == "global" and config.target is None:
         raise JointRankError("--allocation global chooses every rank from a parameter budget: give --target "
                              "(or a preset), not --ratio or --rank")
@@ -238,95 +243,3 @@ def validate(config: JointRankConfig) -> None:
             raise JointRankError(f"{group} has one member, so it cannot be joint; use separate")
     if not any(r.method != "keep" for r in config.rules.values()):
         raise JointRankError("nothing to compress: give a preset or a method for at least one group (e.g. --qk joint)")
-
-
-def make_plan(layout: ModelLayout, config: JointRankConfig) -> CompressionPlan:
-    validate(config)
-    units = plan_units(layout, config)
-    if config.target is not None:
-        ratio = _solve_ratio(layout, config, units)
-    else:
-        ratio = config.ratio
-    entries = _entries(layout, units, ratio=ratio, rank=config.rank, only_if_smaller=config.only_if_smaller,
-                       keep_slow=config.keep_slow)
-    return CompressionPlan(layout.model_type, layout.num_layers, tuple(entries), layout.params_total,
-                           layout.params_decoder, config.to_dict(), ratio)
-
-
-def plan_units(layout: ModelLayout, config: JointRankConfig) -> list[tuple[GroupLayout, str, tuple[int, ...]]]:
-    """(group, method, member indices) per factorisation unit, in model order; kept groups have method keep."""
-    layer_sets = {g: set(parse_layers(r.layers, layout.num_layers)) for g, r in config.rules.items()}
-    units = []
-    for g in layout.groups:
-        rule = config.rules.get(g.group)
-        if rule is None or rule.method == "keep" or g.layer not in layer_sets[g.group]:
-            units.append((g, "keep", tuple(range(len(g.members)))))
-        elif rule.method == "joint":
-            units.append((g, "joint", tuple(range(len(g.members)))))
-        else:
-            units.extend((g, "separate", (i,)) for i in range(len(g.members)))
-    return units
-
-
-def _entries(layout, units, *, ratio: float | None, rank: int | None, only_if_smaller: bool = True,
-             keep_slow: float | None = None) -> list[PlanEntry]:
-    entries = []
-    for g, method, idx in units:
-        members = tuple(g.members[i] for i in idx)
-        d_outs, d_in = tuple(m.d_out for m in members), g.d_in
-        before = sum(d * d_in for d in d_outs)
-        names = tuple(m.name for m in members)
-        if method == "keep":
-            entries.append(PlanEntry(g.layer, g.group, "keep", names, d_outs, d_in, g.parent, None, before, before))
-            continue
-        limit = max_rank(d_outs, d_in)
-        if rank is not None:
-            if rank > limit:
-                raise JointRankError(
-                    f"--rank {rank} exceeds min(d_out, d_in) = {limit} of {' + '.join(names)} ({sum(d_outs)}x{d_in})"
-                )
-            k = rank
-        else:
-            k = max(1, min(limit, round(ratio * limit)))
-        after = joint_params(d_outs, d_in, k)
-        if after >= before and only_if_smaller:
-            note = f"rank {k} would not reduce parameters ({after:,} >= {before:,} dense): kept dense"
-            entries.append(PlanEntry(g.layer, g.group, "keep", names, d_outs, d_in, g.parent, None, before, before, note))
-            continue
-        cost = unit_cost(d_outs, d_in, k)
-        verdict = cost.verdict(keep_slow or 0.0)
-        macs = f"{cost.factorised_macs:,} vs {cost.dense_macs:,} multiply-adds/token"
-        if verdict and keep_slow is not None:
-            note = f"rank {k} would be {verdict} ({macs}): kept dense"
-            entries.append(PlanEntry(g.layer, g.group, "keep", names, d_outs, d_in, g.parent, None, before, before, note))
-            continue
-        note = f"modelled {cost.verdict()}: {macs}" if cost.verdict() else ""
-        entries.append(PlanEntry(g.layer, g.group, method, names, d_outs, d_in, g.parent, k, before, after, note))
-    return entries
-
-
-def _solve_ratio(layout: ModelLayout, config: JointRankConfig, units) -> float:
-    """The largest approximation ratio whose plan removes at least the target fraction of the scope's parameters."""
-    scope_total = layout.params_total if config.scope == "model" else layout.params_decoder
-
-    def reduction(r: float) -> float:
-        entries = _entries(layout, units, ratio=r, rank=None, only_if_smaller=config.only_if_smaller,
-                           keep_slow=config.keep_slow)
-        return sum(e.params_before - e.params_after for e in entries) / scope_total
-
-    lo, hi = 1e-9, 1.0  # reduction is non-increasing in r
-    best = reduction(lo)
-    if best < config.target:
-        raise JointRankError(
-            f"this structure cannot remove {config.target:.1%} of the {config.scope}'s parameters: even at rank 1 "
-            f"it removes {best:.1%}. Lower --target, widen --layers, add groups, or use --scope decoder"
-        )
-    if reduction(hi) >= config.target:
-        return hi
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if reduction(mid) >= config.target:
-            lo = mid
-        else:
-            hi = mid
-    return lo

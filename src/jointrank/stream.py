@@ -118,6 +118,9 @@ class TensorSource:
         return {name: [os.stat(self.root / name).st_size, os.stat(self.root / name).st_mtime_ns]
                 for name in sorted(set(self.files.values()))}
 
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Copies of the named tensors. Files are mapped only while reading, so pages read for one layer are not
         still counted in this process's resident memory while the next one is processed."""
@@ -267,7 +270,8 @@ def compress_checkpoint(source_dir: str | Path, out: str | Path, config, *, opti
     `stop_after_layers` is for tests: raise after that many layers were finished in this call, as a crash would.
     """
     from .checkpoint import check_output
-    from .plan import CompressionPlan, make_plan
+    from .plan import CompressionPlan
+    from .planning import make_plan
 
     options = options or StreamOptions()
     start = time.perf_counter()
@@ -275,12 +279,13 @@ def compress_checkpoint(source_dir: str | Path, out: str | Path, config, *, opti
     check_output(out, options.overwrite, source=source_dir)
     source = TensorSource.open(source_dir)
     layout = read_layout(source)
+    source.check_finite()  # before planning (spectra) and before the staging directory exists
     if isinstance(config, CompressionPlan):
         plan, config_obj = config, None
     else:
         _check_streamable(config)
-        plan, config_obj = make_plan(layout, config), config
-    source.check_finite()  # before the staging directory exists: a bad source leaves nothing behind
+        # global allocation reads each unit's weights from the files, one unit at a time: the in-memory plan
+        plan, config_obj = make_plan(layout, config, tensors=source), config
     method = plan.config.get("method", "svd")
     jobs_by_layer = _jobs(source, layout, plan, method)
     staging = out.parent / f".{out.name}.partial"
@@ -337,9 +342,6 @@ def _check_streamable(config) -> None:
     from .plan import validate
 
     validate(config)
-    if getattr(config, "allocation", "uniform") != "uniform":
-        raise JointRankError("--allocation global reads every weight's spectrum before planning; it needs the "
-                             "in-memory path (drop --stream)")
     method, _ = methods.parse(getattr(config, "method", "svd"))
     if method.needs_calibration:
         raise JointRankError(f"method {method.name!r} needs calibration data run through the model; it needs the "

@@ -16,7 +16,9 @@ early in the network passes through more layers), residual (models with norms af
 block writes into the residual stream with the scale of its post-norm, s_b = RMS(1 + γ_b); every later block
 reads the stream through a norm, so what it sees is the perturbation *relative* to the stream, whose norm before
 layer l is estimated, data-free, as R_l² = RMS(embedding)²·d + Σ_{blocks before} s²; prior = (s_b / R_l)²).
-The result is an ordinary CompressionPlan.
+The result is an ordinary CompressionPlan. The weights are read through a tensor reader (`tensors`: a model's,
+planning.ModelTensors, or a safetensors checkpoint's, stream.TensorSource), one unit at a time, so streaming plans
+the same ranks from the files as the in-memory path does from the model, without holding the model.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import heapq
 import numpy as np
 import torch
 
-from ..architectures import describe
+from ..architectures import ModelLayout
 from ..errors import JointRankError
 from ..linalg import joint_params
-from ..plan import CompressionPlan, PlanEntry, plan_units, validate
-from . import parse
+from ..methods import parse
+from ..plan import ALLOCATION_PRIORS, CompressionPlan, PlanEntry, validate
+from .uniform import plan_units
 
-PRIORS = ("flat", "depth", "residual")
+PRIORS = ALLOCATION_PRIORS
 ATTENTION_GROUPS = ("qk", "v", "o")
 
 
@@ -45,28 +48,30 @@ def layer_prior(layer: int, num_layers: int, prior: str) -> float:
 
 
 @torch.no_grad()
-def residual_priors(model) -> dict[tuple[int, str], float]:
+def residual_priors(layout: ModelLayout, tensors) -> dict[tuple[int, str], float]:
     """{(layer, 'attn' | 'mlp'): (s_b / R_l)²} from the post-block norms and the embedding (see the module doc)."""
-    from ..architectures import decoder_layers
+    names = set(tensors.names())
 
-    _, layers = decoder_layers(model)
-    first = layers[0]
-    if not (hasattr(first, "post_attention_layernorm") and hasattr(first, "post_feedforward_layernorm")
-            and hasattr(first, "pre_feedforward_layernorm")):
+    def norm_name(layer: int, norm: str) -> str:
+        return f"{layout.layers_path}.{layer}.{norm}.weight"
+
+    needed = ("post_attention_layernorm", "post_feedforward_layernorm", "pre_feedforward_layernorm")
+    embedding = sorted(n for n in names if n.endswith("embed_tokens.weight"))
+    if not all(norm_name(0, n) in names for n in needed) or not embedding:
         raise JointRankError("the residual prior needs norms after each block (Gemma-2/3 style); use flat or depth")
-    offset = 1.0 if "Gemma" in type(first.post_attention_layernorm).__name__ else 0.0  # Gemma scales by (1 + γ)
+    offset = 1.0 if layout.model_type.startswith("gemma") else 0.0  # Gemma's norms scale by (1 + γ)
 
-    def scale(norm) -> float:
-        return float((offset + norm.weight.double()).pow(2).mean())
+    def scale(name: str) -> float:
+        return float((offset + tensors.read([name])[name].double()).pow(2).mean())
 
-    emb = model.get_input_embeddings().weight.double()
+    emb = tensors.read(embedding[:1])[embedding[0]].double()
     d = emb.shape[1]
     # Gemma multiplies embeddings by sqrt(d); the squared stream norm per coordinate starts at RMS(emb)²·d
     stream = float(emb.pow(2).mean()) * (d if offset else 1.0)
     out = {}
-    for i, layer in enumerate(layers):
-        for block, norm in (("attn", layer.post_attention_layernorm), ("mlp", layer.post_feedforward_layernorm)):
-            s2 = scale(norm)
+    for i in range(layout.num_layers):
+        for block, norm in (("attn", "post_attention_layernorm"), ("mlp", "post_feedforward_layernorm")):
+            s2 = scale(norm_name(i, norm))
             out[(i, block)] = s2 / stream
             stream += s2
     return out
@@ -77,7 +82,7 @@ def unit_spectrum(weights: list[torch.Tensor], method_spec: str) -> np.ndarray:
     """Squared singular values of the unit in the metric its method truncates in (data-free methods only)."""
     method, option = parse(method_spec)
     if method.name == "balanced" and len(weights) > 1:
-        from .balanced import member_weights
+        from ..methods.balanced import member_weights
 
         # the "alone" weights depend on the rank; the norm weights are a rank-free stand-in for planning
         scales = member_weights(weights, 1, "norm" if option == "alone" else option)
@@ -87,18 +92,20 @@ def unit_spectrum(weights: list[torch.Tensor], method_spec: str) -> np.ndarray:
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).numpy()
 
 
-def plan_global(model, config, *, prior: str = "flat", spectra: dict | None = None) -> CompressionPlan:
-    """`spectra`: an optional cache {member names: squared singular values}, filled here, for planning several
+def plan_global(layout: ModelLayout, config, tensors, *, spectra: dict | None = None) -> CompressionPlan:
+    """Ranks for every unit of `layout` under config.target, from the spectra of the weights `tensors` reads.
+
+    `spectra`: an optional cache {member names: squared singular values}, filled here, for planning several
     budgets of the same (dense) model without recomputing them."""
     validate(config)
     if config.target is None:
         raise JointRankError("global allocation needs a parameter budget (--target)")
-    layout = describe(model)
+    prior = config.allocation_prior
     units = plan_units(layout, config)
     scope_total = layout.params_total if config.scope == "model" else layout.params_decoder
     budget = config.target * scope_total
 
-    block_prior = residual_priors(model) if prior == "residual" else None
+    block_prior = residual_priors(layout, tensors) if prior == "residual" else None
 
     def unit_prior(g) -> float:
         if block_prior is not None:
@@ -116,12 +123,12 @@ def plan_global(model, config, *, prior: str = "flat", spectra: dict | None = No
         k_break = (dense - 1) // per_rank  # largest rank whose factors are smaller than the dense weights
         if k_break < 1:
             continue
-        weights = [model.get_submodule(m.name).weight.detach() for m in members]
         key = tuple(m.name for m in members)
         if spectra is not None and key in spectra:
             energy = spectra[key]
         else:
-            energy = unit_spectrum(weights, config.method)
+            read = tensors.read([f"{name}.weight" for name in key])
+            energy = unit_spectrum([read[f"{name}.weight"] for name in key], config.method)
             if spectra is not None:
                 spectra[key] = energy
         total = energy.sum()
@@ -171,10 +178,8 @@ def plan_global(model, config, *, prior: str = "flat", spectra: dict | None = No
         else:
             entries.append(PlanEntry(g.layer, g.group, method, names, d_outs, d_in, g.parent, k, dense,
                                      joint_params(d_outs, d_in, k)))
-    cfg = config.to_dict()
-    cfg["allocation_prior"] = prior
     return CompressionPlan(layout.model_type, layout.num_layers, tuple(entries), layout.params_total,
-                           layout.params_decoder, cfg, None)
+                           layout.params_decoder, config.to_dict(), None)
 
 
 def _hand_back(cands, ranks: list[int], slack: float) -> list[int]:
