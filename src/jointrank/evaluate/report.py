@@ -50,8 +50,6 @@ def read_json(path: str | os.PathLike) -> dict:
         raise JointRankError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(results, dict) or results.get("schema") != SCHEMA:
         raise JointRankError(f"{path} is not a jointrank eval results file (schema {SCHEMA})")
-    from ..precheck import check_results
-
     check_results(results, path)  # no results table or non-numeric figures: one clear line, not a traceback
     return results
 
@@ -258,3 +256,18 @@ def render_compare(cmp: dict, markdown: bool) -> str:
 def comparison_table(base: dict, comp: dict, metric: str = "acc") -> str:
     """Plain-text comparison of two results dicts (what `jointrank compare` prints); used by `compress --eval`."""
     return render_compare(compare(base, comp, metric=metric), markdown=False)
+
+
+def check_results(results: dict, path) -> None:
+    """An eval results file has a results table whose figures are numbers (compare does arithmetic on them)."""
+    table = results.get("results")
+    if not isinstance(table, dict) or not table:
+        raise JointRankError(f"{path} has no results; give a file written by `jointrank eval --out`")
+    for task, entry in table.items():
+        if not isinstance(entry, dict):
+            raise JointRankError(f"{path}: results of {task} are not a table; the file is damaged")
+        for key, value in entry.items():
+            if key in ("perplexity", "acc", "acc_norm") or key.endswith("_stderr"):
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise JointRankError(f"{path}: {task} {key} is {json.dumps(value)}, not a number; the file is "
+                                         "damaged or hand-edited")

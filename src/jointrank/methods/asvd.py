@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Method, register
+from .registry import Method, register
 from .common import build, check, stacked64, top_right
 
 ALPHA = 0.5

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..linalg import joint_rank_k
-from . import Method, register
+from .registry import Method, register
 from .common import build, check
 
 

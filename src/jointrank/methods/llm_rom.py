@@ -15,7 +15,7 @@ of the layers before it, as in the paper; svd_llm uses the dense model's statist
 
 from __future__ import annotations
 
-from . import Method, register
+from .registry import Method, register
 from .common import build, check, stacked64, top_right
 from .svd_llm import cholesky_factor
 

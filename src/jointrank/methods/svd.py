@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..linalg import joint_rank_k
-from . import Method, register
+from .registry import Method, register
 
 
 def factorise(weights, k, *, option=None, stats=None, solver):

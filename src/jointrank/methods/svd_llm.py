@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Method, register
+from .registry import Method, register
 from .common import build, check, stacked64, top_right
 
 DAMPING = 0.01

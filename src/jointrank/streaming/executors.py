@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import JointRankError
-from .stream import LayerJob, StreamOptions, TensorSource, unit_record, factorise_unit, passthrough, run_layer_job, \
-    write_shard
+from ..errors import JointRankError
+from .layer import (RAY_TASK_CPUS, LayerJob, StreamOptions, factorise_unit, passthrough, run_layer_job, unit_record,
+                    write_shard)
+from .source import TensorSource
 
 BACKENDS = ("local", "ray")
-RAY_TASK_CPUS = 2  # CPUs each layer task asks Ray for; its BLAS threads follow (Ray sets OMP_NUM_THREADS)
 
 
 def check_options(options: StreamOptions) -> None:
