@@ -44,7 +44,7 @@ def test_measured_parameter_counts_equal_the_plan(arch):
     assert result.params_total_after < result.params_total_before
     # each joint unit stores one basis: k*(sum d_out + d_in) parameters, not k*(sum d_out + 2*d_in)
     bases = [m for m in model.modules() if isinstance(m, SharedBasis)]
-    assert len(bases) == len([e for e in plan.factorised if e.method == "joint"])
+    assert len(bases) == len([e for e in plan.factorised if e.structure == "joint"])
     state = model.state_dict()
     assert sum(1 for k in state if k.endswith("_basis.weight")) == len(bases)
 

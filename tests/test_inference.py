@@ -170,15 +170,15 @@ def test_plan_reports_slow_units_and_keep_slow_keeps_them_dense():
     rules = {"v": GroupRule("separate"), "qk": GroupRule("joint")}
     loose = make_plan(layout, JointRankConfig(rules=rules, rank=30, only_if_smaller=False))
     v = [e for e in loose.entries if e.group == "v"]
-    assert all(e.method == "separate" and "slower and larger than dense" in e.note for e in v)
+    assert all(e.structure == "separate" and "slower and larger than dense" in e.note for e in v)
     strict = make_plan(layout, JointRankConfig(rules=rules, rank=30, only_if_smaller=False, keep_slow=0.0))
     v = [e for e in strict.entries if e.group == "v"]
-    assert all(e.method == "keep" and e.params_after == e.params_before and "kept dense" in e.note for e in v)
+    assert all(e.structure == "keep" and e.params_after == e.params_before and "kept dense" in e.note for e in v)
     qk = [e for e in strict.entries if e.group == "qk"]  # 30 * (48 + 96) < 96 * 48: faster, still factorised
-    assert all(e.method == "joint" and e.note == "" for e in qk)
+    assert all(e.structure == "joint" and e.note == "" for e in qk)
     # a margin keeps units that would save too little: qk saves 1 - 4320/4608 = 6%
     margin = make_plan(layout, JointRankConfig(rules=rules, rank=30, keep_slow=0.1))
-    assert all(e.method == "keep" for e in margin.entries)
+    assert all(e.structure == "keep" for e in margin.entries)
 
 
 def test_keep_slow_with_a_target_still_reaches_the_target():
@@ -200,7 +200,7 @@ def test_keep_slow_margin_is_validated():
 def test_plan_table_shows_modelled_cost():
     layout = describe(tiny_model("llama"))
     plan = make_plan(layout, JointRankConfig(rules={"qk": GroupRule("joint")}, rank=30))
-    text = plan_summary([vars(e) for e in plan.entries if e.method != "keep"])
+    text = plan_summary([vars(e) for e in plan.entries if e.structure != "keep"])
     e = plan.factorised[0]
     cost = unit_cost(e.d_outs, e.d_in, e.rank)
     assert "MACs/token vs dense" in text and f"{cost.factorised_macs / cost.dense_macs:.2f}x" in text

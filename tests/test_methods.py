@@ -214,7 +214,7 @@ def test_global_allocation_meets_the_budget_and_loses_less_energy_than_uniform()
     assert 0.25 <= removed <= 0.25 + step / glob.params_decoder_before  # within one rank step of the target
     assert uniform.params_removed / uniform.params_decoder_before >= 0.25
     assert objective(glob, model) < 0.8 * objective(uniform, model)
-    kept = [e for e in glob.entries if e.method == "keep" and e.note]
+    kept = [e for e in glob.entries if e.structure == "keep" and e.note]
     assert kept, "with spectra this different, some units should stay dense"
     # the plan is an ordinary plan: compress_ measures exactly its parameter count
     result = jointrank.compress_(model, glob, progress=False)

@@ -46,9 +46,9 @@ def test_paper_20_structure_on_llama_7b_shapes():
     plan = make_plan(layout, PRESETS["paper-20"])
     qk = [e for e in plan.entries if e.group == "qk"]
     gate_up = [e for e in plan.factorised if e.group == "gate_up"]
-    assert {e.method for e in qk} == {"separate"} and len(qk) == 64  # Q and K of every layer, each alone
+    assert {e.structure for e in qk} == {"separate"} and len(qk) == 64  # Q and K of every layer, each alone
     assert sorted(e.layer for e in gate_up) == list(range(10, 32))  # joint on the last 22 of 32
-    assert {e.method for e in gate_up} == {"joint"}
+    assert {e.structure for e in gate_up} == {"joint"}
     assert {e.group for e in plan.factorised} == {"qk", "gate_up"}
     reduction = plan.params_removed / layout.params_total
     assert 0.20 <= reduction < 0.205
@@ -85,10 +85,10 @@ def test_units_that_would_grow_are_kept_and_explained():
     layout = llama7b_layout(2, d=64, ffn=160, kv=64)
     plan = make_plan(layout, JointRankConfig(rules={"qk": GroupRule("separate")}, ratio=0.9))
     qk = [e for e in plan.entries if e.group == "qk"]
-    assert all(e.method == "keep" and "would not reduce" in e.note for e in qk)
+    assert all(e.structure == "keep" and "would not reduce" in e.note for e in qk)
     forced = make_plan(layout, JointRankConfig(rules={"qk": GroupRule("separate")}, ratio=0.9,
                                                only_if_smaller=False))
-    assert all(e.method == "separate" for e in forced.entries if e.group == "qk")
+    assert all(e.structure == "separate" for e in forced.entries if e.group == "qk")
 
 
 def test_unreachable_target_is_an_error():
@@ -104,7 +104,7 @@ def test_unreachable_target_is_an_error():
     (JointRankConfig(rules={"qk": GroupRule("joint")}, ratio=0.5, rank=3), "exactly one rank rule"),
     (JointRankConfig(rules={"v": GroupRule("joint")}, ratio=0.5), "cannot be joint"),
     (JointRankConfig(rules={"qkv": GroupRule("joint")}, ratio=0.5), "unknown group"),
-    (JointRankConfig(rules={"qk": GroupRule("squash")}, ratio=0.5), "unknown method"),
+    (JointRankConfig(rules={"qk": GroupRule("squash")}, ratio=0.5), "unknown structure"),
     (JointRankConfig(rules={"qk": GroupRule("keep")}, ratio=0.5), "nothing to compress"),
     (JointRankConfig(rules={"qk": GroupRule("joint")}, target=1.2), "target"),
 ])

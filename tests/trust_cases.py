@@ -35,7 +35,7 @@ def _entries(manifest):
 
 
 def _factorised(manifest):
-    return [e for e in _entries(manifest) if e["method"] != "keep"]
+    return [e for e in _entries(manifest) if e["structure"] != "keep"]
 
 
 def _tensors(root: Path) -> tuple[Path, dict]:
@@ -64,7 +64,7 @@ def missing_unit_everywhere(root):  # dropped from config and manifest alike: it
     def man(m):
         for e in _entries(m):
             if e["members"] == removed["members"]:
-                e["method"], e["rank"] = "keep", None
+                e["structure"], e["rank"] = "keep", None
         m["result"]["units"] = [u for u in m["result"]["units"] if u["members"] != removed["members"]]
 
     _edit_json(root / MANIFEST, man)
@@ -79,7 +79,7 @@ def extra_unit_everywhere(root):  # a unit the tensors do not have, listed consi
     def man(m):
         for e in _entries(m):
             if e["members"] == unit["members"]:
-                e["method"], e["rank"] = "separate", 4
+                e["structure"], e["rank"] = "separate", 4
         m["result"]["units"].append({"members": unit["members"], "rank": 4})
 
     _edit_json(root / CONFIG, cfg)
@@ -139,7 +139,7 @@ def shared_flipped_everywhere(root):
     def man(m):
         for e in _entries(m):
             if e["members"] == members["m"]:
-                e["method"] = "separate"
+                e["structure"] = "separate"
 
     _edit_json(root / CONFIG, cfg)
     _edit_json(root / MANIFEST, man)

@@ -155,7 +155,7 @@ def build_models(args, log) -> tuple[dict, dict]:
             "params_decoder_reduction": 1 - result.params_decoder_after / result.params_decoder_before,
             "params_total_reduction": 1 - result.params_total_after / result.params_total_before,
             "ratio": result.plan.ratio, "units": len(result.units), "compress_s": time.perf_counter() - started,
-            "ranks": sorted({(u.group, u.method, u.rank) for u in result.units}),
+            "ranks": sorted({(u.group, u.structure, u.rank) for u in result.units}),
         }
         models[v["name"]] = model.eval()
         log(f"built {v['name']}: decoder -{info[v['name']]['params_decoder_reduction']:.2%}, "

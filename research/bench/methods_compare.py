@@ -217,9 +217,9 @@ def cmd_run(args) -> int:
                 "decoder_reduction": 1 - result.params_decoder_after / result.params_decoder_before,
                 "params_total_after": result.params_total_after,
                 "units_factorised": len(result.units),
-                "units_kept_dense": sum(1 for e in p.entries if e.method == "keep" and e.note),
+                "units_kept_dense": sum(1 for e in p.entries if e.structure == "keep" and e.note),
                 "ranks": [[e.layer, e.group, "+".join(m.rsplit(".", 1)[1] for m in e.members), e.rank]
-                          for e in p.entries if e.method != "keep"],
+                          for e in p.entries if e.structure != "keep"],
                 "ratio": p.ratio,
                 "compress_seconds": seconds,
                 "calibration_tokens": calibration.tokens if method.needs_calibration else 0,

@@ -135,7 +135,7 @@ def structure_label(structure: str, budget: float) -> str:
     c = config_for(structure, budget)
     if structure == "paper":
         return f"{c.preset} (svd, uniform)"
-    groups = c.preset or "+".join(f"{g}:{r.method}" for g, r in c.rules.items())
+    groups = c.preset or "+".join(f"{g}:{r.structure}" for g, r in c.rules.items())
     return f"{groups} ({c.method}, {c.allocation}{', ' + prior_for(structure, budget) + ' prior' if c.allocation == 'global' else ''})"
 
 

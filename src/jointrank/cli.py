@@ -8,6 +8,7 @@ import sys
 import time
 
 from .errors import JointRankError
+from .format import structure_of
 from .linalg import SOLVERS
 from .plan import ALLOCATION_PRIORS, ALLOCATIONS, PRESETS
 
@@ -249,7 +250,7 @@ def cmd_plan(args) -> int:
 def _print_plan(plan) -> None:
     from .tables import params_summary, plan_summary
 
-    entries = [vars(e) for e in plan.entries if e.method != "keep" or e.note]
+    entries = [vars(e) for e in plan.entries if e.structure != "keep" or e.note]
     print(plan_summary(entries) if entries else "(nothing to factorise)")
     if plan.ratio is not None:
         print(f"\napproximation ratio: {plan.ratio:.4f}")
@@ -451,16 +452,16 @@ def cmd_info(args) -> int:
     if args.layers:
         rows = []
         for e in plan["entries"]:
-            if e["method"] == "keep":
+            if structure_of(e) == "keep":
                 continue
             s = stats.get(tuple(e["members"]), {})
-            rows.append([e["layer"], e["group"], "+".join(m.rsplit(".", 1)[1] for m in e["members"]), e["method"],
+            rows.append([e["layer"], e["group"], "+".join(m.rsplit(".", 1)[1] for m in e["members"]), structure_of(e),
                          e["rank"], e["params_before"], e["params_after"], s.get("energy_kept"),
                          "/".join(f"{x:.3f}" for x in s.get("member_rel_errors", []))])
-        print(format_table(["layer", "group", "members", "method", "rank", "params before", "params after",
+        print(format_table(["layer", "group", "members", "structure", "rank", "params before", "params after",
                             "energy kept", "rel. error per member"], rows))
     else:
-        print(plan_summary([e for e in plan["entries"] if e["method"] != "keep" or e.get("note")]))
+        print(plan_summary([e for e in plan["entries"] if structure_of(e) != "keep" or e.get("note")]))
         energies = [u["energy_kept"] for u in result["units"]]
         if energies:
             print(f"\nenergy kept per unit: min {min(energies):.4f}, mean {sum(energies) / len(energies):.4f}, "

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from . import methods
 from .finite import check_factors
+from .format import structure_of
 from .linalg import Factors, Solver
 
 
@@ -20,7 +21,7 @@ from .linalg import Factors, Solver
 class UnitResult:
     layer: int
     group: str
-    method: str  # the unit's structure: separate | joint
+    structure: str  # separate | joint
     members: tuple[str, ...]
     rank: int
     energy_kept: float
@@ -38,7 +39,7 @@ class UnitResult:
 
     @classmethod
     def from_record(cls, d: dict) -> "UnitResult":
-        return cls(d["layer"], d["group"], d["method"], tuple(d["members"]), d["rank"], d["energy_kept"],
+        return cls(d["layer"], d["group"], structure_of(d), tuple(d["members"]), d["rank"], d["energy_kept"],
                    d["rel_error"], d["member_rel_errors"], d.get("solver", ""))
 
 
@@ -50,6 +51,6 @@ def run_unit(entry, weights: list, method: str, *, solver: Solver | str = "auto"
     start = time.perf_counter()
     factors = methods.factorise(method, weights, entry.rank, stats=stats, solver=solver)
     check_factors(entry, factors)  # never install or write NaN/Inf factors
-    result = UnitResult(entry.layer, entry.group, entry.method, tuple(entry.members), entry.rank,
+    result = UnitResult(entry.layer, entry.group, entry.structure, tuple(entry.members), entry.rank,
                         factors.energy_kept, factors.rel_error, factors.member_rel_errors, factors.solver)
     return factors, result, time.perf_counter() - start

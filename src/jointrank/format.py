@@ -28,7 +28,13 @@ def basis_name(parent: str, group: str) -> str:
 
 def is_shared(entry) -> bool:
     """A joint unit's members share one stored basis; a separate unit's member has its own."""
-    return entry.method == "joint"
+    return entry.structure == "joint"
+
+
+def structure_of(record: dict) -> str:
+    """keep | separate | joint of a stored plan entry, group rule or unit record. Manifests written before
+    jointrank 0.x called it "method", the word that now only names the decomposition (svd, svd_llm, ...)."""
+    return record["structure"] if "structure" in record else record["method"]
 
 
 def unit_tensors(entry, factors, biases: dict, *, dtype, device="cpu") -> dict:

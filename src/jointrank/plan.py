@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 from .architectures import GROUP_NAMES, JOINABLE
 from .errors import JointRankError
+from .format import structure_of
 from .linalg import SOLVERS, joint_params, max_rank
 
-METHODS = ("keep", "separate", "joint")
+STRUCTURES = ("keep", "separate", "joint")  # what a plan does with a group (not how it factorises: that is the method)
 SCOPES = ("model", "decoder")
 ALLOCATIONS = ("uniform", "global")
 ALLOCATION_PRIORS = ("flat", "depth", "residual")  # global allocation's data-free sensitivity prior (planning.allocation)
@@ -26,7 +27,7 @@ CONFIG_VERSION = 1
 
 @dataclass(frozen=True)
 class GroupRule:
-    method: str  # keep | separate | joint
+    structure: str  # keep | separate | joint
     layers: str = "all"  # a layer spec, see parse_layers
 
 
@@ -58,7 +59,7 @@ class JointRankConfig:
         d = dict(d)
         if d.get("version", CONFIG_VERSION) != CONFIG_VERSION:
             raise JointRankError(f"config version {d.get('version')} is not supported by this jointrank")
-        d["rules"] = {g: GroupRule(**r) for g, r in d.get("rules", {}).items()}
+        d["rules"] = {g: GroupRule(structure_of(r), r.get("layers", "all")) for g, r in d.get("rules", {}).items()}
         # Checkpoints from before the prior was a setting: a uniform plan's config has no prior (the default is
         # right), a global plan's recorded the one it used under this same key.
         return cls(**d)
@@ -113,7 +114,7 @@ class PlanEntry:
 
     layer: int
     group: str
-    method: str  # keep | separate | joint
+    structure: str  # keep | separate | joint
     members: tuple[str, ...]
     d_outs: tuple[int, ...]
     d_in: int
@@ -152,7 +153,7 @@ class CompressionPlan:
 
     @property
     def factorised(self) -> tuple[PlanEntry, ...]:
-        return tuple(e for e in self.entries if e.method != "keep")
+        return tuple(e for e in self.entries if e.structure != "keep")
 
     def to_dict(self) -> dict:
         return {
@@ -168,7 +169,8 @@ class CompressionPlan:
     @classmethod
     def from_dict(cls, d: dict) -> "CompressionPlan":
         entries = tuple(
-            PlanEntry(**{**e, "members": tuple(e["members"]), "d_outs": tuple(e["d_outs"])}) for e in d["entries"]
+            PlanEntry(**{**{k: v for k, v in e.items() if k != "method"}, "structure": structure_of(e),
+                         "members": tuple(e["members"]), "d_outs": tuple(e["d_outs"])}) for e in d["entries"]
         )
         return cls(d["model_type"], d["num_layers"], entries, d["params_total_before"], d["params_decoder_before"],
                    d["config"], d.get("ratio"))
@@ -237,9 +239,9 @@ def validate(config: JointRankConfig) -> None:
     for group, rule in config.rules.items():
         if group not in GROUP_NAMES:
             raise JointRankError(f"unknown group {group!r}; groups are {', '.join(GROUP_NAMES)}")
-        if rule.method not in METHODS:
-            raise JointRankError(f"{group}: unknown method {rule.method!r}; use {', '.join(METHODS)}")
-        if rule.method == "joint" and group not in JOINABLE:
+        if rule.structure not in STRUCTURES:
+            raise JointRankError(f"{group}: unknown structure {rule.structure!r}; use {', '.join(STRUCTURES)}")
+        if rule.structure == "joint" and group not in JOINABLE:
             raise JointRankError(f"{group} has one member, so it cannot be joint; use separate")
-    if not any(r.method != "keep" for r in config.rules.values()):
+    if not any(r.structure != "keep" for r in config.rules.values()):
         raise JointRankError("nothing to compress: give a preset or a method for at least one group (e.g. --qk joint)")

@@ -54,14 +54,15 @@ def layer_ranges(layers: list[int]) -> str:
 
 
 def plan_summary(entries: list[dict]) -> str:
-    """One row per (group, member, method, rank): which layers, parameters before and after, and the modelled
+    """One row per (group, member, structure, rank): which layers, parameters before and after, and the modelled
     per-token cost against dense (plan.unit_cost: multiply-adds, shared projection counted once)."""
+    from .format import structure_of
     from .plan import unit_cost
 
     rows = defaultdict(lambda: {"layers": [], "before": 0, "after": 0, "notes": set(), "macs": [0, 0]})
     for e in entries:
         who = "+".join(m.rsplit(".", 1)[1] for m in e["members"])
-        key = (e["group"], who, e["method"], e["rank"])
+        key = (e["group"], who, structure_of(e), e["rank"])
         rows[key]["layers"].append(e["layer"])
         rows[key]["before"] += e["params_before"]
         rows[key]["after"] += e["params_after"]
@@ -72,11 +73,11 @@ def plan_summary(entries: list[dict]) -> str:
         if e.get("note"):
             rows[key]["notes"].add(e["note"].split(":")[0])
     body = []
-    for (group, who, method, rank), r in rows.items():
+    for (group, who, structure, rank), r in rows.items():
         macs = f"{r['macs'][0] / r['macs'][1]:.2f}x" if r["macs"][1] else "-"
-        body.append([group, who, method, rank if rank is not None else "-", layer_ranges(r["layers"]),
+        body.append([group, who, structure, rank if rank is not None else "-", layer_ranges(r["layers"]),
                      r["before"], r["after"], macs, "; ".join(sorted(r["notes"]))])
-    return format_table(["group", "members", "method", "rank", "layers", "params before", "params after",
+    return format_table(["group", "members", "structure", "rank", "layers", "params before", "params after",
                          "MACs/token vs dense", "note"], body)
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import JointRankError
-from .format import BUFFER_SUFFIXES, INDEX_NAME, MANIFEST_NAME, SINGLE_NAME
+from .format import BUFFER_SUFFIXES, INDEX_NAME, MANIFEST_NAME, SINGLE_NAME, structure_of
 
 CHECKSUM_ALGORITHM = "sha256"
 
@@ -251,7 +251,8 @@ def config_units(config_dict: dict, manifest: dict, where: str) -> list[dict]:
         return units
     try:
         planned = [{"group": e["group"], "members": list(e["members"]), "rank": e["rank"],
-                    "shared": e["method"] == "joint"} for e in manifest["plan"]["entries"] if e["method"] != "keep"]
+                    "shared": structure_of(e) == "joint"} for e in manifest["plan"]["entries"]
+                   if structure_of(e) != "keep"]
         results = {tuple(u["members"]): u["rank"] for u in manifest["result"]["units"]}
     except (KeyError, TypeError) as exc:
         raise JointRankError(f"{where}: the manifest's plan or results are malformed ({exc}); {fix}") from exc

@@ -113,8 +113,8 @@ def plan_global(layout: ModelLayout, config, tensors, *, spectra: dict | None = 
         return layer_prior(g.layer, layout.num_layers, prior)
 
     cands = []  # per factorisable unit: (index in units, dense params, cost per rank, prior·relative tail energy)
-    for index, (g, method, idx) in enumerate(units):
-        if method == "keep":
+    for index, (g, structure, idx) in enumerate(units):
+        if structure == "keep":
             continue
         members = [g.members[i] for i in idx]
         d_outs, d_in = [m.d_out for m in members], g.d_in
@@ -167,16 +167,16 @@ def plan_global(layout: ModelLayout, config, tensors, *, spectra: dict | None = 
 
     entries = []
     chosen = {cand[0]: k for cand, k in zip(cands, ranks)}
-    for index, (g, method, idx) in enumerate(units):
+    for index, (g, structure, idx) in enumerate(units):
         members = tuple(g.members[i] for i in idx)
         names, d_outs, d_in = tuple(m.name for m in members), tuple(m.d_out for m in members), g.d_in
         dense = sum(d * d_in for d in d_outs)
         k = chosen.get(index, 0)
-        if method == "keep" or k == 0:
-            note = "global allocation: kept dense" if method != "keep" else ""
+        if structure == "keep" or k == 0:
+            note = "global allocation: kept dense" if structure != "keep" else ""
             entries.append(PlanEntry(g.layer, g.group, "keep", names, d_outs, d_in, g.parent, None, dense, dense, note))
         else:
-            entries.append(PlanEntry(g.layer, g.group, method, names, d_outs, d_in, g.parent, k, dense,
+            entries.append(PlanEntry(g.layer, g.group, structure, names, d_outs, d_in, g.parent, k, dense,
                                      joint_params(d_outs, d_in, k)))
     return CompressionPlan(layout.model_type, layout.num_layers, tuple(entries), layout.params_total,
                            layout.params_decoder, config.to_dict(), None)

@@ -22,14 +22,14 @@ def plan_uniform(layout: ModelLayout, config: JointRankConfig) -> CompressionPla
 
 
 def plan_units(layout: ModelLayout, config: JointRankConfig) -> list[tuple[GroupLayout, str, tuple[int, ...]]]:
-    """(group, method, member indices) per factorisation unit, in model order; kept groups have method keep."""
+    """(group, structure, member indices) per factorisation unit, in model order; kept groups have structure keep."""
     layer_sets = {g: set(parse_layers(r.layers, layout.num_layers)) for g, r in config.rules.items()}
     units = []
     for g in layout.groups:
         rule = config.rules.get(g.group)
-        if rule is None or rule.method == "keep" or g.layer not in layer_sets[g.group]:
+        if rule is None or rule.structure == "keep" or g.layer not in layer_sets[g.group]:
             units.append((g, "keep", tuple(range(len(g.members)))))
-        elif rule.method == "joint":
+        elif rule.structure == "joint":
             units.append((g, "joint", tuple(range(len(g.members)))))
         else:
             units.extend((g, "separate", (i,)) for i in range(len(g.members)))
@@ -39,12 +39,12 @@ def plan_units(layout: ModelLayout, config: JointRankConfig) -> list[tuple[Group
 def _entries(layout, units, *, ratio: float | None, rank: int | None, only_if_smaller: bool = True,
              keep_slow: float | None = None) -> list[PlanEntry]:
     entries = []
-    for g, method, idx in units:
+    for g, structure, idx in units:
         members = tuple(g.members[i] for i in idx)
         d_outs, d_in = tuple(m.d_out for m in members), g.d_in
         before = sum(d * d_in for d in d_outs)
         names = tuple(m.name for m in members)
-        if method == "keep":
+        if structure == "keep":
             entries.append(PlanEntry(g.layer, g.group, "keep", names, d_outs, d_in, g.parent, None, before, before))
             continue
         limit = max_rank(d_outs, d_in)
@@ -69,7 +69,7 @@ def _entries(layout, units, *, ratio: float | None, rank: int | None, only_if_sm
             entries.append(PlanEntry(g.layer, g.group, "keep", names, d_outs, d_in, g.parent, None, before, before, note))
             continue
         note = f"modelled {cost.verdict()}: {macs}" if cost.verdict() else ""
-        entries.append(PlanEntry(g.layer, g.group, method, names, d_outs, d_in, g.parent, k, before, after, note))
+        entries.append(PlanEntry(g.layer, g.group, structure, names, d_outs, d_in, g.parent, k, before, after, note))
     return entries
 
 

@@ -72,6 +72,8 @@ def compress_checkpoint(source_dir: str | Path, out: str | Path, config, *, opti
         # global allocation reads each unit's weights from the files, one unit at a time: the in-memory plan
         plan, config_obj = make_plan(layout, config, tensors=source), config
     method = plan.config.get("method", "svd")
+    if options.solver is None:  # the plan's solver, as compress_ uses it (the config's, or a loaded plan's)
+        options = replace(options, solver=plan.config.get("solver", "auto"))
     jobs_by_layer = _jobs(source, layout, plan, method)
     staging = out.parent / f".{out.name}.partial"
     fingerprint = _fingerprint(source, plan, method, options)
