@@ -53,7 +53,9 @@ def test_a_seed_reaches_every_method_when_streaming(tmp_path, monkeypatch):
         seen.append(kw["solver"])
         return real.factorise(weights, k, **kw)
 
-    monkeypatch.setitem(registry._REGISTRY, "balanced", dataclasses.replace(real, factorise=spy))
+    patched = dataclasses.replace(real, factorise=spy)
+    monkeypatch.setitem(registry._REGISTRY, "balanced", patched)
+    monkeypatch.setitem(registry._BY_SETTINGS, real.settings, patched)
     source = tmp_path / "src"
     tiny_model("mistral").save_pretrained(source)
     config = JointRankConfig(rules={"qk": GroupRule("joint")}, ratio=0.3, method="balanced", solver="rsvd")

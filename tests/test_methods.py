@@ -258,6 +258,10 @@ def model_dir(tmp_path_factory):
     (["--method", "svd_llm", "--calibration", "/nonexistent.txt"], "no such file"),
     (["--method", "svd", "--calibration", __file__], "is data-free and takes no --calibration"),
     (["--allocation", "global"], "give --target"),
+    (["--method", "asvd", "--method-param", "beta=1"], "has no setting 'beta' (settings: alpha)"),
+    (["--method", "svd_llm", "--method-param", "damping=lots"], "damping must be a float"),
+    (["--method", "svd_llm", "--method-param", "damping=2"], "damping must be in [0, 1)"),
+    (["--method", "svd", "--method-param", "damping"], "--method-param takes NAME=VALUE"),
 ])
 def test_bad_method_requests(model_dir, tmp_path, capsys, extra, message):
     code = main([str(a) for a in ["compress", model_dir, "--out", tmp_path / "out", "--qk", "joint", "--ratio",

@@ -163,6 +163,9 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="svd", metavar="NAME[:OPTION]",
                    help="decomposition: svd (plain, the paper's; default), balanced[:norm|heads|alone] (joint "
                    "members weighted before stacking); with --calibration: asvd, svd_llm, llm_rom")
+    p.add_argument("--method-param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a hyperparameter of --method, repeatable; the manifest records every one, defaults "
+                   f"included. Defaults: {_method_param_defaults()}")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
                    help="uniform: one ratio for every unit; global: every unit's rank (or dense) chosen together "
                    "from the weights' spectra to meet --target (data-free; works with --stream too)")
@@ -191,6 +194,30 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     heal.add_argument("--heal-lr", type=float, default=1e-4, metavar="LR", help="distillation learning rate (Adam)")
 
 
+def _method_param_defaults() -> str:
+    """'asvd alpha=0.5; svd_llm damping=0.01; ...' from the method registry (a new method documents itself)."""
+    import dataclasses
+
+    from . import methods
+
+    parts = []
+    for name in methods.available():
+        fields = dataclasses.fields(methods.settings_for(name))
+        if fields:
+            parts.append(f"{name} " + ", ".join(f"{f.name}={f.default}" for f in fields))
+    return "; ".join(parts).replace("%", "%%")
+
+
+def _method_params(pairs: list[str]) -> dict:
+    params = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise JointRankError(f"--method-param takes NAME=VALUE (e.g. damping=0.05); got {pair!r}")
+        params[name.strip()] = value.strip()
+    return params
+
+
 def config_from_args(args):
     from .plan import PRESETS, GroupRule, JointRankConfig, validate
 
@@ -211,7 +238,8 @@ def config_from_args(args):
                              scope=args.scope or "model", solver=args.solver,
                              only_if_smaller=not args.keep_unprofitable, preset=args.preset,
                              method=args.method, allocation=args.allocation, keep_slow=args.keep_slow,
-                             allocation_prior=args.allocation_prior)
+                             allocation_prior=args.allocation_prior,
+                             method_params=_method_params(args.method_param))
     validate(config)
     return config
 

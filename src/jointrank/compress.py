@@ -81,6 +81,7 @@ def compress_(model: nn.Module, config: JointRankConfig | CompressionPlan, *, de
 
     spec = plan.config.get("method", "svd")
     method, _ = methods.parse(spec)
+    settings = methods.settings_for(spec, plan.config.get("method_params"))  # every hyperparameter, typed
     work = plan.factorised
     extra = {}
     if method.needs_calibration:
@@ -92,7 +93,7 @@ def compress_(model: nn.Module, config: JointRankConfig | CompressionPlan, *, de
         results = []
         for entry in tqdm(work, desc="factorising", unit="unit", disable=not progress or not work):
             weights = [model.get_submodule(name).weight.detach() for name in entry.members]
-            factors, result, _ = run_unit(entry, weights, spec, solver=Solver(solver, device=device))
+            factors, result, _ = run_unit(entry, weights, settings, solver=Solver(solver, device=device))
             install_factors(model, entry, factors)
             results.append(result)
     attach_quantization_config(model, plan)

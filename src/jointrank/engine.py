@@ -43,9 +43,10 @@ class UnitResult:
                    d["rel_error"], d["member_rel_errors"], d.get("solver", ""))
 
 
-def run_unit(entry, weights: list, method: str, *, solver: Solver | str = "auto",
+def run_unit(entry, weights: list, method, *, solver: Solver | str = "auto",
              stats=None) -> tuple[Factors, UnitResult, float]:
-    """Factorise one plan entry's weights with `method` (a jointrank.methods spec); refuse non-finite factors.
+    """Factorise one plan entry's weights with `method` (a method's typed settings, or a spec such as "svd");
+    refuse non-finite factors.
 
     Returns the factors (float32, on the solver's device), the unit's record and the seconds it took."""
     start = time.perf_counter()

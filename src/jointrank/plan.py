@@ -44,14 +44,35 @@ class JointRankConfig:
     only_if_smaller: bool = True  # keep a unit dense when its factors would not be smaller than its weights
     preset: str | None = None
     version: int = CONFIG_VERSION
-    method: str = "svd"  # how each unit is factorised: a name in jointrank.methods (svd, balanced, svd_llm, ...)
+    # how each unit is factorised: a name in jointrank.methods (svd, balanced:heads, svd_llm, ...), or a method's
+    # settings value (e.g. SVDLLMSettings(damping=0.05)), which is stored as its name plus method_params
+    method: str = "svd"
     allocation: str = "uniform"  # uniform: one ratio everywhere; global: ranks chosen per unit (planning.allocation)
     keep_slow: float | None = None  # keep dense a unit whose modelled cost is not this fraction below dense (unit_cost)
     allocation_prior: str = "flat"  # global allocation only: flat | depth | residual (planning.allocation)
+    method_params: dict = field(default_factory=dict)  # the method's hyperparameters that differ from its defaults
+
+    def __post_init__(self):
+        if not isinstance(self.method, str):  # a settings value: its name, and every setting as a parameter
+            from .methods import method_of
+
+            settings, self.method = self.method, method_of(self.method).name
+            self.method_params = {**dataclasses.asdict(settings), **self.method_params}
+
+    def method_settings(self):
+        """The method with every hyperparameter, typed (defaults filled in)."""
+        from .methods import settings_for
+
+        return settings_for(self.method, self.method_params)
 
     def to_dict(self) -> dict:
+        """Every setting, plus the method's full settings with their version (method_settings: what a manifest
+        records about how the factors were made; derived, so from_dict only checks its version)."""
+        from .methods import settings_dict
+
         d = dataclasses.asdict(self)
         d["rules"] = {g: dataclasses.asdict(r) for g, r in self.rules.items()}
+        d["method_settings"] = settings_dict(self.method, self.method_params)
         return d
 
     @classmethod
@@ -60,6 +81,14 @@ class JointRankConfig:
         if d.get("version", CONFIG_VERSION) != CONFIG_VERSION:
             raise JointRankError(f"config version {d.get('version')} is not supported by this jointrank")
         d["rules"] = {g: GroupRule(structure_of(r), r.get("layers", "all")) for g, r in d.get("rules", {}).items()}
+        stored = d.pop("method_settings", None)
+        if stored is not None:
+            from .methods import settings_for
+
+            ours = type(settings_for(d.get("method", "svd"))).version
+            if stored.get("version", 1) > ours:
+                raise JointRankError(f"method {stored.get('name')!r} settings version {stored.get('version')} were "
+                                     f"written by a newer jointrank (this one reads up to {ours}); upgrade jointrank")
         # Checkpoints from before the prior was a setting: a uniform plan's config has no prior (the default is
         # right), a global plan's recorded the one it used under this same key.
         return cls(**d)
@@ -223,9 +252,9 @@ def validate(config: JointRankConfig) -> None:
         raise JointRankError(f"--scope must be one of {', '.join(SCOPES)}; got {config.scope!r}")
     if config.solver not in SOLVERS:
         raise JointRankError(f"--solver must be one of {', '.join(SOLVERS)}; got {config.solver!r}")
-    from .methods import parse as parse_method
+    from .methods import settings_for
 
-    parse_method(config.method)
+    settings_for(config.method, config.method_params)  # unknown method, option or hyperparameter: one clear error
     if config.keep_slow is not None and not 0 <= config.keep_slow < 1:
         raise JointRankError(f"--keep-slow margin must be in [0, 1); got {config.keep_slow}")
     if config.allocation not in ALLOCATIONS:

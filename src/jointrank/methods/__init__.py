@@ -12,7 +12,7 @@ A method is named in `JointRankConfig.method` as NAME or NAME:OPTION (e.g. ``bal
 
 from __future__ import annotations
 
-from .registry import Method, available, factorise, parse, register
+from .registry import Method, available, factorise, method_of, parse, register, settings_dict, settings_for
 
 # Registration happens on import; the order here is the order of `available()` and of the CLI help.
 from . import svd as _svd  # noqa: E402,F401
@@ -21,4 +21,10 @@ from . import asvd as _asvd  # noqa: E402,F401
 from . import svd_llm as _svd_llm  # noqa: E402,F401
 from . import llm_rom as _llm_rom  # noqa: E402,F401
 
-__all__ = ["Method", "available", "factorise", "parse", "register"]
+from .asvd import ASVDSettings  # noqa: E402
+from .balanced import BalancedSettings  # noqa: E402
+from .llm_rom import LLMROMSettings  # noqa: E402
+from .svd import SVDSettings  # noqa: E402
+from .svd_llm import SVDLLMSettings  # noqa: E402
+
+__all__ = ["ASVDSettings", "BalancedSettings", "LLMROMSettings", "SVDLLMSettings", "SVDSettings", "Method", "available", "factorise", "method_of", "parse", "register", "settings_dict", "settings_for"]

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..engine import run_unit
 from ..errors import JointRankError
 from ..linalg import joint_rank_k
-from . import parse
+from . import parse, settings_dict, settings_for
 from .calibration import Calibration, layerwise
 from .common import output_error
 
@@ -23,6 +23,7 @@ def compress_calibrated(model, plan, calibration: Calibration | None, *, solver:
     """install(entry, factors) puts one unit's factors into the model; returns (UnitResults, extra)."""
     spec = plan.config.get("method", "svd")
     method, _ = parse(spec)
+    settings = settings_for(spec, plan.config.get("method_params"))
     if calibration is None:
         raise JointRankError(f"method {method.name!r} needs calibration text: give --calibration FILE")
     by_layer = defaultdict(list)
@@ -39,7 +40,7 @@ def compress_calibrated(model, plan, calibration: Calibration | None, *, solver:
             modules = [model.get_submodule(name) for name in entry.members]
             weights = [m.weight.detach() for m in modules]
             unit_stats = stats[entry.group]
-            factors, result, _ = run_unit(entry, weights, spec, stats=unit_stats, solver=solver)
+            factors, result, _ = run_unit(entry, weights, settings, stats=unit_stats, solver=solver)
             plain = joint_rank_k(weights, entry.rank, solver=solver)
             errors.append({"layer": entry.layer, "group": entry.group, "members": list(entry.members),
                            "rank": entry.rank, "tokens": unit_stats.tokens,
@@ -53,7 +54,7 @@ def compress_calibrated(model, plan, calibration: Calibration | None, *, solver:
         layerwise(model, calibration, watch, on_layer, sequential=method.sequential)
     finally:
         bar.close()
-    extra = {"method": spec, "sequential": method.sequential, "calibration_tokens": calibration.tokens,
+    extra = {"method": spec, "method_settings": settings_dict(settings), "sequential": method.sequential, "calibration_tokens": calibration.tokens,
              "calibration_source": calibration.source, "calibration_seed": calibration.seed,
              **({"calibration_provenance": calibration.provenance} if calibration.provenance else {}),
              "calibration_errors": errors}

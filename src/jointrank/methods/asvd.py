@@ -8,6 +8,9 @@ the minimiser of the output error, so it can lose to plain SVD on a unit; the te
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from .registry import Method, register
@@ -16,9 +19,20 @@ from .common import build, check, stacked64, top_right
 ALPHA = 0.5
 
 
-def factorise(weights, k, *, option=None, stats=None, solver=None):  # the solver does not apply: see top_right
+@dataclass(frozen=True)
+class ASVDSettings:
+    alpha: float = ALPHA  # the exponent of mean |x_j| in the channel scale
+
+    version: ClassVar[int] = 1
+
+    def __post_init__(self):
+        if not 0 <= float(self.alpha) <= 2:
+            raise ValueError(f"alpha must be in [0, 2]; got {self.alpha}")
+
+
+def factorise(weights, k, *, settings=ASVDSettings(), stats=None, solver=None):  # the solver does not apply here
     check(weights, k)
-    scale = stats.mean_abs.to(torch.float64).clamp_min(0) ** ALPHA
+    scale = stats.mean_abs.to(torch.float64).clamp_min(0) ** float(settings.alpha)
     # a channel that never fired would get scale 0 and an infinite inverse: give it the smallest positive scale
     positive = scale[scale > 0]
     scale = scale.clamp_min(float(positive.min()) if positive.numel() else 1.0)
@@ -28,4 +42,4 @@ def factorise(weights, k, *, option=None, stats=None, solver=None):  # the solve
 
 
 register(Method("asvd", "activation-aware SVD: input channels scaled by mean |activation|^0.5; needs calibration",
-                factorise, needs_calibration=True, sequential=False))
+                factorise, ASVDSettings, needs_calibration=True, sequential=False))

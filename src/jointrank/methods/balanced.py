@@ -15,11 +15,16 @@ A unit with one member is plain SVD whatever the weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from ..linalg import joint_rank_k
 from .registry import Method, register
 from .common import build, check
+
+WEIGHTINGS = ("norm", "heads", "alone")
 
 
 def member_weights(weights: list[torch.Tensor], k: int, option: str) -> list[float]:
@@ -39,11 +44,22 @@ def member_weights(weights: list[torch.Tensor], k: int, option: str) -> list[flo
     raise ValueError(f"unknown balancing {option!r}")
 
 
-def factorise(weights, k, *, option="norm", stats=None, solver):
+@dataclass(frozen=True)
+class BalancedSettings:
+    weighting: str = "norm"  # norm | heads | alone (see the module doc); `balanced:heads` sets it
+
+    version: ClassVar[int] = 1
+
+    def __post_init__(self):
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {self.weighting!r}")
+
+
+def factorise(weights, k, *, settings=BalancedSettings(), stats=None, solver):
     check(weights, k)
     if len(weights) == 1:
         return joint_rank_k(weights, k, solver=solver.name, seed=solver.seed)
-    scales = member_weights(weights, k, option)
+    scales = member_weights(weights, k, settings.weighting)
     scaled = joint_rank_k([w.to(torch.float64) * a for w, a in zip(weights, scales)], k, solver=solver.name,
                           seed=solver.seed)
     # unscale each member's output factor: A_i = (a_i A_i) / a_i, so A_i B approximates the unscaled W_i
@@ -52,4 +68,4 @@ def factorise(weights, k, *, option="norm", stats=None, solver):
 
 
 register(Method("balanced", "joint SVD with members weighted before stacking (norm | heads | alone); data-free",
-                factorise, options=("norm", "heads", "alone"), default_option="norm"))
+                factorise, BalancedSettings, options=WEIGHTINGS, default_option="norm", option_field="weighting"))

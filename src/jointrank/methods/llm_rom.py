@@ -15,6 +15,9 @@ of the layers before it, as in the paper; svd_llm uses the dense model's statist
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from .registry import Method, register
 from .common import build, check, stacked64, top_right
 from .svd_llm import cholesky_factor
@@ -22,15 +25,27 @@ from .svd_llm import cholesky_factor
 RIDGE = 1e-8
 
 
-def factorise(weights, k, *, option=None, stats=None, solver=None):  # the solver does not apply: see top_right
+@dataclass(frozen=True)
+class LLMROMSettings:
+    ridge: float = RIDGE  # relative ridge added to C before its Cholesky factor (keeps W L of full rank)
+
+    version: ClassVar[int] = 1
+
+    def __post_init__(self):
+        if not 0 <= float(self.ridge) < 1:
+            raise ValueError(f"ridge must be in [0, 1); got {self.ridge}")
+
+
+def factorise(weights, k, *, settings=LLMROMSettings(), stats=None, solver=None):  # the solver does not apply here
     check(weights, k)
     w = stacked64(weights)
     # any square root L of C (L Lᵀ = C) gives W L (W L)ᵀ = W C Wᵀ: the Cholesky factor is the cheapest one
-    m = w @ cholesky_factor(stats.second_moment, RIDGE)
+    m = w @ cholesky_factor(stats.second_moment, float(settings.ridge))
     s, vk = top_right(m, k)
     u_k = (m @ vk.T) / s[:k].clamp_min(1e-300)  # left singular vectors: the principal output directions
     return build(weights, u_k.T @ w, u_k, s, k)
 
 
 register(Method("llm_rom", "LLM-ROM: PCA of each layer's output features on calibration text, layer by layer on the "
-                "compressed model; needs calibration", factorise, needs_calibration=True, sequential=True))
+                "compressed model; needs calibration", factorise, LLMROMSettings, needs_calibration=True,
+                sequential=True))

@@ -11,6 +11,9 @@ with the one S of their shared input: a joint whitened decomposition. Statistics
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from .registry import Method, register
@@ -32,9 +35,20 @@ def cholesky_factor(second_moment: torch.Tensor, damping: float = DAMPING) -> to
     raise ValueError("the calibration second moment is not positive definite even after damping")
 
 
-def factorise(weights, k, *, option=None, stats=None, solver=None):  # the solver does not apply: see top_right
+@dataclass(frozen=True)
+class SVDLLMSettings:
+    damping: float = DAMPING  # λ: C + λ·mean(diag C)·I before the Cholesky factor
+
+    version: ClassVar[int] = 1
+
+    def __post_init__(self):
+        if not 0 <= float(self.damping) < 1:
+            raise ValueError(f"damping must be in [0, 1); got {self.damping}")
+
+
+def factorise(weights, k, *, settings=SVDLLMSettings(), stats=None, solver=None):  # the solver does not apply here
     check(weights, k)
-    s_chol = cholesky_factor(stats.second_moment)
+    s_chol = cholesky_factor(stats.second_moment, float(settings.damping))
     whitened = stacked64(weights) @ s_chol
     s, vk = top_right(whitened, k)
     # basis = V_kᵀ S⁻¹  <=>  Sᵀ basisᵀ = V_k: an upper-triangular solve
@@ -43,4 +57,5 @@ def factorise(weights, k, *, option=None, stats=None, solver=None):  # the solve
 
 
 register(Method("svd_llm", "SVD-LLM: SVD of the weights whitened by the Cholesky factor of the damped input "
-                "second moment; needs calibration", factorise, needs_calibration=True, sequential=False))
+                "second moment; needs calibration", factorise, SVDLLMSettings, needs_calibration=True,
+                sequential=False))

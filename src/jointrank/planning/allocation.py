@@ -31,7 +31,7 @@ import torch
 from ..architectures import ModelLayout
 from ..errors import JointRankError
 from ..linalg import joint_params
-from ..methods import parse
+from ..methods import method_of, settings_for
 from ..plan import ALLOCATION_PRIORS, CompressionPlan, PlanEntry, validate
 from .uniform import plan_units
 
@@ -78,9 +78,11 @@ def residual_priors(layout: ModelLayout, tensors) -> dict[tuple[int, str], float
 
 
 @torch.no_grad()
-def unit_spectrum(weights: list[torch.Tensor], method_spec: str) -> np.ndarray:
-    """Squared singular values of the unit in the metric its method truncates in (data-free methods only)."""
-    method, option = parse(method_spec)
+def unit_spectrum(weights: list[torch.Tensor], method_spec) -> np.ndarray:
+    """Squared singular values of the unit in the metric its method truncates in (data-free methods only).
+    `method_spec`: a method name or its settings."""
+    settings = settings_for(method_spec)
+    method, option = method_of(settings), getattr(settings, "weighting", None)
     if method.name == "balanced" and len(weights) > 1:
         from ..methods.balanced import member_weights
 
@@ -101,6 +103,7 @@ def plan_global(layout: ModelLayout, config, tensors, *, spectra: dict | None = 
     if config.target is None:
         raise JointRankError("global allocation needs a parameter budget (--target)")
     prior = config.allocation_prior
+    method = settings_for(config.method, config.method_params)
     units = plan_units(layout, config)
     scope_total = layout.params_total if config.scope == "model" else layout.params_decoder
     budget = config.target * scope_total
@@ -128,7 +131,7 @@ def plan_global(layout: ModelLayout, config, tensors, *, spectra: dict | None = 
             energy = spectra[key]
         else:
             read = tensors.read([f"{name}.weight" for name in key])
-            energy = unit_spectrum([read[f"{name}.weight"] for name in key], config.method)
+            energy = unit_spectrum([read[f"{name}.weight"] for name in key], method)
             if spectra is not None:
                 spectra[key] = energy
         total = energy.sum()

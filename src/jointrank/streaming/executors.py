@@ -39,7 +39,7 @@ def check_options(options: StreamOptions) -> None:
         raise JointRankError("--backend ray needs Ray: pip install 'jointrank[dist]'")
 
 
-def run_jobs(source: TensorSource, jobs: list[LayerJob], options: StreamOptions, method: str, record) -> None:
+def run_jobs(source: TensorSource, jobs: list[LayerJob], options: StreamOptions, method, record) -> None:
     """Process every job; call record(done) once per finished layer, after its shard is in place."""
     check_options(options)
     if not jobs:

@@ -59,7 +59,7 @@ class LayerJob:
     layer: int
     prefix: str  # "model.layers.3."
     entries: tuple  # the plan's factorised PlanEntry of this layer
-    method: str
+    method: object  # the method's typed settings (jointrank.methods.settings_for)
     shard: str  # output shard file name
     staging: str  # where the shard is written
 
@@ -68,7 +68,7 @@ def layer_tensor_names(source: TensorSource, prefix: str) -> list[str]:
     return sorted(n for n in source.shapes if n.startswith(prefix))
 
 
-def factorise_unit(source: TensorSource, entry, method: str, options: StreamOptions):
+def factorise_unit(source: TensorSource, entry, method, options: StreamOptions):
     """Read one unit's weights, run it through the engine; returns (output tensors by name, UnitResult, seconds)."""
     names = [f"{m}.weight" for m in entry.members]
     bias_names = [f"{m}.bias" for m in entry.members if f"{m}.bias" in source.shapes]

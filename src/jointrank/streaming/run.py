@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .. import methods
 from ..architectures import ModelLayout
 from ..engine import UnitResult
 from ..errors import JointRankError
@@ -71,7 +72,8 @@ def compress_checkpoint(source_dir: str | Path, out: str | Path, config, *, opti
         _check_streamable(config)
         # global allocation reads each unit's weights from the files, one unit at a time: the in-memory plan
         plan, config_obj = make_plan(layout, config, tensors=source), config
-    method = plan.config.get("method", "svd")
+    # the method with every setting (typed; plain data, so it pickles to Ray tasks and reaches every unit)
+    method = methods.settings_for(plan.config.get("method", "svd"), plan.config.get("method_params"))
     if options.solver is None:  # the plan's solver, as compress_ uses it (the config's, or a loaded plan's)
         options = replace(options, solver=plan.config.get("solver", "auto"))
     jobs_by_layer = _jobs(source, layout, plan, method)
@@ -125,7 +127,6 @@ class _Interrupted(RuntimeError):
 
 
 def _check_streamable(config) -> None:
-    from .. import methods
     from ..plan import validate
 
     validate(config)
@@ -139,7 +140,7 @@ def _shard_name(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
 
-def _jobs(source: TensorSource, layout: ModelLayout, plan, method: str) -> dict[int, LayerJob]:
+def _jobs(source: TensorSource, layout: ModelLayout, plan, method) -> dict[int, LayerJob]:
     total = layout.num_layers + 1
     by_layer: dict[int, list] = {i: [] for i in range(layout.num_layers)}
     for e in plan.factorised:
@@ -148,23 +149,23 @@ def _jobs(source: TensorSource, layout: ModelLayout, plan, method: str) -> dict[
                         _shard_name(i, total), "") for i, entries in by_layer.items()}
 
 
-def _fingerprint(source: TensorSource, plan, method: str, options: StreamOptions) -> str:
+def _fingerprint(source: TensorSource, plan, method, options: StreamOptions) -> str:
     from ..version import __version__
 
-    blob = json.dumps({"plan": plan.to_dict(), "method": method, "options": options.fingerprint(),
+    blob = json.dumps({"plan": plan.to_dict(), "method": methods.settings_dict(method), "options": options.fingerprint(),
                        "source": source.fingerprint(), "jointrank": __version__, "torch": torch.__version__},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _settings(source: TensorSource, plan, method: str, options: StreamOptions) -> dict:
+def _settings(source: TensorSource, plan, method, options: StreamOptions) -> dict:
     """What the fingerprint is made of, readable: kept in progress.json so a refused resume can name the cause."""
     from ..version import __version__
 
     def digest(obj) -> str:
         return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    return {"plan": digest(plan.to_dict()), "method": method, **options.fingerprint(),
+    return {"plan": digest(plan.to_dict()), "method": methods.settings_dict(method), **options.fingerprint(),
             "source files": digest(source.fingerprint()), "jointrank": __version__, "torch": torch.__version__}
 
 
