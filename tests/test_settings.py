@@ -58,3 +58,33 @@ def test_defaults_are_recorded_and_a_newer_settings_version_is_refused():
     assert d["method_settings"] == {"name": "asvd", "version": 1, "alpha": 0.5}
     with pytest.raises(JointRankError, match="written by a newer jointrank"):
         JointRankConfig.from_dict({**d, "method_settings": {**d["method_settings"], "version": 2}})
+
+
+def test_solver_and_allocation_are_typed_values_too(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from jointrank.linalg import Solver
+    from jointrank.plan import GlobalAllocation
+    from jointrank.stream import StreamOptions, compress_checkpoint
+
+    config = JointRankConfig(rules={"qk": GroupRule("joint"), "gate_up": GroupRule("joint")}, target=0.2,
+                             scope="decoder", solver=Solver("rsvd", seed=3), allocation=GlobalAllocation("depth"))
+    assert (config.solver, config.seed, config.allocation, config.allocation_prior) == ("rsvd", 3, "global", "depth")
+    assert JointRankConfig.from_dict(config.to_dict()) == config
+    assert config.allocation_settings() == GlobalAllocation("depth") and config.solver_settings() == Solver("rsvd", 3)
+    with pytest.raises(JointRankError, match="not a compression setting"):
+        JointRankConfig(rules={"qk": GroupRule("joint")}, ratio=0.5, solver=Solver("svd", device="cpu"))
+    # the config's seed reaches both paths: streaming without a seed of its own writes the in-memory tensors
+    source = tmp_path / "src"
+    tiny_model("mistral").save_pretrained(source)
+    streamed = compress_checkpoint(source, tmp_path / "out", config, options=StreamOptions(progress=False))
+    assert streamed.result.extra["stream"]["seed"] == 3 and streamed.result.extra["stream"]["solver"] == "rsvd"
+    model = AutoModelForCausalLM.from_pretrained(source)
+    jointrank.compress_(model, config, progress=False)
+    stored = {}
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        stored.update(load_file(str(shard)))
+    state = model.state_dict()
+    factors = [n for n in state if ".out." in n or "basis" in n]
+    assert factors and all(torch.equal(stored[n], state[n]) for n in factors)

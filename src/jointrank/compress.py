@@ -72,10 +72,9 @@ def compress_(model: nn.Module, config: JointRankConfig | CompressionPlan, *, de
 
         check_weights(model.named_parameters())  # NaN/Inf: refused before any work (plan_for checks otherwise)
         plan = config
-        solver = plan.config.get("solver", "auto")
     else:
         plan = plan_for(model, config)
-        solver = config.solver
+    solver = Solver(plan.config.get("solver", "auto"), plan.config.get("seed"), device)
     _check_plan_fits(plan, layout)
     from . import methods
 
@@ -93,7 +92,7 @@ def compress_(model: nn.Module, config: JointRankConfig | CompressionPlan, *, de
         results = []
         for entry in tqdm(work, desc="factorising", unit="unit", disable=not progress or not work):
             weights = [model.get_submodule(name).weight.detach() for name in entry.members]
-            factors, result, _ = run_unit(entry, weights, settings, solver=Solver(solver, device=device))
+            factors, result, _ = run_unit(entry, weights, settings, solver=solver)
             install_factors(model, entry, factors)
             results.append(result)
     attach_quantization_config(model, plan)

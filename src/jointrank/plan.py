@@ -12,17 +12,34 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .architectures import GROUP_NAMES, JOINABLE
 from .errors import JointRankError
 from .format import structure_of
-from .linalg import SOLVERS, joint_params, max_rank
+from .linalg import SOLVERS, Solver, joint_params, max_rank
 
 STRUCTURES = ("keep", "separate", "joint")  # what a plan does with a group (not how it factorises: that is the method)
 SCOPES = ("model", "decoder")
 ALLOCATIONS = ("uniform", "global")
 ALLOCATION_PRIORS = ("flat", "depth", "residual")  # global allocation's data-free sensitivity prior (planning.allocation)
 CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class UniformAllocation:
+    """One approximation ratio (or rank) for every factorised unit, solved for --target if given."""
+
+    version: ClassVar[int] = 1
+
+
+@dataclass(frozen=True)
+class GlobalAllocation:
+    """Every unit's rank (or dense) chosen together under one budget from the weights' spectra, each unit's lost
+    energy weighted by a data-free prior (planning.allocation)."""
+
+    prior: str = "flat"  # flat | depth | residual
+    version: ClassVar[int] = 1
 
 
 @dataclass(frozen=True)
@@ -51,13 +68,32 @@ class JointRankConfig:
     keep_slow: float | None = None  # keep dense a unit whose modelled cost is not this fraction below dense (unit_cost)
     allocation_prior: str = "flat"  # global allocation only: flat | depth | residual (planning.allocation)
     method_params: dict = field(default_factory=dict)  # the method's hyperparameters that differ from its defaults
+    seed: int | None = None  # the randomized solver's seed (None: linalg.DEFAULT_SEED)
 
     def __post_init__(self):
+        # typed values, in the spirit of torchao's configs, are stored as the plain fields they set
+        if isinstance(self.solver, Solver):
+            if self.solver.device is not None:
+                raise JointRankError("a Solver's device is where a run happens, not a compression setting: pass "
+                                     "device= to compress_ (or --device)")
+            self.seed = self.solver.seed if self.solver.seed is not None else self.seed
+            self.solver = self.solver.name
+        if isinstance(self.allocation, GlobalAllocation):
+            self.allocation, self.allocation_prior = "global", self.allocation.prior
+        elif isinstance(self.allocation, UniformAllocation):
+            self.allocation = "uniform"
         if not isinstance(self.method, str):  # a settings value: its name, and every setting as a parameter
             from .methods import method_of
 
             settings, self.method = self.method, method_of(self.method).name
             self.method_params = {**dataclasses.asdict(settings), **self.method_params}
+
+    def solver_settings(self, device=None) -> Solver:
+        """How each unit is solved: the solver, its seed (randomized solver) and the device of this run."""
+        return Solver(self.solver, self.seed, device)
+
+    def allocation_settings(self) -> "UniformAllocation | GlobalAllocation":
+        return GlobalAllocation(self.allocation_prior) if self.allocation == "global" else UniformAllocation()
 
     def method_settings(self):
         """The method with every hyperparameter, typed (defaults filled in)."""

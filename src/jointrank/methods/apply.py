@@ -13,16 +13,17 @@ from tqdm.auto import tqdm
 
 from ..engine import run_unit
 from ..errors import JointRankError
-from ..linalg import joint_rank_k
+from ..linalg import Solver, joint_rank_k
 from . import parse, settings_dict, settings_for
 from .calibration import Calibration, layerwise
 from .common import output_error
 
 
-def compress_calibrated(model, plan, calibration: Calibration | None, *, solver: str, install, progress: bool = True):
+def compress_calibrated(model, plan, calibration: Calibration | None, *, solver, install, progress: bool = True):
     """install(entry, factors) puts one unit's factors into the model; returns (UnitResults, extra)."""
     spec = plan.config.get("method", "svd")
     method, _ = parse(spec)
+    solver = Solver.of(solver)
     settings = settings_for(spec, plan.config.get("method_params"))
     if calibration is None:
         raise JointRankError(f"method {method.name!r} needs calibration text: give --calibration FILE")
@@ -41,7 +42,7 @@ def compress_calibrated(model, plan, calibration: Calibration | None, *, solver:
             weights = [m.weight.detach() for m in modules]
             unit_stats = stats[entry.group]
             factors, result, _ = run_unit(entry, weights, settings, stats=unit_stats, solver=solver)
-            plain = joint_rank_k(weights, entry.rank, solver=solver)
+            plain = joint_rank_k(weights, entry.rank, solver=solver.name, seed=solver.seed)
             errors.append({"layer": entry.layer, "group": entry.group, "members": list(entry.members),
                            "rank": entry.rank, "tokens": unit_stats.tokens,
                            "calib_rel_error": output_error(weights, factors, unit_stats.second_moment),

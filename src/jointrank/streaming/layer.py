@@ -24,7 +24,7 @@ RAY_TASK_CPUS = 2  # CPUs each layer task asks Ray for; its BLAS threads follow 
 @dataclass(frozen=True)
 class StreamOptions:
     solver: str | None = None  # None: the plan's (JointRankConfig.solver), as the in-memory path uses
-    seed: int = 0
+    seed: int | None = None  # None: the plan's (JointRankConfig.seed, default 0)
     device: str | None = None  # where the linear algebra runs; tensors are read and written on the CPU
     dtype: str | None = None  # output dtype of floating tensors (default: each tensor keeps the source's)
     workers: int = 1  # units factorised at once (local backend) or concurrent layer tasks (ray)

@@ -31,6 +31,7 @@ from ..architectures import ModelLayout
 from ..engine import UnitResult
 from ..errors import JointRankError
 from ..format import INDEX_NAME, MANIFEST_NAME, counts_as_parameter
+from ..linalg import DEFAULT_SEED
 from .layer import LayerJob, StreamOptions, write_shard
 from .source import TensorSource, numel, read_layout
 
@@ -74,8 +75,11 @@ def compress_checkpoint(source_dir: str | Path, out: str | Path, config, *, opti
         plan, config_obj = make_plan(layout, config, tensors=source), config
     # the method with every setting (typed; plain data, so it pickles to Ray tasks and reaches every unit)
     method = methods.settings_for(plan.config.get("method", "svd"), plan.config.get("method_params"))
-    if options.solver is None:  # the plan's solver, as compress_ uses it (the config's, or a loaded plan's)
+    # unset solver settings are the plan's, as compress_ uses them (the config's, or a loaded plan's)
+    if options.solver is None:
         options = replace(options, solver=plan.config.get("solver", "auto"))
+    if options.seed is None:
+        options = replace(options, seed=plan.config.get("seed") or DEFAULT_SEED)
     jobs_by_layer = _jobs(source, layout, plan, method)
     staging = out.parent / f".{out.name}.partial"
     fingerprint = _fingerprint(source, plan, method, options)
