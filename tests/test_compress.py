@@ -70,9 +70,9 @@ def test_save_load_round_trip_gives_identical_logits_and_generation(arch, tokens
     from transformers import AutoModelForCausalLM
 
     model = tiny_model(arch)
-    jointrank.compress_(model, JointRankConfig(rules=ALL_GROUPS, ratio=0.5), progress=False)
+    result = jointrank.compress_(model, JointRankConfig(rules=ALL_GROUPS, ratio=0.5), progress=False)
     expected = logits(model, tokens)
-    out = jointrank.save(model, None, tmp_path / "ck", {"source": "tiny"})
+    out = jointrank.save(model, None, tmp_path / "ck", result, source="tiny")
     for reloaded in (jointrank.load(out), AutoModelForCausalLM.from_pretrained(out)):
         assert torch.equal(logits(reloaded, tokens), expected)
         assert count_parameters(reloaded) == count_parameters(model)
@@ -90,9 +90,10 @@ def test_save_load_round_trip_gives_identical_logits_and_generation(arch, tokens
 
 def test_saved_file_is_smaller_by_the_parameter_reduction(tmp_path):
     dense, small = tiny_model("llama"), tiny_model("llama")
-    dense_dir = jointrank.save(dense, None, tmp_path / "dense", {})
+    dense.save_pretrained(tmp_path / "dense")
+    dense_dir = tmp_path / "dense"
     result = jointrank.compress_(small, JointRankConfig(rules=ALL_GROUPS, ratio=0.25), progress=False)
-    small_dir = jointrank.save(small, None, tmp_path / "small", {})
+    small_dir = jointrank.save(small, None, tmp_path / "small", result, source="tiny")
     size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
     ratio = result.params_total_after / result.params_total_before
     assert size(small_dir) / size(dense_dir) == pytest.approx(ratio, abs=0.01)
@@ -100,12 +101,13 @@ def test_saved_file_is_smaller_by_the_parameter_reduction(tmp_path):
 
 def test_dense_export_loads_in_plain_transformers(tokens, tmp_path):
     model = tiny_model("mistral")
-    jointrank.compress_(model, JointRankConfig(rules=ALL_GROUPS, ratio=0.4), progress=False)
+    result = jointrank.compress_(model, JointRankConfig(rules=ALL_GROUPS, ratio=0.4), progress=False)
     expected = logits(model, tokens)
     merged = jointrank.merge_(model)
     assert merged == 3 * 7 and count_parameters(model) == count_parameters(tiny_model("mistral"))
     assert torch.allclose(logits(model, tokens), expected, atol=1e-5)
-    out = jointrank.save(model, None, tmp_path / "dense", {"format_kind": "dense"})
+    out = jointrank.save(model, None, tmp_path / "dense", result, source="tiny")
+    assert json.loads((out / "jointrank_manifest.json").read_text())["format_kind"] == "dense"  # merged: said so
     torch.save(tokens, tmp_path / "tokens.pt")
     torch.save(expected, tmp_path / "expected.pt")
     # a fresh interpreter that never imports jointrank: the export must be an ordinary checkpoint

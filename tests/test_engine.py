@@ -102,7 +102,7 @@ def test_checkpoints_from_before_the_structure_rename_still_load_and_verify(tmp_
     model = tiny_model("llama")
     config = CONFIG
     result = jointrank.compress_(model, config, progress=False)
-    out = jointrank.save(model, None, tmp_path / "ck", jointrank.manifest_for(result, source="tiny", config=config))
+    out = jointrank.save(model, None, tmp_path / "ck", result, source="tiny", config=config)
     tokens = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
     expected = model(tokens).logits
     path = out / MANIFEST_NAME

@@ -30,11 +30,11 @@ def windows(n=8, seqlen=24, seed=3):
     return torch.randint(0, 96, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
-def compressed(arch, ratio=0.4):
+def compressed(arch, ratio=0.4, *, with_result=False):
     model = tiny_model(arch)
     teacher = teacher_copy(model)
-    jointrank.compress_(model, JointRankConfig(rules=ALL, ratio=ratio), progress=False)
-    return model, teacher
+    result = jointrank.compress_(model, JointRankConfig(rules=ALL, ratio=ratio), progress=False)
+    return (model, teacher, result) if with_result else (model, teacher)
 
 
 def kl_on(student, teacher, ids) -> float:
@@ -154,11 +154,12 @@ def test_interrupted_distillation_resumes_to_the_same_factors(tmp_path):
 
 
 def test_a_healed_checkpoint_reloads_with_the_same_logits(tmp_path):
-    model, teacher = compressed("qwen2")
+    model, teacher, result = compressed("qwen2", with_result=True)
     calibration = Calibration(windows(), "random tokens", 3)
     report = heal_(model, teacher, calibration, "refit+distill", DistillSettings(steps=3, lr=1e-3), progress=False)
     assert report["refit"]["mean_rel_error_after"] < report["refit"]["mean_rel_error_before"]
-    jointrank.save(model, None, tmp_path / "healed", {"source": "tiny", "heal": {"kind": report["kind"]}})
+    result.extra["heal"] = report
+    jointrank.save(model, None, tmp_path / "healed", result, source="tiny")
     reloaded = jointrank.load(tmp_path / "healed")
     ids = windows(2, 16, seed=9)
     with torch.no_grad():

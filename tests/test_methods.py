@@ -232,9 +232,9 @@ def test_global_allocation_through_the_config(tokens):
 
 @pytest.mark.parametrize("method", ["svd_llm", "balanced:alone"])
 def test_save_load_round_trip_keeps_a_non_orthonormal_basis(method, tokens, tmp_path):
-    model, _ = compress("mistral", method, ratio=0.5)
+    model, result = compress("mistral", method, ratio=0.5)
     expected = logits(model, tokens)
-    out = jointrank.save(model, None, tmp_path / "ck", {"source": "tiny"})
+    out = jointrank.save(model, None, tmp_path / "ck", result, source="tiny")
     assert torch.equal(logits(jointrank.load(out), tokens), expected)
 
 

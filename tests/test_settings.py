@@ -46,7 +46,7 @@ def test_settings_go_into_the_manifest_and_read_back(tmp_path):
     ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
     result = jointrank.compress_(model, config, progress=False, calibration=Calibration(ids, "random", 0))
     assert result.extra["method_settings"] == {"name": "svd_llm", "version": 1, "damping": 0.05}
-    out = jointrank.save(model, None, tmp_path / "ck", jointrank.manifest_for(result, source="tiny", config=config))
+    out = jointrank.save(model, None, tmp_path / "ck", result, source="tiny", config=config)
     manifest = json.loads((out / "jointrank_manifest.json").read_text())
     assert manifest["config"]["method_settings"] == {"name": "svd_llm", "version": 1, "damping": 0.05}
     assert JointRankConfig.from_dict(manifest["config"]) == config

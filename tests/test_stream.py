@@ -11,7 +11,6 @@ from safetensors import safe_open
 import jointrank
 from jointrank.architectures import describe
 from jointrank.checkpoint import save
-from jointrank.checkpoint import manifest_for
 from jointrank.compress import compress_
 from jointrank.errors import JointRankError
 from jointrank.plan import GroupRule, JointRankConfig
@@ -51,7 +50,7 @@ def in_memory(src: Path, out: Path, config=CONFIG):
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
     result = compress_(model, config, progress=False)
-    save(model, None, out, manifest_for(result, source=str(src), config=config))
+    save(model, None, out, result, source=str(src), config=config)
     return result
 
 

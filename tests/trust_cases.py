@@ -293,4 +293,4 @@ def make_checkpoint(root: Path, arch: str = "qwen2") -> Path:
     model = tiny_model(arch)
     config = JointRankConfig(rules={"qk": GroupRule("joint"), "down": GroupRule("separate")}, ratio=0.5)
     result = jointrank.compress_(model, config, progress=False)
-    return jointrank.save(model, None, root, jointrank.manifest_for(result, source=arch, config=config))
+    return jointrank.save(model, None, root, result, source=arch, config=config)

@@ -138,7 +138,9 @@ def run_naive(src: Path, out: Path, ratio: float) -> dict:
     from jointrank.compress import attach_quantization_config
 
     attach_quantization_config(model, plan)  # the whole plan's units, not the last single-entry plan's
-    jointrank.save(model, None, out, {"source": str(src)})
+    whole = jointrank.CompressionResult(plan, units, plan.params_total_before, plan.params_total_after,
+                                        plan.params_decoder_before, plan.params_decoder_after, sum(seconds))
+    jointrank.save(model, None, out, whole, source=str(src), config=config)
     return {"wall_seconds": time.perf_counter() - start, "load_seconds": loaded - start,
             "factorise_seconds": factorised - loaded, "save_seconds": time.perf_counter() - factorised,
             "units": [_unit(u, s) for u, s in zip(units, seconds)]}

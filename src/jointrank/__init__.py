@@ -3,7 +3,7 @@
     import jointrank
     config = jointrank.PRESETS["paper-10"]
     result = jointrank.compress_(model, config)   # in place
-    jointrank.save(model, tokenizer, "out-dir", jointrank.manifest_for(result, source="my-model", config=config))
+    jointrank.save(model, tokenizer, "out-dir", result, source="my-model")   # the manifest is built from result
     model = jointrank.load("out-dir")    # or AutoModelForCausalLM.from_pretrained("out-dir") after import jointrank
 """
 
@@ -11,6 +11,7 @@
 from . import hf_integration as _hf_integration
 from .checkpoint import load, manifest_for, read_manifest, save
 from .compress import CompressionResult, compress_, merge_, plan_for
+from .pipeline import compress_model
 from .errors import JointRankError
 from .heal import DistillSettings, heal_, teacher_copy
 from .methods.selfgen import self_calibration
@@ -22,6 +23,6 @@ _hf_integration.register()
 
 __all__ = [
     "CompressionPlan", "CompressionResult", "GroupRule", "JointRankConfig", "JointRankError", "PRESETS",
-    "compress_", "load", "make_plan", "manifest_for", "merge_", "plan_for", "read_manifest", "save",
+    "compress_", "compress_model", "load", "make_plan", "manifest_for", "merge_", "plan_for", "read_manifest", "save",
     "DistillSettings", "heal_", "teacher_copy", "self_calibration",
 ]

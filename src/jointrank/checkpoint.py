@@ -28,8 +28,32 @@ def check_output(out: str | Path, overwrite: bool, source: str | Path | None = N
     return check(out, overwrite, source)
 
 
-def save(model, tokenizer, out: str | Path, manifest: dict, *, overwrite: bool = False) -> Path:
-    """Write model (compressed or dense), tokenizer and manifest atomically into `out`."""
+def save(model, tokenizer, out: str | Path, result, *, source: str | None = None, config=None,
+         evals: dict | None = None, overwrite: bool = False) -> Path:
+    """Write model (compressed, or merged back to dense), tokenizer and its manifest atomically into `out`.
+
+    The manifest is built here from `result` (what compress_ returned; healing reports go in result.extra),
+    `source` (what was compressed), `config` (default: the plan's) and `evals`, so every checkpoint saved from
+    Python is one `jointrank info` reads and `jointrank.load` verifies."""
+    from .modules import LowRankLinear
+    from .plan import JointRankConfig
+
+    if isinstance(result, dict):
+        raise JointRankError("save builds the manifest itself: pass the CompressionResult compress_ returned, e.g. "
+                             "jointrank.save(model, tokenizer, out, result, source='my-model')")
+    if not hasattr(result, "plan") or not hasattr(result, "units"):
+        raise JointRankError(f"save needs the CompressionResult compress_ returned, not {type(result).__name__}")
+    if not source:
+        raise JointRankError("save needs source=: what was compressed (a path, hub id or alias), for the manifest")
+    config = config if config is not None else JointRankConfig.from_dict(result.plan.config)
+    dense = not any(isinstance(m, LowRankLinear) for m in model.modules())  # merged back with merge_
+    manifest = manifest_for(result, source=source, config=config, dense=dense, evals=evals)
+    return write_checkpoint(model, tokenizer, out, manifest, overwrite=overwrite)
+
+
+def write_checkpoint(model, tokenizer, out: str | Path, manifest: dict, *, overwrite: bool = False) -> Path:
+    """The atomic write under save, for a manifest already built (manifest_for): staging directory, weights,
+    tokenizer, the manifest with checksums last, then renamed into place."""
     from .outputs import staging_dir
 
     out = check_output(out, overwrite)

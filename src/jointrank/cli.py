@@ -252,7 +252,7 @@ def cmd_plan(args) -> int:
     from .sources import load_model
 
     config = config_from_args(args)
-    _calibration(args, config, None)
+    _check_calibration(args, config)
     heal_settings = _heal_settings(args)
     if args.json:
         check_json_out(args.json, "--json")  # before the model is loaded
@@ -288,70 +288,43 @@ def _print_plan(plan) -> None:
 
 
 def cmd_compress(args) -> int:
-    from .checkpoint import check_output, manifest_for, save
-    from .compress import compress_, merge_
-    from .sources import load_model, resolve
+    from .pipeline import compress_model
+    from .stream import run_cli, wants_stream
 
     config = config_from_args(args)  # bad flags fail here, before anything is loaded
     _check_compress(args)
-    from .stream import run_cli, wants_stream
-
     if wants_stream(args):
         return run_cli(args, config)
-    _calibration(args, config, None)
-    heal_settings = _heal_settings(args)
-    resolve(args.model)
-    check_output(args.out, args.overwrite)
-    started = time.perf_counter()
-    import torch
 
-    model, tokenizer, source = load_model(args.model, dtype=getattr(torch, args.dtype or "float32"))
-    load_seconds = time.perf_counter() - started
-    evals = {}
-    if args.eval:
-        evals["before"] = _evaluate(model, tokenizer, args)
-    from .compress import plan_for
+    def show_plan(plan) -> None:
+        _print_plan(plan)
+        print()
 
-    plan = plan_for(model, config)
-    _print_plan(plan)
-    print()
-    calibration = _calibration(args, config, tokenizer, model=model)
-    teacher = None
-    if heal_settings is not None:
-        from .heal import teacher_copy
-
-        teacher = teacher_copy(model)  # before any weight changes: the dense layers are the healing target
-    result = compress_(model, plan, device=args.device, calibration=calibration)
-    if heal_settings is not None:
-        from .heal import heal_
-
-        result.extra["heal"] = heal_(model, teacher, calibration, args.heal, heal_settings,
-                                     state_dir=_heal_state_dir(args.out))
-        del teacher
-    if calibration is not None:
-        result.extra.setdefault("calibration_source", calibration.source)
-        result.extra.setdefault("calibration_tokens", calibration.tokens)
-        if calibration.provenance:
-            result.extra.setdefault("calibration_provenance", calibration.provenance)
-    if args.eval:
-        evals["after"] = _evaluate(model, tokenizer, args)
-    manifest = manifest_for(result, source=args.model, config=config, dense=args.dense, evals=evals)
-    if args.dense:
-        merge_(model)
-    save(model, tokenizer, args.out, manifest, overwrite=args.overwrite)
-    if heal_settings is not None:
-        import shutil
-
-        shutil.rmtree(_heal_state_dir(args.out), ignore_errors=True)  # the checkpoint is complete: no resume needed
-    # the scope table was already printed with the plan (_print_plan): printing it again here duplicated it
-    healed = ""
-    if "heal" in result.extra:
-        healed = f", heal {result.extra['heal']['seconds']:.1f} s"
-    print(f"\nload {load_seconds:.1f} s, factorise {result.seconds:.1f} s{healed}, "
-          f"total {time.perf_counter() - started:.1f} s; saved {'dense ' if args.dense else ''}checkpoint to {args.out}")
-    if evals:
-        _print_evals(evals)
+    run = compress_model(args.model, args.out, config, calibration=_calibration_request(args), heal=args.heal,
+                         distill=_heal_settings(args), evaluate=_evaluation_request(args), dense=args.dense,
+                         device=args.device, dtype=args.dtype, overwrite=args.overwrite, on_plan=show_plan)
+    # the scope table was already printed with the plan (show_plan): printing it again here duplicated it
+    result = run.result
+    healed = f", heal {result.extra['heal']['seconds']:.1f} s" if "heal" in result.extra else ""
+    print(f"\nload {run.load_seconds:.1f} s, factorise {result.seconds:.1f} s{healed}, "
+          f"total {run.seconds:.1f} s; saved {'dense ' if args.dense else ''}checkpoint to {args.out}")
+    if run.evals:
+        _print_evals(run.evals)
     return 0
+
+
+def _calibration_request(args):
+    from .pipeline import Calibration
+
+    return Calibration(args.calibration, args.calibration_tokens) if getattr(args, "calibration", None) else None
+
+
+def _evaluation_request(args):
+    from .pipeline import Evaluation
+
+    if not getattr(args, "eval", None):
+        return None
+    return Evaluation(args.eval, data_dir=args.data_dir, limit=args.eval_limit, max_windows=args.eval_max_windows)
 
 
 def _check_compress(args) -> None:
@@ -361,40 +334,11 @@ def _check_compress(args) -> None:
     check_compress(args)
 
 
-def _calibration(args, config, tokenizer, model=None):
-    """Calibration windows for a data-aware method or for healing (None when neither needs them); refuses a
-    mismatch either way. With tokenizer None only the flags are checked, before anything is loaded."""
-    from .methods import parse
-    from .methods.calibration import DEFAULT_TOKENS, load_text
-    from .methods.selfgen import parse_spec, self_calibration
+def _check_calibration(args, config) -> None:
+    """The calibration/healing flags against the method, before anything is loaded."""
+    from .pipeline import check_request
 
-    method, _ = parse(config.method)
-    healing = getattr(args, "heal", "none") not in (None, "none")
-    if not method.needs_calibration and not healing:
-        if args.calibration:
-            raise JointRankError(f"method {method.name!r} is data-free and takes no --calibration (unless --heal "
-                                 "is given)")
-        return None
-    if not args.calibration:
-        why = f"method {method.name!r} needs" if method.needs_calibration else f"--heal {args.heal} needs"
-        raise JointRankError(f"{why} calibration text: give --calibration FILE, or --calibration self for text "
-                             "sampled from the model itself (no user data)")
-    self_tokens = parse_spec(args.calibration)
-    if self_tokens is not None and args.calibration_tokens is not None and ":" in args.calibration:
-        raise JointRankError("give the number of self-generated tokens once: --calibration self:N or "
-                             "--calibration-tokens N")
-    tokens = args.calibration_tokens or self_tokens or DEFAULT_TOKENS
-    if tokenizer is None:
-        if self_tokens is None and not os.path.isfile(args.calibration):
-            raise JointRankError(f"calibration file {args.calibration} does not exist (or use --calibration self)")
-        if tokens < 1:
-            raise JointRankError(f"--calibration-tokens must be positive (got {tokens})")
-        return None
-    if self_tokens is not None:
-        if model is None:
-            raise JointRankError("self-generated calibration needs the model")
-        return self_calibration(model, tokenizer, tokens)
-    return load_text(args.calibration, tokenizer, tokens=tokens)
+    check_request(config, calibration=_calibration_request(args), heal=getattr(args, "heal", "none"))
 
 
 def _heal_settings(args):
@@ -403,29 +347,9 @@ def _heal_settings(args):
         return None
     from .heal import DistillSettings
 
-    if args.heal_steps < 1:
-        raise JointRankError(f"--heal-steps must be positive (got {args.heal_steps})")
-    if args.heal_minutes is not None and args.heal_minutes <= 0:
-        raise JointRankError(f"--heal-minutes must be positive (got {args.heal_minutes})")
-    if not args.heal_lr > 0:
-        raise JointRankError(f"--heal-lr must be positive (got {args.heal_lr})")
-    return DistillSettings(steps=args.heal_steps, lr=args.heal_lr, max_minutes=args.heal_minutes)
-
-
-def _heal_state_dir(out: str):
-    from pathlib import Path
-
-    out = Path(out)
-    return out.parent / f".{out.name}.heal"
-
-
-def _evaluate(model, tokenizer, args) -> dict:
-    try:
-        from .evaluate import evaluate
-    except ImportError as exc:
-        raise JointRankError(f"--eval needs the eval extra: pip install 'jointrank[eval]' ({exc})") from exc
-    return evaluate(model, tokenizer, [t.strip() for t in args.eval.split(",") if t.strip()],
-                    data_dir=args.data_dir, limit=args.eval_limit, max_windows=args.eval_max_windows)
+    settings = DistillSettings(steps=args.heal_steps, lr=args.heal_lr, max_minutes=args.heal_minutes)
+    settings.check()
+    return settings
 
 
 def _print_evals(evals: dict) -> None:

@@ -48,6 +48,13 @@ def parse_heal(spec: str | None) -> tuple[bool, bool]:
     return "refit" in spec, "distill" in spec
 
 
+def check_heal(spec: str, distill: "DistillSettings | None") -> None:
+    """The healing kind and, for distillation, its settings: refused before any work."""
+    parse_heal(spec)
+    if distill is not None:
+        distill.check()
+
+
 def teacher_copy(model: nn.Module) -> nn.Module:
     """A dense copy of `model` to heal against: the decoder layers are copied, every other tensor is shared
     (compression replaces modules inside the layers only, so the shared parts stay identical)."""
@@ -199,6 +206,15 @@ class DistillSettings:
     seed: int = 0  # window order
     clip: float = 1.0  # gradient-norm clip
     loss_chunk: int = 128  # positions whose full logits are materialised at once (memory, not results)
+
+    def check(self) -> None:
+        """One clear error for a setting that cannot run (the CLI's flags name them)."""
+        if self.steps < 1:
+            raise JointRankError(f"--heal-steps must be positive (got {self.steps})")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise JointRankError(f"--heal-minutes must be positive (got {self.max_minutes})")
+        if not self.lr > 0:
+            raise JointRankError(f"--heal-lr must be positive (got {self.lr})")
 
 
 @dataclass

@@ -7,7 +7,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .errors import JointRankError
 from .format import INDEX_NAME, SINGLE_NAME
 from .streaming.layer import LayerJob, StreamOptions, factorise_unit, run_layer_job, unit_record
 from .streaming.run import StreamResult, compress_checkpoint
@@ -27,24 +26,17 @@ def wants_stream(args) -> bool:
 
 def run_cli(args, config) -> int:
     """The streaming branch of `jointrank compress`: checks, runs, prints what the in-memory branch prints."""
-    from .sources import resolve
+    from .pipeline import Calibration, Evaluation, compress_model
     from .tables import params_summary
 
-    refused = [flag for flag, on in (("--eval", args.eval), ("--dense", args.dense),
-                                     ("--calibration", getattr(args, "calibration", None)),
-                                     ("--heal", getattr(args, "heal", "none") not in (None, "none"))) if on]
-    if refused:
-        raise JointRankError(f"{' and '.join(refused)} need the whole model in memory: drop --stream, --resume, "
-                             "--workers, --backend and --seed")
-    source = resolve(args.model)
-    if source.kind != "hf_dir" or not is_streamable_source(source.path):
-        raise JointRankError(f"streaming reads a local Hugging Face directory with safetensors weights; {args.model} "
-                             f"is a {source.kind.replace('_', ' ')}")
     options = StreamOptions(solver=config.solver, seed=0 if args.seed is None else args.seed, device=args.device,
                             dtype=args.dtype, workers=args.workers or 1, backend=args.backend, resume=args.resume,
                             overwrite=args.overwrite)
-    try:
-        done = compress_checkpoint(source.path, args.out, config, options=options, source_label=args.model)
+    calibration = Calibration(args.calibration) if getattr(args, "calibration", None) else None
+    try:  # what streaming cannot do (eval, heal, calibration, dense) is refused there, naming the flags
+        done = compress_model(args.model, args.out, config, stream=options, calibration=calibration,
+                              heal=getattr(args, "heal", "none"), evaluate=Evaluation(args.eval) if args.eval else None,
+                              dense=args.dense)
     except KeyboardInterrupt:
         print(f"jointrank: finished layers are kept in {Path(args.out).parent / ('.' + Path(args.out).name)}"
               ".partial; rerun with --resume to continue", file=sys.stderr)
@@ -52,7 +44,7 @@ def run_cli(args, config) -> int:
     r = done.result
     print(params_summary(r.params_total_before, r.params_total_after, r.params_decoder_before,
                          r.params_decoder_after))
-    resumed = f" ({done.layers_done_before} layers resumed)" if done.layers_done_before else ""
+    resumed = f" ({done.layers_resumed} layers resumed)" if done.layers_resumed else ""
     print(f"\nstreamed {r.plan.num_layers} layers{resumed}: factorise {r.extra['stream']['factorise_seconds']:.1f} s, "
           f"total {done.seconds:.1f} s; saved checkpoint to {args.out}")
     return 0

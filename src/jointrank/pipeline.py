@@ -1,0 +1,199 @@
+"""compress_model: the whole job `jointrank compress` runs, as one library call the CLI is thin over.
+
+In memory: load -> (evaluate the dense model) -> plan -> calibration text (a file, or sampled from the model
+itself) -> a dense teacher copy if healing -> compress -> heal -> (evaluate again) -> manifest -> (merge back to
+dense) -> atomic save. With `stream=StreamOptions(...)` a local safetensors checkpoint is compressed layer by layer
+instead (data-free methods only; no evaluation, healing or dense export, which need the whole model in memory).
+
+    import jointrank
+    from jointrank.pipeline import Calibration, Evaluation, compress_model
+    run = compress_model("gemma-3-270m", "gemma-jrk10", config, calibration=Calibration("self"),
+                         heal="refit+distill", evaluate=Evaluation("wikitext2", max_windows=8))
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import JointRankError
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration text for a data-aware method or for healing: a text file (one document per line), or "self"
+    for text sampled from the dense model (no user data; "self:N" sets the number of tokens)."""
+
+    text: str
+    tokens: int | None = None  # default: methods.calibration.DEFAULT_TOKENS (or N of "self:N")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Tasks measured before and after compression (jointrank.evaluate), e.g. "wikitext2,piqa"."""
+
+    tasks: str
+    data_dir: str | None = None
+    limit: int | None = None
+    max_windows: int | None = None
+
+    def task_list(self) -> list[str]:
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+
+
+@dataclass
+class CompressionRun:
+    """What compress_model did: the checkpoint written, the compression result and the evaluations."""
+
+    out: Path
+    result: object  # compress.CompressionResult
+    evals: dict = field(default_factory=dict)  # {"before": ..., "after": ...} when evaluated
+    load_seconds: float = 0.0
+    seconds: float = 0.0
+    layers_resumed: int = 0  # streaming only: layers found finished from an interrupted run
+
+
+def check_request(config, *, calibration: Calibration | None, heal: str = "none", distill=None) -> None:
+    """Refuse, before anything is loaded, a calibration/healing request that does not fit the method."""
+    from .methods import parse
+    from .methods.selfgen import parse_spec
+
+    method, _ = parse(config.method)
+    healing = heal not in (None, "none")
+    if not method.needs_calibration and not healing:
+        if calibration is not None:
+            raise JointRankError(f"method {method.name!r} is data-free and takes no --calibration (unless --heal "
+                                 "is given)")
+        return
+    if calibration is None:
+        why = f"method {method.name!r} needs" if method.needs_calibration else f"--heal {heal} needs"
+        raise JointRankError(f"{why} calibration text: give --calibration FILE, or --calibration self for text "
+                             "sampled from the model itself (no user data)")
+    self_tokens = parse_spec(calibration.text)
+    if self_tokens is not None and calibration.tokens is not None and ":" in calibration.text:
+        raise JointRankError("give the number of self-generated tokens once: --calibration self:N or "
+                             "--calibration-tokens N")
+    if self_tokens is None and not Path(calibration.text).is_file():
+        raise JointRankError(f"calibration file {calibration.text} does not exist (or use --calibration self)")
+    if _tokens(calibration) < 1:
+        raise JointRankError(f"--calibration-tokens must be positive (got {_tokens(calibration)})")
+    if healing:
+        from .heal import check_heal
+
+        check_heal(heal, distill)
+
+
+def _tokens(calibration: Calibration) -> int:
+    from .methods.calibration import DEFAULT_TOKENS
+    from .methods.selfgen import parse_spec
+
+    return calibration.tokens or parse_spec(calibration.text) or DEFAULT_TOKENS
+
+
+def calibration_windows(calibration: Calibration | None, model, tokenizer):
+    """The token windows a Calibration request stands for (sampled from `model` for "self")."""
+    if calibration is None:
+        return None
+    from .methods.calibration import load_text
+    from .methods.selfgen import parse_spec, self_calibration
+
+    if parse_spec(calibration.text) is not None:
+        return self_calibration(model, tokenizer, _tokens(calibration))
+    return load_text(calibration.text, tokenizer, tokens=_tokens(calibration))
+
+
+def heal_state_dir(out: str | Path) -> Path:
+    """Where an interrupted distillation keeps what it needs to resume: beside the output, hidden."""
+    out = Path(out)
+    return out.parent / f".{out.name}.heal"
+
+
+def compress_model(source: str, out: str | Path, config, *, calibration: Calibration | None = None,
+                   heal: str = "none", distill=None, evaluate: Evaluation | None = None, dense: bool = False,
+                   device: str | None = None, dtype: str | None = None, overwrite: bool = False, stream=None,
+                   on_plan=None) -> CompressionRun:
+    """Compress the model `source` names (a directory, a GGUF file, a hub id or an alias) into the checkpoint `out`.
+
+    `heal`: none | refit | distill | refit+distill (needs `calibration`; `distill`: heal.DistillSettings);
+    `dense`: write the compressed model back as dense matrices; `stream`: a streaming.StreamOptions to compress a
+    local safetensors checkpoint layer by layer; `on_plan(plan)` is called once the plan is known, before any
+    weight changes (the CLI prints it there)."""
+    from .checkpoint import check_output, save
+    from .sources import resolve
+
+    if stream is not None:  # refuses what needs the whole model in memory, with that reason
+        return _compress_streaming(source, out, config, stream, calibration=calibration, heal=heal,
+                                   evaluate=evaluate, dense=dense)
+    check_request(config, calibration=calibration, heal=heal, distill=distill)
+    resolve(source)
+    check_output(out, overwrite)
+    started = time.perf_counter()
+    import torch
+
+    from .compress import compress_, merge_, plan_for
+    from .sources import load_model
+
+    model, tokenizer, _ = load_model(source, dtype=getattr(torch, dtype or "float32"))
+    load_seconds = time.perf_counter() - started
+    evals = {}
+    if evaluate is not None:
+        evals["before"] = _evaluate(model, tokenizer, evaluate)
+    plan = plan_for(model, config)
+    if on_plan is not None:
+        on_plan(plan)
+    windows = calibration_windows(calibration, model, tokenizer)
+    healing = heal not in (None, "none")
+    teacher = None
+    if healing:
+        from .heal import teacher_copy
+
+        teacher = teacher_copy(model)  # before any weight changes: the dense layers are the healing target
+    result = compress_(model, plan, device=device, calibration=windows)
+    if healing:
+        from .heal import DistillSettings, heal_
+
+        result.extra["heal"] = heal_(model, teacher, windows, heal, distill or DistillSettings(),
+                                     state_dir=heal_state_dir(out))
+        del teacher
+    if windows is not None:
+        result.extra.setdefault("calibration_source", windows.source)
+        result.extra.setdefault("calibration_tokens", windows.tokens)
+        if windows.provenance:
+            result.extra.setdefault("calibration_provenance", windows.provenance)
+    if evaluate is not None:
+        evals["after"] = _evaluate(model, tokenizer, evaluate)
+    if dense:
+        merge_(model)
+    out = save(model, tokenizer, out, result, source=source, config=config, evals=evals, overwrite=overwrite)
+    if healing:
+        shutil.rmtree(heal_state_dir(out), ignore_errors=True)  # the checkpoint is complete: no resume needed
+    return CompressionRun(out, result, evals, load_seconds, time.perf_counter() - started)
+
+
+def _compress_streaming(source: str, out, config, options, *, calibration, heal, evaluate, dense) -> CompressionRun:
+    from .sources import resolve
+    from .streaming import compress_checkpoint, is_streamable_source
+
+    refused = [flag for flag, on in (("--eval", evaluate is not None), ("--dense", dense),
+                                     ("--calibration", calibration is not None),
+                                     ("--heal", heal not in (None, "none"))) if on]
+    if refused:
+        raise JointRankError(f"{' and '.join(refused)} need the whole model in memory: drop --stream, --resume, "
+                             "--workers, --backend and --seed")
+    resolved = resolve(source)
+    if resolved.kind != "hf_dir" or not is_streamable_source(resolved.path):
+        raise JointRankError(f"streaming reads a local Hugging Face directory with safetensors weights; {source} "
+                             f"is a {resolved.kind.replace('_', ' ')}")
+    done = compress_checkpoint(resolved.path, out, config, options=options, source_label=source)
+    return CompressionRun(done.out, done.result, {}, 0.0, done.seconds, done.layers_done_before)
+
+
+def _evaluate(model, tokenizer, evaluation: Evaluation) -> dict:
+    try:
+        from .evaluate import evaluate
+    except ImportError as exc:
+        raise JointRankError(f"--eval needs the eval extra: pip install 'jointrank[eval]' ({exc})") from exc
+    return evaluate(model, tokenizer, evaluation.task_list(), data_dir=evaluation.data_dir, limit=evaluation.limit,
+                    max_windows=evaluation.max_windows)

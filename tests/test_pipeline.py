@@ -1,0 +1,70 @@
+"""The library entry point (issue #13): `jointrank.compress_model` does what `jointrank compress` does, and the
+CLI is a thin layer over it; `save` builds the manifest itself, so a checkpoint saved from Python is one
+`jointrank info` reads."""
+
+import json
+
+import pytest
+from conftest import tiny_model
+
+import jointrank
+from jointrank import GroupRule, JointRankConfig, JointRankError
+from jointrank.cli import main
+from jointrank.pipeline import Calibration, compress_model
+from jointrank.stream import StreamOptions
+
+CONFIG = JointRankConfig(rules={"qk": GroupRule("joint"), "gate_up": GroupRule("joint")}, ratio=0.5)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    return path
+
+
+def weights(path):
+    return (path / "model.safetensors").read_bytes()
+
+
+def test_the_library_call_writes_what_the_command_writes(model_dir, tmp_path, capsys):
+    run = compress_model(str(model_dir), tmp_path / "lib", CONFIG)
+    assert run.out == tmp_path / "lib" and run.result.params_total_after < run.result.params_total_before
+    assert main(["compress", str(model_dir), "--out", str(tmp_path / "cli"), "--qk", "joint", "--gate-up", "joint",
+                 "--ratio", "0.5"]) == 0
+    assert weights(tmp_path / "lib") == weights(tmp_path / "cli")
+    lib, cli = (json.loads((tmp_path / d / "jointrank_manifest.json").read_text()) for d in ("lib", "cli"))
+    assert lib["plan"] == cli["plan"] and lib["config"] == {**cli["config"], "preset": None}
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "lib")]) == 0
+    assert str(model_dir) in capsys.readouterr().out
+
+
+def test_a_checkpoint_saved_from_python_is_one_info_reads(tmp_path, capsys):
+    model = tiny_model("qwen2")
+    result = jointrank.compress_(model, CONFIG, progress=False)
+    out = jointrank.save(model, None, tmp_path / "ck", result, source="my-model")
+    assert main(["info", str(out)]) == 0
+    assert "my-model" in capsys.readouterr().out
+    with pytest.raises(JointRankError, match="save builds the manifest itself"):
+        jointrank.save(model, None, tmp_path / "raw", {"source": "my-model"})
+    assert not (tmp_path / "raw").exists()
+
+
+def test_streaming_through_the_library_and_what_it_refuses(model_dir, tmp_path):
+    run = compress_model(str(model_dir), tmp_path / "streamed", CONFIG, stream=StreamOptions(progress=False))
+    assert run.result.params_decoder_after < run.result.params_decoder_before
+    assert (tmp_path / "streamed" / "jointrank_manifest.json").is_file()
+    with pytest.raises(JointRankError, match="--heal and --calibration|--calibration and --heal"):
+        compress_model(str(model_dir), tmp_path / "x", CONFIG, stream=StreamOptions(progress=False),
+                       calibration=Calibration("self"), heal="refit")
+    assert not (tmp_path / "x").exists()
+
+
+def test_requests_that_do_not_fit_the_method_are_refused_before_loading(tmp_path):
+    with pytest.raises(JointRankError, match="is data-free and takes no --calibration"):
+        compress_model("/nonexistent/model", tmp_path / "o", CONFIG, calibration=Calibration("self"))
+    with pytest.raises(JointRankError, match="needs calibration text"):
+        compress_model("/nonexistent/model", tmp_path / "o", JointRankConfig(rules=CONFIG.rules, ratio=0.5,
+                                                                              method="svd_llm"))
+    assert not (tmp_path / "o").exists()
