@@ -79,6 +79,9 @@ STRUCTURES = {
     "best-free": (None, "svd", "global", None),  # results/methods.md's best data-free row at each budget
     "svd_llm": (ALL, "svd_llm", "global", "flat"),  # global SVD-LLM: best data-aware at 10%
     "llm_rom": (ALL, "llm_rom", "global", "flat"),  # global LLM-ROM: best data-aware at 20% and 30%
+    # issue #15: structure and ranks per group from the estimated loss (planning.loss), SVD-LLM factors
+    "loss-svd_llm": (ALL, "svd_llm", "loss", None),
+    "loss-llm_rom": (ALL, "llm_rom", "loss", None),
 }
 CALIBRATIONS = ("none", "c4", "self")
 HEALS = ("none", "refit", "distill", "refit+distill")
@@ -255,7 +258,7 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
     teacher = teacher_copy(model) if heal != "none" else None
     from jointrank import plan_for
 
-    plan = plan_for(model, config)
+    plan = plan_for(model, config, calibration=calibration, progress=progress)  # loss allocation measures on it
     method, _ = parse(config.method)
     result = compress_(model, plan, progress=progress, calibration=calibration if method.needs_calibration else None)
     facts["compress_seconds"] = time.perf_counter() - t

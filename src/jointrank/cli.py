@@ -168,7 +168,9 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    f"included. Defaults: {_method_param_defaults()}")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
                    help="uniform: one ratio for every unit; global: every unit's rank (or dense) chosen together "
-                   "from the weights' spectra to meet --target (data-free; works with --stream too)")
+                   "from the weights' spectra to meet --target (data-free; works with --stream too); loss: every "
+                   "group's structure (dense, separate, joint) and ranks from the loss each truncation is estimated "
+                   "to cost on --calibration text (whitened truncation error weighted by the output Fisher)")
     p.add_argument("--allocation-prior", choices=ALLOCATION_PRIORS, default="flat",
                    help="with --allocation global, how much a unit's lost energy counts: flat (the same everywhere), "
                    "depth (early layers count up to twice), residual (Gemma-2/3: each block's write scale relative to "
@@ -257,7 +259,12 @@ def cmd_plan(args) -> int:
     if args.json:
         check_json_out(args.json, "--json")  # before the model is loaded
     model, tokenizer, _ = load_model(args.model)
-    plan = plan_for(model, config)
+    windows = None
+    if config.allocation == "loss":  # the plan is measured on the calibration text
+        from .pipeline import calibration_windows
+
+        windows = calibration_windows(_calibration_request(args), model, tokenizer)
+    plan = plan_for(model, config, calibration=windows)
     _print_plan(plan)
     if not args.no_estimate:
         from .estimate import estimate

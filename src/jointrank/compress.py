@@ -15,7 +15,7 @@ from .errors import JointRankError
 from .format import basis_name, is_shared, quantization_units, unit_tensors
 from .linalg import Solver
 from .modules import install_unit, merge_
-from .plan import CompressionPlan, JointRankConfig
+from .plan import CompressionPlan, JointRankConfig, validate
 from .planning import ModelTensors, make_plan
 
 # Older names, kept for code that imported them from here: the format owns the names, modules the structure.
@@ -49,12 +49,24 @@ class CompressionResult:
         }
 
 
-def plan_for(model: nn.Module, config: JointRankConfig, *, spectra: dict | None = None) -> CompressionPlan:
-    """The plan for this model (global allocation reads its weights; `spectra` caches them across budgets)."""
+def plan_for(model: nn.Module, config: JointRankConfig, *, spectra: dict | None = None, calibration=None,
+             progress: bool = True) -> CompressionPlan:
+    """The plan for this model (global allocation reads its weights; `spectra` caches them across budgets;
+    loss-aware allocation measures the loss on `calibration`)."""
     from .finite import check_weights
 
+    validate(config)  # a bad config is refused before the model is run on calibration text
     check_weights(model.named_parameters())  # NaN/Inf: refused before any planning or factorising
-    return make_plan(describe(model), config, tensors=ModelTensors(model), spectra=spectra)
+    layout = describe(model)
+    curves = None
+    if config.allocation == "loss":
+        if calibration is None:
+            raise JointRankError("--allocation loss estimates each truncation's cost on calibration text: give "
+                                 "--calibration FILE, or --calibration self (no user data)")
+        from .planning.loss import loss_curves
+
+        curves = loss_curves(model, calibration, layout, config, progress=progress)
+    return make_plan(layout, config, tensors=ModelTensors(model), spectra=spectra, curves=curves)
 
 
 def compress_(model: nn.Module, config: JointRankConfig | CompressionPlan, *, device: str | None = None,
@@ -73,7 +85,7 @@ def compress_(model: nn.Module, config: JointRankConfig | CompressionPlan, *, de
         check_weights(model.named_parameters())  # NaN/Inf: refused before any work (plan_for checks otherwise)
         plan = config
     else:
-        plan = plan_for(model, config)
+        plan = plan_for(model, config, calibration=calibration, progress=progress)
     solver = Solver(plan.config.get("solver", "auto"), plan.config.get("seed"), device)
     _check_plan_fits(plan, layout)
     from . import methods

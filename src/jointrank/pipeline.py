@@ -62,7 +62,10 @@ def check_request(config, *, calibration: Calibration | None, heal: str = "none"
 
     method, _ = parse(config.method)
     healing = heal not in (None, "none")
-    if not method.needs_calibration and not healing:
+    if config.allocation == "loss" and calibration is None:
+        raise JointRankError("--allocation loss estimates each truncation's cost on calibration text: give "
+                             "--calibration FILE, or --calibration self (no user data)")
+    if not method.needs_calibration and not healing and config.allocation != "loss":
         if calibration is not None:
             raise JointRankError(f"method {method.name!r} is data-free and takes no --calibration (unless --heal "
                                  "is given)")
@@ -140,10 +143,10 @@ def compress_model(source: str, out: str | Path, config, *, calibration: Calibra
     evals = {}
     if evaluate is not None:
         evals["before"] = _evaluate(model, tokenizer, evaluate)
-    plan = plan_for(model, config)
+    windows = calibration_windows(calibration, model, tokenizer)  # before planning: loss allocation measures on it
+    plan = plan_for(model, config, calibration=windows)
     if on_plan is not None:
         on_plan(plan)
-    windows = calibration_windows(calibration, model, tokenizer)
     healing = heal not in (None, "none")
     teacher = None
     if healing:

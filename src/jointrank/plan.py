@@ -21,7 +21,7 @@ from .linalg import SOLVERS, Solver, joint_params, max_rank
 
 STRUCTURES = ("keep", "separate", "joint")  # what a plan does with a group (not how it factorises: that is the method)
 SCOPES = ("model", "decoder")
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "loss")
 ALLOCATION_PRIORS = ("flat", "depth", "residual")  # global allocation's data-free sensitivity prior (planning.allocation)
 CONFIG_VERSION = 1
 
@@ -64,7 +64,9 @@ class JointRankConfig:
     # how each unit is factorised: a name in jointrank.methods (svd, balanced:heads, svd_llm, ...), or a method's
     # settings value (e.g. SVDLLMSettings(damping=0.05)), which is stored as its name plus method_params
     method: str = "svd"
-    allocation: str = "uniform"  # uniform: one ratio everywhere; global: ranks chosen per unit (planning.allocation)
+    # uniform: one ratio everywhere; global: ranks per unit from the weights' spectra (planning.allocation); loss:
+    # structure and ranks per group from the estimated loss on calibration text (planning.loss)
+    allocation: str = "uniform"
     keep_slow: float | None = None  # keep dense a unit whose modelled cost is not this fraction below dense (unit_cost)
     allocation_prior: str = "flat"  # global allocation only: flat | depth | residual (planning.allocation)
     method_params: dict = field(default_factory=dict)  # the method's hyperparameters that differ from its defaults
@@ -298,9 +300,9 @@ def validate(config: JointRankConfig) -> None:
     if config.allocation_prior not in ALLOCATION_PRIORS:
         raise JointRankError(f"--allocation-prior must be one of {', '.join(ALLOCATION_PRIORS)}; got "
                              f"{config.allocation_prior!r}")
-    if config.allocation == "global" and config.target is None:
-        raise JointRankError("--allocation global chooses every rank from a parameter budget: give --target "
-                             "(or a preset), not --ratio or --rank")
+    if config.allocation in ("global", "loss") and config.target is None:
+        raise JointRankError(f"--allocation {config.allocation} chooses every rank from a parameter budget: give "
+                             "--target (or a preset), not --ratio or --rank")
     for group, rule in config.rules.items():
         if group not in GROUP_NAMES:
             raise JointRankError(f"unknown group {group!r}; groups are {', '.join(GROUP_NAMES)}")

@@ -12,6 +12,7 @@ from ..architectures import ModelLayout
 from ..errors import JointRankError
 from ..plan import CompressionPlan, JointRankConfig, validate
 from .allocation import plan_global
+from .loss import plan_loss
 from .uniform import plan_uniform, plan_units
 
 
@@ -28,11 +29,17 @@ class ModelTensors:
         return {n: self.state[n].detach() for n in names}
 
 
-def make_plan(layout: ModelLayout, config: JointRankConfig, *, tensors=None, spectra: dict | None = None
-              ) -> CompressionPlan:
+def make_plan(layout: ModelLayout, config: JointRankConfig, *, tensors=None, spectra: dict | None = None,
+              curves: dict | None = None) -> CompressionPlan:
     """The plan `config` asks for. Global allocation needs `tensors` (it reads the weights); `spectra` is its
-    optional cache (see plan_global)."""
+    optional cache (see plan_global). Loss-aware allocation needs the `curves` planning.loss.loss_curves measures
+    (jointrank.plan_for(model, config, calibration=...) does both)."""
     validate(config)
+    if config.allocation == "loss":
+        if curves is None:
+            raise JointRankError("loss-aware allocation measures the loss on calibration text: plan it with the "
+                                 "model and the text (jointrank.plan_for(model, config, calibration=...))")
+        return plan_loss(layout, config, curves)
     if config.allocation == "global":
         if tensors is None:
             raise JointRankError("global allocation chooses ranks from the weights' spectra: plan it with the weights "
@@ -41,4 +48,4 @@ def make_plan(layout: ModelLayout, config: JointRankConfig, *, tensors=None, spe
     return plan_uniform(layout, config)
 
 
-__all__ = ["ModelTensors", "make_plan", "plan_global", "plan_uniform", "plan_units"]
+__all__ = ["ModelTensors", "make_plan", "plan_global", "plan_loss", "plan_uniform", "plan_units"]

@@ -166,7 +166,7 @@ def plan_global(layout: ModelLayout, config, tensors, *, spectra: dict | None = 
             hi = mid
         else:
             lo = mid
-    ranks = _hand_back(cands, choose(hi), removed(choose(hi)) - budget)
+    ranks = hand_back(cands, choose(hi), removed(choose(hi)) - budget)
 
     entries = []
     chosen = {cand[0]: k for cand, k in zip(cands, ranks)}
@@ -185,7 +185,7 @@ def plan_global(layout: ModelLayout, config, tensors, *, spectra: dict | None = 
                            layout.params_decoder, config.to_dict(), None)
 
 
-def _hand_back(cands, ranks: list[int], slack: float) -> list[int]:
+def hand_back(cands, ranks: list[int], slack: float) -> list[int]:
     """Raise single ranks, largest error reduction per parameter first, while the removal stays within budget."""
     ranks = list(ranks)
     heap = []

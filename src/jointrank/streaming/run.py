@@ -134,6 +134,9 @@ def _check_streamable(config) -> None:
     from ..plan import validate
 
     validate(config)
+    if config.allocation == "loss":
+        raise JointRankError("--allocation loss runs calibration text through the model to measure the loss; it needs "
+                             "the in-memory path (drop --stream)")
     method, _ = methods.parse(getattr(config, "method", "svd"))
     if method.needs_calibration:
         raise JointRankError(f"method {method.name!r} needs calibration data run through the model; it needs the "
