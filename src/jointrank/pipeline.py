@@ -6,9 +6,8 @@ dense) -> atomic save. With `stream=StreamOptions(...)` a local safetensors chec
 instead (data-free methods only; no evaluation, healing or dense export, which need the whole model in memory).
 
     import jointrank
-    from jointrank.pipeline import Calibration, Evaluation, compress_model
-    run = compress_model("gemma-3-270m", "gemma-jrk10", config, calibration=Calibration("self"),
-                         heal="refit+distill", evaluate=Evaluation("wikitext2", max_windows=8))
+    run = jointrank.compress_model("gemma-3-270m", "gemma-jrk10", config, calibration=jointrank.Calibration("self"),
+                                   heal="refit+distill", evaluate=jointrank.Evaluation("wikitext2", max_windows=8))
 """
 
 from __future__ import annotations
@@ -28,6 +27,14 @@ class Calibration:
 
     text: str
     tokens: int | None = None  # default: methods.calibration.DEFAULT_TOKENS (or N of "self:N")
+
+    def token_count(self) -> int:
+        """Tokens to use: `tokens` if given, else the N of "self:N" (the self default for "self"), else
+        methods.calibration.DEFAULT_TOKENS."""
+        from .methods.calibration import DEFAULT_TOKENS
+        from .methods.selfgen import parse_spec
+
+        return self.tokens or parse_spec(self.text) or DEFAULT_TOKENS
 
 
 @dataclass(frozen=True)
@@ -77,19 +84,12 @@ def check_request(config, *, calibration: Calibration | None, heal: str = "none"
                              "--calibration-tokens N")
     if self_tokens is None and not Path(calibration.text).is_file():
         raise JointRankError(f"calibration file {calibration.text} does not exist (or use --calibration self)")
-    if _tokens(calibration) < 1:
-        raise JointRankError(f"--calibration-tokens must be positive (got {_tokens(calibration)})")
+    if calibration.token_count() < 1:
+        raise JointRankError(f"--calibration-tokens must be positive (got {calibration.token_count()})")
     if healing:
         from .heal import check_heal
 
         check_heal(heal, distill)
-
-
-def _tokens(calibration: Calibration) -> int:
-    from .methods.calibration import DEFAULT_TOKENS
-    from .methods.selfgen import parse_spec
-
-    return calibration.tokens or parse_spec(calibration.text) or DEFAULT_TOKENS
 
 
 def calibration_windows(calibration: Calibration | None, model, tokenizer):
@@ -100,8 +100,8 @@ def calibration_windows(calibration: Calibration | None, model, tokenizer):
     from .methods.selfgen import parse_spec, self_calibration
 
     if parse_spec(calibration.text) is not None:
-        return self_calibration(model, tokenizer, _tokens(calibration))
-    return load_text(calibration.text, tokenizer, tokens=_tokens(calibration))
+        return self_calibration(model, tokenizer, calibration.token_count())
+    return load_text(calibration.text, tokenizer, tokens=calibration.token_count())
 
 
 def heal_state_dir(out: str | Path) -> Path:
