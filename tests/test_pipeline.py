@@ -63,12 +63,39 @@ def test_streaming_through_the_library_and_what_it_refuses(model_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_requests_that_do_not_fit_the_method_are_refused_before_loading(tmp_path):
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading the model fails the test: what is refused must be refused before it."""
+    import jointrank.sources
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(jointrank.sources, "load_model", load_model)
+
+
+def test_requests_that_do_not_fit_the_method_are_refused_before_loading(model_dir, tmp_path, no_loading):
     with pytest.raises(JointRankError, match="is data-free and takes no --calibration"):
-        compress_model("/nonexistent/model", tmp_path / "o", CONFIG, calibration=Calibration("self"))
+        compress_model(str(model_dir), tmp_path / "o", CONFIG, calibration=Calibration("self"))
     with pytest.raises(JointRankError, match="needs calibration text"):
-        compress_model("/nonexistent/model", tmp_path / "o", JointRankConfig(rules=CONFIG.rules, ratio=0.5,
-                                                                              method="svd_llm"))
+        compress_model(str(model_dir), tmp_path / "o", JointRankConfig(rules=CONFIG.rules, ratio=0.5,
+                                                                        method="svd_llm"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_python_caller_gets_the_commands_input_checks_before_loading(model_dir, tmp_path, no_loading):
+    svd_llm = JointRankConfig(rules=CONFIG.rules, ratio=0.5, method="svd_llm")
+    binary = tmp_path / "calibration.bin"
+    binary.write_bytes(b"\x00\x01" * 100)
+    with pytest.raises(JointRankError, match="is not UTF-8 text|NUL bytes"):
+        compress_model(str(model_dir), tmp_path / "o", svd_llm, calibration=Calibration(str(binary)))
+    with pytest.raises(JointRankError, match="--device nope: not a device name"):
+        compress_model(str(model_dir), tmp_path / "o", CONFIG, device="nope")
+    with pytest.raises(JointRankError, match="--device nope: not a device name"):  # streaming: its own device
+        compress_model(str(model_dir), tmp_path / "o", CONFIG, stream=StreamOptions(device="nope"))
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(JointRankError, match="already exists"):
+        compress_model(str(model_dir), tmp_path / "taken", CONFIG)
     assert not (tmp_path / "o").exists()
 
 

@@ -289,8 +289,10 @@ def cmd_compress(args) -> int:
     from .pipeline import compress_model
     from .stream import wants_stream
 
+    from .precheck import check_workers
+
     config = config_from_args(args)  # bad flags fail here, before anything is loaded
-    _check_compress(args)
+    check_workers(args.workers)  # the rest is checked by compress_model, still before anything is loaded
     if wants_stream(args):
         return _compress_streaming(args, config)
 
@@ -350,13 +352,6 @@ def _evaluation_request(args):
     if not getattr(args, "eval", None):
         return None
     return Evaluation(args.eval, data_dir=args.data_dir, limit=args.eval_limit, max_windows=args.eval_max_windows)
-
-
-def _check_compress(args) -> None:
-    """Source, output, device, extras and calibration text: refused in seconds, before the model is loaded."""
-    from .precheck import check_compress
-
-    check_compress(args)
 
 
 def _check_calibration(args, config, heal_settings) -> None:

@@ -120,15 +120,19 @@ def compress_model(source: str, out: str | Path, config, *, calibration: Calibra
     `dense`: write the compressed model back as dense matrices; `stream`: a streaming.StreamOptions to compress a
     local safetensors checkpoint layer by layer; `on_plan(plan)` is called once the plan is known, before any
     weight changes (the CLI prints it there)."""
-    from .checkpoint import check_output, save
-    from .sources import resolve
+    from .checkpoint import save
+    from .precheck import check_compress
 
+    if stream is not None:  # a streaming run carries its own device and overwrite
+        device, overwrite = device or stream.device, overwrite or stream.overwrite
+    resolved = check_compress(source, out, overwrite=overwrite, device=device,
+                              eval_tasks=evaluate.tasks if evaluate else None,
+                              data_dir=evaluate.data_dir if evaluate else None,
+                              calibration=calibration.text if calibration else None, streaming=stream is not None)
     if stream is not None:  # refuses what needs the whole model in memory, with that reason
-        return _compress_streaming(source, out, config, stream, calibration=calibration, heal=heal,
+        return _compress_streaming(source, resolved, out, config, stream, calibration=calibration, heal=heal,
                                    evaluate=evaluate, dense=dense)
     check_request(config, calibration=calibration, heal=heal, distill=distill)
-    resolve(source)
-    check_output(out, overwrite)
     started = time.perf_counter()
     import torch
 
@@ -172,8 +176,8 @@ def compress_model(source: str, out: str | Path, config, *, calibration: Calibra
     return CompressionRun(out, result, evals, load_seconds, time.perf_counter() - started)
 
 
-def _compress_streaming(source: str, out, config, options, *, calibration, heal, evaluate, dense) -> CompressionRun:
-    from .sources import resolve
+def _compress_streaming(source: str, resolved, out, config, options, *, calibration, heal, evaluate,
+                        dense) -> CompressionRun:
     from .streaming import compress_checkpoint, is_streamable_source
 
     refused = [flag for flag, on in (("--eval", evaluate is not None), ("--dense", dense),
@@ -182,7 +186,6 @@ def _compress_streaming(source: str, out, config, options, *, calibration, heal,
     if refused:
         raise JointRankError(f"{' and '.join(refused)} need the whole model in memory: drop --stream, --resume, "
                              "--workers, --backend and --seed")
-    resolved = resolve(source)
     if resolved.kind != "hf_dir" or not is_streamable_source(resolved.path):
         raise JointRankError(f"streaming reads a local Hugging Face directory with safetensors weights; {source} "
                              f"is a {resolved.kind.replace('_', ' ')}")
