@@ -11,10 +11,10 @@
 from . import hf_integration as _hf_integration
 from .checkpoint import load, manifest_for, read_manifest, save
 from .compress import CompressionResult, compress_, merge_, plan_for
-from .pipeline import compress_model
 from .errors import JointRankError
 from .heal import DistillSettings, heal_, teacher_copy
 from .methods.selfgen import self_calibration
+from .pipeline import Calibration, CompressionRun, Evaluation, compress_model
 from .plan import PRESETS, CompressionPlan, GroupRule, JointRankConfig
 from .planning import make_plan
 from .version import __version__
@@ -22,7 +22,8 @@ from .version import __version__
 _hf_integration.register()
 
 __all__ = [
-    "CompressionPlan", "CompressionResult", "GroupRule", "JointRankConfig", "JointRankError", "PRESETS",
+    "Calibration", "CompressionPlan", "CompressionResult", "CompressionRun", "Evaluation", "GroupRule",
+    "JointRankConfig", "JointRankError", "PRESETS",
     "compress_", "compress_model", "load", "make_plan", "manifest_for", "merge_", "plan_for", "read_manifest", "save",
     "DistillSettings", "heal_", "teacher_copy", "self_calibration",
 ]

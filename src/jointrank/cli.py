@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
+from pathlib import Path
 
 from .errors import JointRankError
 from .format import structure_of
@@ -254,8 +253,8 @@ def cmd_plan(args) -> int:
     from .sources import load_model
 
     config = config_from_args(args)
-    _check_calibration(args, config)
     heal_settings = _heal_settings(args)
+    _check_calibration(args, config, heal_settings)
     if args.json:
         check_json_out(args.json, "--json")  # before the model is loaded
     model, tokenizer, _ = load_model(args.model)
@@ -268,10 +267,9 @@ def cmd_plan(args) -> int:
     _print_plan(plan)
     if not args.no_estimate:
         from .estimate import estimate
-        from .methods.calibration import DEFAULT_TOKENS
-        from .methods.selfgen import parse_spec
 
-        tokens = args.calibration_tokens or parse_spec(args.calibration) or DEFAULT_TOKENS
+        calibration = _calibration_request(args)
+        tokens = calibration.token_count() if calibration else 0  # no calibration text: no windows to time
         print()
         print(estimate(model, tokenizer, plan, method=config.method, solver=config.solver,
                        calibration=args.calibration, calibration_tokens=tokens, heal=args.heal,
@@ -296,12 +294,14 @@ def _print_plan(plan) -> None:
 
 def cmd_compress(args) -> int:
     from .pipeline import compress_model
-    from .stream import run_cli, wants_stream
+    from .stream import wants_stream
+
+    from .precheck import check_workers
 
     config = config_from_args(args)  # bad flags fail here, before anything is loaded
-    _check_compress(args)
+    check_workers(args.workers)  # the rest is checked by compress_model, still before anything is loaded
     if wants_stream(args):
-        return run_cli(args, config)
+        return _compress_streaming(args, config)
 
     def show_plan(plan) -> None:
         _print_plan(plan)
@@ -320,6 +320,33 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def _compress_streaming(args, config) -> int:
+    """`compress --stream` (or --resume/--workers/--backend/--seed): the same library call with StreamOptions;
+    what streaming cannot do (eval, heal, calibration, dense) is refused there, naming the flags."""
+    from .pipeline import compress_model
+    from .stream import StreamOptions
+    from .tables import params_summary
+
+    options = StreamOptions(solver=config.solver, seed=0 if args.seed is None else args.seed, device=args.device,
+                            dtype=args.dtype, workers=args.workers or 1, backend=args.backend, resume=args.resume,
+                            overwrite=args.overwrite)
+    try:
+        run = compress_model(args.model, args.out, config, stream=options, calibration=_calibration_request(args),
+                             heal=args.heal, evaluate=_evaluation_request(args), dense=args.dense)
+    except KeyboardInterrupt:
+        out = Path(args.out)
+        print(f"jointrank: finished layers are kept in {out.parent / ('.' + out.name)}.partial; rerun with "
+              "--resume to continue", file=sys.stderr)
+        raise
+    r = run.result
+    print(params_summary(r.params_total_before, r.params_total_after, r.params_decoder_before,
+                         r.params_decoder_after))
+    resumed = f" ({run.layers_resumed} layers resumed)" if run.layers_resumed else ""
+    print(f"\nstreamed {r.plan.num_layers} layers{resumed}: factorise {r.extra['stream']['factorise_seconds']:.1f} s, "
+          f"total {run.seconds:.1f} s; saved checkpoint to {args.out}")
+    return 0
+
+
 def _calibration_request(args):
     from .pipeline import Calibration
 
@@ -334,29 +361,22 @@ def _evaluation_request(args):
     return Evaluation(args.eval, data_dir=args.data_dir, limit=args.eval_limit, max_windows=args.eval_max_windows)
 
 
-def _check_compress(args) -> None:
-    """Source, output, device, extras and calibration text: refused in seconds, before the model is loaded."""
-    from .precheck import check_compress
-
-    check_compress(args)
-
-
-def _check_calibration(args, config) -> None:
-    """The calibration/healing flags against the method, before anything is loaded."""
+def _check_calibration(args, config, heal_settings) -> None:
+    """The calibration/healing flags against the method, then the healing settings, before anything is loaded."""
     from .pipeline import check_request
 
-    check_request(config, calibration=_calibration_request(args), heal=getattr(args, "heal", "none"))
+    check_request(config, calibration=_calibration_request(args), heal=getattr(args, "heal", "none"),
+                  distill=heal_settings)
 
 
 def _heal_settings(args):
-    """DistillSettings for --heal (refit alone needs none but is checked the same way); None without healing."""
+    """DistillSettings for --heal (refit alone needs none but is checked the same way); None without healing.
+    Checked by pipeline.check_request, after the calibration flags, so the first mistake is the one reported."""
     if getattr(args, "heal", "none") in (None, "none"):
         return None
     from .heal import DistillSettings
 
-    settings = DistillSettings(steps=args.heal_steps, lr=args.heal_lr, max_minutes=args.heal_minutes)
-    settings.check()
-    return settings
+    return DistillSettings(steps=args.heal_steps, lr=args.heal_lr, max_minutes=args.heal_minutes)
 
 
 def _print_evals(evals: dict) -> None:

@@ -6,9 +6,8 @@ dense) -> atomic save. With `stream=StreamOptions(...)` a local safetensors chec
 instead (data-free methods only; no evaluation, healing or dense export, which need the whole model in memory).
 
     import jointrank
-    from jointrank.pipeline import Calibration, Evaluation, compress_model
-    run = compress_model("gemma-3-270m", "gemma-jrk10", config, calibration=Calibration("self"),
-                         heal="refit+distill", evaluate=Evaluation("wikitext2", max_windows=8))
+    run = jointrank.compress_model("gemma-3-270m", "gemma-jrk10", config, calibration=jointrank.Calibration("self"),
+                                   heal="refit+distill", evaluate=jointrank.Evaluation("wikitext2", max_windows=8))
 """
 
 from __future__ import annotations
@@ -28,6 +27,14 @@ class Calibration:
 
     text: str
     tokens: int | None = None  # default: methods.calibration.DEFAULT_TOKENS (or N of "self:N")
+
+    def token_count(self) -> int:
+        """Tokens to use: `tokens` if given, else the N of "self:N" (the self default for "self"), else
+        methods.calibration.DEFAULT_TOKENS."""
+        from .methods.calibration import DEFAULT_TOKENS
+        from .methods.selfgen import parse_spec
+
+        return self.tokens or parse_spec(self.text) or DEFAULT_TOKENS
 
 
 @dataclass(frozen=True)
@@ -80,19 +87,12 @@ def check_request(config, *, calibration: Calibration | None, heal: str = "none"
                              "--calibration-tokens N")
     if self_tokens is None and not Path(calibration.text).is_file():
         raise JointRankError(f"calibration file {calibration.text} does not exist (or use --calibration self)")
-    if _tokens(calibration) < 1:
-        raise JointRankError(f"--calibration-tokens must be positive (got {_tokens(calibration)})")
+    if calibration.token_count() < 1:
+        raise JointRankError(f"--calibration-tokens must be positive (got {calibration.token_count()})")
     if healing:
         from .heal import check_heal
 
         check_heal(heal, distill)
-
-
-def _tokens(calibration: Calibration) -> int:
-    from .methods.calibration import DEFAULT_TOKENS
-    from .methods.selfgen import parse_spec
-
-    return calibration.tokens or parse_spec(calibration.text) or DEFAULT_TOKENS
 
 
 def calibration_windows(calibration: Calibration | None, model, tokenizer):
@@ -103,8 +103,8 @@ def calibration_windows(calibration: Calibration | None, model, tokenizer):
     from .methods.selfgen import parse_spec, self_calibration
 
     if parse_spec(calibration.text) is not None:
-        return self_calibration(model, tokenizer, _tokens(calibration))
-    return load_text(calibration.text, tokenizer, tokens=_tokens(calibration))
+        return self_calibration(model, tokenizer, calibration.token_count())
+    return load_text(calibration.text, tokenizer, tokens=calibration.token_count())
 
 
 def heal_state_dir(out: str | Path) -> Path:
@@ -123,15 +123,19 @@ def compress_model(source: str, out: str | Path, config, *, calibration: Calibra
     `dense`: write the compressed model back as dense matrices; `stream`: a streaming.StreamOptions to compress a
     local safetensors checkpoint layer by layer; `on_plan(plan)` is called once the plan is known, before any
     weight changes (the CLI prints it there)."""
-    from .checkpoint import check_output, save
-    from .sources import resolve
+    from .checkpoint import save
+    from .precheck import check_compress
 
+    if stream is not None:  # a streaming run carries its own device and overwrite
+        device, overwrite = device or stream.device, overwrite or stream.overwrite
+    resolved = check_compress(source, out, overwrite=overwrite, device=device,
+                              eval_tasks=evaluate.tasks if evaluate else None,
+                              data_dir=evaluate.data_dir if evaluate else None,
+                              calibration=calibration.text if calibration else None, streaming=stream is not None)
     if stream is not None:  # refuses what needs the whole model in memory, with that reason
-        return _compress_streaming(source, out, config, stream, calibration=calibration, heal=heal,
+        return _compress_streaming(source, resolved, out, config, stream, calibration=calibration, heal=heal,
                                    evaluate=evaluate, dense=dense)
     check_request(config, calibration=calibration, heal=heal, distill=distill)
-    resolve(source)
-    check_output(out, overwrite)
     started = time.perf_counter()
     import torch
 
@@ -175,8 +179,8 @@ def compress_model(source: str, out: str | Path, config, *, calibration: Calibra
     return CompressionRun(out, result, evals, load_seconds, time.perf_counter() - started)
 
 
-def _compress_streaming(source: str, out, config, options, *, calibration, heal, evaluate, dense) -> CompressionRun:
-    from .sources import resolve
+def _compress_streaming(source: str, resolved, out, config, options, *, calibration, heal, evaluate,
+                        dense) -> CompressionRun:
     from .streaming import compress_checkpoint, is_streamable_source
 
     refused = [flag for flag, on in (("--eval", evaluate is not None), ("--dense", dense),
@@ -185,7 +189,6 @@ def _compress_streaming(source: str, out, config, options, *, calibration, heal,
     if refused:
         raise JointRankError(f"{' and '.join(refused)} need the whole model in memory: drop --stream, --resume, "
                              "--workers, --backend and --seed")
-    resolved = resolve(source)
     if resolved.kind != "hf_dir" or not is_streamable_source(resolved.path):
         raise JointRankError(f"streaming reads a local Hugging Face directory with safetensors weights; {source} "
                              f"is a {resolved.kind.replace('_', ' ')}")

@@ -1,7 +1,8 @@
 """Checks of a command's inputs that can be made before any expensive work: seconds, not the minutes a model load
 and a compression take, and nothing written. Each failure is one JointRankError naming the problem and the fix.
 
-`check_compress(args)` runs at the start of `jointrank compress`; the pieces serve the other commands too.
+`check_compress(...)` runs at the start of `jointrank compress` (pipeline.compress_model); the pieces serve the other
+commands too.
 """
 
 from __future__ import annotations
@@ -15,29 +16,30 @@ from .errors import JointRankError
 TEXT_SAMPLE = 1 << 16  # bytes of a calibration file looked at to decide it is text
 
 
-def check_compress(args) -> None:
-    """Everything about `jointrank compress`'s arguments that does not need the model loaded."""
-    from .outputs import check_output
-
-    workers = getattr(args, "workers", 1)
+def check_workers(workers: int | None) -> None:
     if workers is not None and workers < 1:
         raise JointRankError(f"--workers must be at least 1 (got {workers})")
-    check_device(getattr(args, "device", None))
-    from .stream import wants_stream
 
-    streaming = wants_stream(args)  # streaming refuses --eval and --calibration itself, with its own reason
-    if getattr(args, "eval", None) and not streaming:
-        check_eval(args.eval, getattr(args, "data_dir", None))
+
+def check_compress(source: str, out, *, overwrite: bool = False, device: str | None = None,
+                   eval_tasks: str | None = None, data_dir: str | None = None, calibration: str | None = None,
+                   streaming: bool = False):
+    """Everything about a compression request that does not need the model loaded (pipeline.compress_model runs
+    it first, so the command and a Python caller are refused alike); returns the resolved source."""
     from .methods.selfgen import parse_spec
+    from .outputs import check_output
 
-    calibration = getattr(args, "calibration", None)
+    check_device(device)
+    if eval_tasks and not streaming:  # streaming refuses --eval and --calibration itself, with its own reason
+        check_eval(eval_tasks, data_dir)
     if calibration and not streaming and parse_spec(calibration) is None:  # 'self' is sampled, not read
         check_text_file(calibration, "--calibration")
-    source = check_source(args.model)
-    if source.kind == "jointrank_dir":
-        raise JointRankError(f"{args.model} is already a jointrank checkpoint; compress the original model instead "
+    resolved = check_source(source)
+    if resolved.kind == "jointrank_dir":
+        raise JointRankError(f"{source} is already a jointrank checkpoint; compress the original model instead "
                              "(its manifest names it as source)")
-    check_output(args.out, args.overwrite, source=None if source.kind == "hub" else source.path)
+    check_output(out, overwrite, source=None if resolved.kind == "hub" else resolved.path)
+    return resolved
 
 
 def check_device(device: str | None) -> None:
