@@ -106,7 +106,8 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
         for p in failed:
             lines.append(f"| {p['row']} | failed: {p['error'][:160]} | | | | | | | | | |")
         lines.append("")
-        lines += _healing_section(by, budget) + _self_vs_c4_section(by, budget) + _timing_section(by, budget)
+        lines += (_healing_section(by, budget) + _self_vs_c4_section(by, budget) + _loss_vs_global_section(by, budget)
+                  + _timing_section(by, budget))
 
     lines += ["## Not measured", "",
               "Rows of the issue's grid (every structure × calibration × healing at every budget) that are not in the "
@@ -170,6 +171,26 @@ def _self_vs_c4_section(by, budget) -> list[str]:
                    f"{twin['perplexity']['perplexity']:.2f} with C4, {p['perplexity']['perplexity']:.2f} self)")
     return (["Self-generated against C4 calibration (same structure and healing, paired per window):", "", *out, ""]
             if out else [])
+
+
+def _loss_vs_global_section(by, budget) -> list[str]:
+    """Issue #15: loss-aware allocation against today's global allocation of the same method, calibration and
+    healing (`loss-M/C/H` against `M/C/H`), paired per window."""
+    out = []
+    for r, p in _rows_at(by, budget):
+        s, c, h = parse_row(r)
+        if not s.startswith("loss-"):
+            continue
+        twin = by.get((f"{s[len('loss-'):]}/{c}/{h}", budget))
+        if twin is None:
+            continue
+        d, se = paired_nll(p, twin)
+        verdict = "within 2 SE" if abs(d) <= 2 * se else ("loss-aware better" if d < 0 else "global better")
+        out.append(f"* {s[len('loss-'):]}/{c}/{h}: loss-aware − global Δ NLL {d:+.4f} ± {se:.4f} ({verdict}; "
+                   f"perplexity {twin['perplexity']['perplexity']:.2f} global, {p['perplexity']['perplexity']:.2f} "
+                   "loss-aware)")
+    return (["Loss-aware against global allocation (same method, calibration and healing, paired per window):", "",
+             *out, ""] if out else [])
 
 
 def _plot(by, dense, png_path: Path) -> None:

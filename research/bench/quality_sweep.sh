@@ -17,4 +17,7 @@ $Q run --budgets 0.1,0.2,0.3 --only paper/none/none,best-free/none/none
 $Q run --budgets 0.3 --only llm_rom/self/none,llm_rom/c4/none
 $Q run --budgets 0.1 --only svd_llm/self/distill,svd_llm/c4/refit+distill
 $Q run --budgets 0.2 --only llm_rom/c4/refit+distill
+# session 7 (issue #15; contended: another quality run and test suites shared the machine, load 4.6)
+$Q run --budgets 0.1 --only loss-svd_llm/self/none
+# still to run for #15: loss rows at 20/30% (loss-llm_rom/self/none against llm_rom/self/none) and healed
 $Q report
