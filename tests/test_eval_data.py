@@ -9,31 +9,17 @@ import bz2
 import json
 import os
 import re
-from pathlib import Path
 
 import pytest
+
+from conftest import data_dir, needs_data
 
 from jointrank.errors import JointRankError
 from jointrank.evaluate import data as D
 from jointrank.evaluate import zeroshot as Z
 
-REPO = Path(__file__).resolve().parents[1]
+DATA = data_dir()
 
-
-def find_data_dir() -> Path | None:
-    for candidate in (os.environ.get("JOINTRANK_DATA"), REPO.parent / "shared" / "data"):
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    return None
-
-
-DATA = find_data_dir()
-_skip_without_data = pytest.mark.skipif(DATA is None,
-                                        reason="evaluation data dir not found (JOINTRANK_DATA or ../shared/data)")
-
-
-def needs_data(test):
-    return pytest.mark.data(_skip_without_data(test))
 
 PROMPT_KEYS = ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "process_docs", "metric_list",
                "target_delimiter", "fewshot_delimiter")
