@@ -93,14 +93,14 @@ RULES = {"qk": GroupRule("joint"), "gate_up": GroupRule("joint"), "v": GroupRule
          "down": GroupRule("separate", "last:2")}
 RATIO = 0.4
 CALIBRATION_TOKENS = 256
-CALIBRATION_TEXT = "\n".join([
+CALIBRATION_DOCUMENTS = [  # one per line in the file; load_text shuffles them with its seed and fills the windows
     "the river ran past the old mill, and the miller's daughter counted the boats.",
     "in the first year of the war the city walls were raised by ten feet.",
     "a small black cat slept on the warm stones of the bridge all afternoon.",
     "the king's ships sailed north, past the islands, towards the iron hills.",
     "every morning the baker lit the ovens before the bells rang for the market.",
     "she wrote the letter twice, then burned it, and walked down to the harbour.",
-])
+] * 4
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ class Built:
 def build(tmp_path_factory):
     root = tmp_path_factory.mktemp("table")
     text_file = root / "calibration.txt"
-    text_file.write_text(CALIBRATION_TEXT * 4, encoding="utf-8")
+    text_file.write_text("\n".join(CALIBRATION_DOCUMENTS) + "\n", encoding="utf-8")
 
     @cache
     def source(arch: str) -> Path:
