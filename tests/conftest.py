@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models of every supported family, built from configs (nothing downloaded)."""
+"""Shared fixtures and markers; the tiny random models come from tests/tiny_models.py (nothing downloaded)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from tiny_models import random_tokens, tiny_model  # noqa: F401  (tiny_model: re-exported for older tests)
 
 REPO = Path(__file__).resolve().parents[1]
 # The research code (research/: experiments and benches) is not installed; its tests import it from the checkout.
@@ -16,33 +16,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def _configs():
-    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
-
-    common = dict(vocab_size=96, hidden_size=48, intermediate_size=112, num_hidden_layers=3,
-                  num_attention_heads=4, max_position_embeddings=128)
-    return {
-        "llama": LlamaConfig(num_key_value_heads=4, **common),
-        "mistral": MistralConfig(num_key_value_heads=2, **common),  # grouped-query attention
-        "qwen2": Qwen2Config(num_key_value_heads=2, **common),  # biases on q/k/v
-        "gemma3_text": Gemma3TextConfig(num_key_value_heads=1, head_dim=16, sliding_window=16,
-                                        query_pre_attn_scalar=16, **common),  # q/k norms, tied embeddings
-    }
-
-
+# The `arch` fixture: four families whose quirks differ (plain, grouped-query attention, q/k/v biases, q/k norms with
+# tied embeddings), for tests of one behaviour across families; tests/test_table.py covers every declared family.
 ARCHS = ["llama", "mistral", "qwen2", "gemma3_text"]
-
-
-def tiny_model(arch: str, seed: int = 0):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_configs()[arch])
-    with torch.no_grad():  # random biases, so a test can see whether they are kept exactly
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.5)
-    return model.eval()
 
 
 @pytest.fixture(params=ARCHS)
@@ -52,7 +28,7 @@ def arch(request):
 
 @pytest.fixture
 def tokens():
-    return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    return random_tokens()
 
 
 def data_dir() -> Path | None:

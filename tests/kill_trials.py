@@ -32,14 +32,12 @@ MANIFEST = "jointrank_manifest.json"
 
 def make_source(path: Path) -> Path:
     """A Llama big enough that writing it takes a noticeable moment (about 100 MB in float32, 6 layers)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from tiny_models import tiny_model
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=2000, hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
-                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128,
-                      tie_word_embeddings=False)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path, max_shard_size="40MB")
+    model = tiny_model("llama", vocab_size=2000, hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
+                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128,
+                       tie_word_embeddings=False)
+    model.save_pretrained(path, max_shard_size="40MB")
     return path
 
 

@@ -1,4 +1,5 @@
-"""Compressing real transformers models of every supported family: exactness, sizes, save/load, dense export."""
+"""Compressing real transformers models: full-rank exactness, biases, sizes, format names, dense export.
+(Every family x method x path through the same checks: tests/test_table.py.)"""
 
 import json
 import subprocess
@@ -12,7 +13,7 @@ from safetensors import safe_open
 import jointrank
 from jointrank import GroupRule, JointRankConfig, JointRankError
 from jointrank.architectures import count_parameters, describe
-from jointrank.modules import LowRankLinear, SharedBasis
+from jointrank.modules import LowRankLinear
 
 ALL_GROUPS = {"qk": GroupRule("joint"), "gate_up": GroupRule("joint"), "v": GroupRule("separate"),
               "o": GroupRule("separate"), "down": GroupRule("separate")}
@@ -34,21 +35,6 @@ def test_full_rank_joint_reproduces_the_original_logits(arch, tokens):
     assert torch.allclose(logits(model, tokens), before, atol=2e-4, rtol=1e-4)
 
 
-def test_measured_parameter_counts_equal_the_plan(arch):
-    model = tiny_model(arch)
-    config = JointRankConfig(rules={"qk": GroupRule("joint"), "gate_up": GroupRule("joint", "last:2")}, ratio=0.25)
-    result = jointrank.compress_(model, config, progress=False)
-    plan = result.plan
-    assert result.params_total_after == count_parameters(model) == plan.params_total_after
-    assert result.params_decoder_after == plan.params_decoder_after
-    assert result.params_total_after < result.params_total_before
-    # each joint unit stores one basis: k*(sum d_out + d_in) parameters, not k*(sum d_out + 2*d_in)
-    bases = [m for m in model.modules() if isinstance(m, SharedBasis)]
-    assert len(bases) == len([e for e in plan.factorised if e.structure == "joint"])
-    state = model.state_dict()
-    assert sum(1 for k in state if k.endswith("_basis.weight")) == len(bases)
-
-
 def test_biases_are_kept_exactly():
     model = tiny_model("qwen2")
     original = model.model.layers[1].self_attn.k_proj.bias.detach().clone()
@@ -66,26 +52,16 @@ def test_lower_rank_never_beats_higher_rank_on_reconstruction():
     assert errors[0] > errors[1] > errors[2]
 
 
-def test_save_load_round_trip_gives_identical_logits_and_generation(arch, tokens, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    model = tiny_model(arch)
+def test_checkpoint_stores_factors_under_the_format_names(tmp_path):
+    """The tensor names the format promises. (Parameter counts, round trip through from_pretrained and generation
+    for every family and method: tests/test_table.py.)"""
+    model = tiny_model("llama")
     result = jointrank.compress_(model, JointRankConfig(rules=ALL_GROUPS, ratio=0.5), progress=False)
-    expected = logits(model, tokens)
     out = jointrank.save(model, None, tmp_path / "ck", result, source="tiny")
-    for reloaded in (jointrank.load(out), AutoModelForCausalLM.from_pretrained(out)):
-        assert torch.equal(logits(reloaded, tokens), expected)
-        assert count_parameters(reloaded) == count_parameters(model)
-        generated = reloaded.generate(tokens[:1, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
-        assert torch.equal(generated, model.generate(tokens[:1, :4], max_new_tokens=6, do_sample=False,
-                                                     pad_token_id=0))
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        keys = list(f.keys())
-    assert "model.layers.0.self_attn.qk_basis.weight" in keys
-    assert "model.layers.0.self_attn.q_proj.out.weight" in keys
-    assert not any(k.endswith("q_proj.weight") for k in keys)  # no dense copy is stored
-    config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"]["quant_method"] == "jointrank"
+        keys = set(f.keys())
+    assert {"model.layers.0.self_attn.qk_basis.weight", "model.layers.0.self_attn.q_proj.out.weight",
+            "model.layers.0.mlp.down_proj.basis.weight", "model.layers.0.mlp.down_proj.out.weight"} <= keys
 
 
 def test_saved_file_is_smaller_by_the_parameter_reduction(tmp_path):

@@ -9,31 +9,18 @@ import bz2
 import json
 import os
 import re
-from pathlib import Path
 
 import pytest
+
+from conftest import data_dir, needs_data
 
 from jointrank.errors import JointRankError
 from jointrank.evaluate import data as D
 from jointrank.evaluate import zeroshot as Z
+from jointrank.evaluate.tasks import PERPLEXITY_TASKS, TASKS, ZEROSHOT_TASKS
 
-REPO = Path(__file__).resolve().parents[1]
+DATA = data_dir()
 
-
-def find_data_dir() -> Path | None:
-    for candidate in (os.environ.get("JOINTRANK_DATA"), REPO.parent / "shared" / "data"):
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    return None
-
-
-DATA = find_data_dir()
-_skip_without_data = pytest.mark.skipif(DATA is None,
-                                        reason="evaluation data dir not found (JOINTRANK_DATA or ../shared/data)")
-
-
-def needs_data(test):
-    return pytest.mark.data(_skip_without_data(test))
 
 PROMPT_KEYS = ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "process_docs", "metric_list",
                "target_delimiter", "fewshot_delimiter")
@@ -50,9 +37,9 @@ def local_tasks():
     from lm_eval.tasks import get_task_dict
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    with Z.local_tasks(list(Z.TASKS), DATA) as (manager, names):
-        objs = get_task_dict([names[t][0] for t in Z.TASKS], manager)
-        yield {t: objs[names[t][0]] for t in Z.TASKS}
+    with Z.local_tasks(list(ZEROSHOT_TASKS), DATA) as (manager, names):
+        objs = get_task_dict([names[t][0] for t in ZEROSHOT_TASKS], manager)
+        yield {t: objs[names[t][0]] for t in ZEROSHOT_TASKS}
 
 
 def _eval_docs(task):
@@ -62,7 +49,18 @@ def _eval_docs(task):
 @needs_data
 @pytest.mark.parametrize("task", list(D.LOADERS))
 def test_row_counts_are_official(task):
-    assert len(D.load_docs(task, DATA)) == D.OFFICIAL_ROWS[task]
+    assert len(D.load_docs(task, DATA)) == TASKS[task].rows
+
+
+def test_every_task_record_is_complete():
+    """One record per task: a zero-shot task has a parser, an lm-eval built-in and a split; a text has neither."""
+    assert set(D.LOADERS) == set(ZEROSHOT_TASKS) and set(PERPLEXITY_TASKS) | set(ZEROSHOT_TASKS) == set(TASKS)
+    for name, task in TASKS.items():
+        assert task.name == name and task.files
+        if name in ZEROSHOT_TASKS:
+            assert task.builtin.endswith(".yaml") and task.split in ("validation", "test") and task.rows > 0
+        else:
+            assert task.builtin is None and task.split is None
 
 
 @needs_data
@@ -74,7 +72,7 @@ def test_perplexity_texts():
 
 
 @needs_data
-@pytest.mark.parametrize("task", list(Z.TASKS))
+@pytest.mark.parametrize("task", list(ZEROSHOT_TASKS))
 def test_local_yaml_keeps_the_builtin_prompt_and_metrics(task, tmp_path):
     pytest.importorskip("lm_eval", reason="needs lm-eval (pip install 'jointrank[eval]')")
     from lm_eval.tasks._yaml_loader import load_yaml

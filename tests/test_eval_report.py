@@ -145,3 +145,25 @@ def test_task_groups():
     assert parse_tasks("piqa,piqa, zeroshot")[:2] == ["piqa", "hellaswag"]
     with pytest.raises(JointRankError, match="no tasks"):
         parse_tasks(",")
+
+
+def test_results_record_the_compression_manifest_through_the_one_reader(tmp_path):
+    """An evaluation records the evaluated checkpoint's manifest, read by jointrank.read_manifest; a dense model
+    directory or a hub id has none; a damaged manifest is an error, not a silently empty record."""
+    import jointrank
+    from jointrank import GroupRule, JointRankConfig
+    from jointrank.evaluate.run import manifest_if_any
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    config = JointRankConfig(rules={"qk": GroupRule("joint")}, ratio=0.5)
+    result = jointrank.compress_(model, config, progress=False)
+    checkpoint = jointrank.save(model, None, tmp_path / "ck", result, source="t")
+    assert manifest_if_any(str(checkpoint)) == jointrank.read_manifest(checkpoint)
+    assert manifest_if_any(str(checkpoint))["plan"]["entries"]
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    assert manifest_if_any(str(tmp_path / "dense")) is None
+    assert manifest_if_any("org/some-model") is None and manifest_if_any(None) is None
+    (checkpoint / "jointrank_manifest.json").write_text("{not json")
+    with pytest.raises(JointRankError, match="not valid JSON"):
+        manifest_if_any(str(checkpoint))

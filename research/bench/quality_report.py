@@ -90,7 +90,7 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
             continue
         lines += [f"## {budget:.0%} of the decoder parameters", ""]
         labels = sorted({parse_row(r)[0] for r in rows}, key=list(STRUCTURES).index)
-        lines += [f"Structures: " + "; ".join(f"`{k}` = {structure_label(k, budget)}" for k in labels) + ".", "",
+        lines += ["Structures: " + "; ".join(f"`{k}` = {structure_label(k, budget)}" for k in labels) + ".", "",
                   "| row (structure/calibration/heal) | removed | perplexity | ppl / dense | zero-shot avg "
                   "(retention) | sampling s | compress s | heal s | compress + heal min | peak RSS GiB | load |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -19,39 +19,9 @@ import re
 from pathlib import Path
 
 from ..errors import JointRankError
+from .tasks import TASKS
 
 ENV_VAR = "JOINTRANK_DATA"
-
-# Official evaluation-split sizes (the HF split lm-eval scores on); a parsed file must have exactly this many rows.
-OFFICIAL_ROWS = {
-    "piqa": 1838,  # validation
-    "hellaswag": 10042,  # validation
-    "winogrande": 1267,  # dev (HF "validation")
-    "boolq": 3270,  # dev (HF "validation")
-    "openbookqa": 500,  # test (main)
-    "arc_easy": 2376,  # test
-    "arc_challenge": 1172,  # test
-    "lambada_openai": 5153,  # test
-    "wikitext2": 4358,  # wikitext-2-raw-v1 test, in lines (HF rows)
-}
-
-# Files each task reads, relative to the data dir (named in the "missing data" error).
-FILES = {
-    "piqa": ["piqa/valid.jsonl", "piqa/valid-labels.lst"],
-    "hellaswag": ["hellaswag/hellaswag_val_full.txt.bz2"],
-    "winogrande": ["winogrande/llm_adapters_winogrande_test.json", "winogrande/llm_foundry_winogrande.jsonl"],
-    "boolq": ["boolq/llm_foundry_boolq.jsonl"],
-    "openbookqa": ["openbookqa/test.jsonl", "openbookqa/ai2_OBQA-Test_question-answers.jsonl"],
-    "arc_easy": ["arc_easy/llm_adapters_ARC-Easy_test.json", "arc_easy/ai2_ARC-Easy-Test_question-answers.jsonl"],
-    "arc_challenge": [
-        "arc_challenge/llm_adapters_ARC-Challenge_test.json",
-        "arc_challenge/ai2_ARC-Challenge-Test_question-answers.jsonl",
-    ],
-    "lambada_openai": ["lambada_openai/llm_foundry_lambada_openai.jsonl"],
-    "wikitext2": ["wikitext-2-raw/wiki.test.raw"],
-    "c4": ["c4_calibration/exllamav2_c4.utf8"],
-}
-
 
 def offline() -> bool:
     return any(os.environ.get(v, "").strip() not in ("", "0", "false", "False") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
@@ -61,7 +31,7 @@ def require_hub(tasks: list[str]) -> None:
     """With no data dir we need the hub: fail at once, in one sentence, if it is switched off or unreachable.
 
     Probing first matters: unreachable, datasets/lm-eval retry for many minutes before failing obscurely."""
-    needed = ", ".join(f for t in tasks for f in FILES.get(t, []))
+    needed = ", ".join(f for t in tasks if t in TASKS for f in TASKS[t].files)
     hint = f"give --data-dir or {ENV_VAR} holding {needed}"
     if offline():
         raise JointRankError(f"no data dir and the hub is switched off (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE): {hint}")
@@ -92,7 +62,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
 
 def require_files(task: str, data_dir: Path | None) -> list[Path]:
     """Paths of TASK's files in DATA_DIR; one clear error if the dir is missing (offline) or incomplete."""
-    names = FILES[task]
+    names = TASKS[task].files
     if data_dir is None:
         raise JointRankError(
             f"{task} needs {', '.join(names)} from a data dir (--data-dir or {ENV_VAR}), and the hub is "
@@ -105,9 +75,18 @@ def require_files(task: str, data_dir: Path | None) -> list[Path]:
     return paths
 
 
+def check_data(tasks: list[str], root: Path | None) -> None:
+    """Every file TASKS need is in the data dir ROOT, or (no data dir) the hub is reachable; else JointRankError."""
+    for task in tasks:
+        if root is not None or task == "c4":  # c4 (exllamav2's calibration text) has no hub twin
+            require_files(task, root)
+    if root is None:
+        require_hub(tasks)
+
+
 def _check_rows(task: str, rows: list) -> list:
-    if len(rows) != OFFICIAL_ROWS[task]:
-        raise JointRankError(f"{task}: parsed {len(rows)} rows, the official split has {OFFICIAL_ROWS[task]}")
+    if len(rows) != TASKS[task].rows:
+        raise JointRankError(f"{task}: parsed {len(rows)} rows, the official split has {TASKS[task].rows}")
     return rows
 
 

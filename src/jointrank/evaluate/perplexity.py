@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import JointRankError
 from . import data as data_mod
-
-TEXTS = ("wikitext2", "c4")
+from .tasks import PERPLEXITY_TASKS
 
 
 def load_text(name: str, data_dir) -> str:
@@ -42,7 +41,7 @@ def load_text(name: str, data_dir) -> str:
         return "\n\n".join(data_mod.wikitext2_rows(data_dir))
     if name == "c4":
         return "\n\n".join(data_mod.c4_documents(data_dir))
-    raise JointRankError(f"unknown perplexity text {name}; known: {', '.join(TEXTS)}")
+    raise JointRankError(f"unknown perplexity text {name}; known: {', '.join(PERPLEXITY_TASKS)}")
 
 
 def make_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 from ..errors import JointRankError
+from .tasks import PERPLEXITY_TASKS
 
 SCHEMA = "jointrank.eval/1"
-PERPLEXITY_TASKS = ("wikitext2", "c4")
 
 
 def write_json(results: dict, path: str | os.PathLike, *, indent: int = 2, default=None, newline: bool = True) -> Path:

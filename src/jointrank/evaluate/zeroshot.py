@@ -22,20 +22,7 @@ from pathlib import Path
 
 from ..errors import JointRankError
 from . import data as data_mod
-
-TASKS = ("piqa", "hellaswag", "winogrande", "boolq", "openbookqa", "arc_easy", "arc_challenge", "lambada_openai")
-
-# task -> (built-in YAML relative to lm_eval/tasks, split the built-in scores on)
-BUILTIN = {
-    "piqa": ("piqa/piqa.yaml", "validation"),
-    "hellaswag": ("hellaswag/hellaswag.yaml", "validation"),
-    "winogrande": ("winogrande/default.yaml", "validation"),
-    "boolq": ("super_glue/boolq/default.yaml", "validation"),
-    "openbookqa": ("openbookqa/openbookqa.yaml", "test"),
-    "arc_easy": ("arc/arc_easy.yaml", "test"),
-    "arc_challenge": ("arc/arc_challenge.yaml", "test"),
-    "lambada_openai": ("lambada/lambada_openai.yaml", "test"),
-}
+from .tasks import TASKS, ZEROSHOT_TASKS
 
 LOCAL_PREFIX = "jointrank_"
 # Only bootstrapped stderrs use this (lambada perplexity); acc stderrs are analytic. 100k (the default) costs minutes.
@@ -45,9 +32,9 @@ BOOTSTRAP_ITERS = 1000
 def builtin_yaml(task: str) -> Path:
     import lm_eval.tasks
 
-    path = Path(lm_eval.tasks.__file__).parent / BUILTIN[task][0]
+    path = Path(lm_eval.tasks.__file__).parent / TASKS[task].builtin
     if not path.is_file():
-        raise JointRankError(f"lm-eval {_lm_eval_version()} has no built-in task file {BUILTIN[task][0]} for {task}")
+        raise JointRankError(f"lm-eval {_lm_eval_version()} has no built-in task file {TASKS[task].builtin} for {task}")
     return path
 
 
@@ -74,7 +61,7 @@ def sample_indices(task: str, n_docs: int, limit: int | None, seed: int) -> list
 
 def write_local_task(task: str, docs: list[dict], out_dir: Path) -> str:
     """Write DOCS as JSONL plus a YAML that includes the built-in task; returns the local task name."""
-    split = BUILTIN[task][1]
+    split = TASKS[task].split
     data_file = out_dir / f"{task}.jsonl"
     with open(data_file, "w", encoding="utf-8") as fh:
         for doc in docs:
@@ -173,7 +160,7 @@ def _evaluate_one(source: str, task: str, simple_evaluate, kwargs: dict) -> dict
     try:
         return simple_evaluate(**kwargs)
     except (OSError, ConnectionError, ValueError, RuntimeError) as exc:
-        files = ", ".join(data_mod.FILES[task])
+        files = ", ".join(TASKS[task].files)
         raise JointRankError(
             f"{task}: could not load the hub dataset ({type(exc).__name__}); for offline use give --data-dir or "
             f"{data_mod.ENV_VAR} holding {files}"
@@ -207,9 +194,9 @@ def run_tasks(
     on_task_done=None,
 ) -> dict:
     """Score TASKS with lm-eval; returns {task: {metrics..., n, n_total, indices, wall_time_s, source}}."""
-    unknown = [t for t in tasks if t not in BUILTIN]
+    unknown = [t for t in tasks if t not in ZEROSHOT_TASKS]
     if unknown:
-        raise JointRankError(f"unknown zero-shot task(s): {', '.join(unknown)}; known: {', '.join(TASKS)}")
+        raise JointRankError(f"unknown zero-shot task(s): {', '.join(unknown)}; known: {', '.join(ZEROSHOT_TASKS)}")
     if tokenizer is None:
         raise JointRankError("zero-shot evaluation needs a tokenizer, and the model came without one")
     if data_dir is None:
@@ -226,7 +213,7 @@ def run_tasks(
             from lm_eval.tasks import TaskManager
 
             manager, source = TaskManager(), "hub"
-            names = {t: (t, data_mod.OFFICIAL_ROWS[t]) for t in tasks}
+            names = {t: (t, TASKS[t].rows) for t in tasks}
         for task in tasks:  # one task per call, so each gets its own wall time
             name, n_total = names[task]
             indices = sample_indices(task, n_total, limit, seed)
