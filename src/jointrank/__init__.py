@@ -3,6 +3,7 @@
     import jointrank
     config = jointrank.PRESETS["paper-10"]
     result = jointrank.compress_(model, config)   # in place
+    jointrank.quantize_(model, "int8")   # optional: int8/int4 factors and linear layers (pip install 'jointrank[quant]')
     jointrank.save(model, tokenizer, "out-dir", result, source="my-model")   # the manifest is built from result
     model = jointrank.load("out-dir")    # or AutoModelForCausalLM.from_pretrained("out-dir") after import jointrank
 """
@@ -16,6 +17,7 @@ from .heal import DistillSettings, heal_, teacher_copy
 from .methods.selfgen import self_calibration
 from .pipeline import Calibration, CompressionRun, Evaluation, compress_model
 from .plan import PRESETS, CompressionPlan, GroupRule, JointRankConfig
+from .quantize import quantize_
 from .planning import make_plan
 from .version import __version__
 
@@ -25,5 +27,5 @@ __all__ = [
     "Calibration", "CompressionPlan", "CompressionResult", "CompressionRun", "Evaluation", "GroupRule",
     "JointRankConfig", "JointRankError", "PRESETS",
     "compress_", "compress_model", "load", "make_plan", "manifest_for", "merge_", "plan_for", "read_manifest", "save",
-    "DistillSettings", "heal_", "teacher_copy", "self_calibration",
+    "DistillSettings", "heal_", "teacher_copy", "self_calibration", "quantize_",
 ]

@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--dense", action="store_true",
                           help="write the rank-reduced weights back into the original shapes: a plain transformers "
                           "checkpoint of the original size (for denoising experiments and other runtimes)")
+    from .quantize import SCHEMES
+
+    compress.add_argument("--quantize", choices=list(SCHEMES), default=None, metavar="SCHEME",
+                          help="store the decoder's factors and remaining linear layers quantised, weight-only and "
+                          "data-free (after healing): " + "; ".join(f"{k}: {v.about}" for k, v in SCHEMES.items())
+                          + ". Needs pip install 'jointrank[quant]'; reloads through transformers like any "
+                          "checkpoint. On a CPU it decodes slower than float (results/quantize.md)")
     compress.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda (default: with the weights)")
     compress.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                           help="dtype the model is loaded and saved in (the SVDs always run in float32 or better; "
@@ -309,10 +316,14 @@ def cmd_compress(args) -> int:
 
     run = compress_model(args.model, args.out, config, calibration=_calibration_request(args), heal=args.heal,
                          distill=_heal_settings(args), evaluate=_evaluation_request(args), dense=args.dense,
-                         device=args.device, dtype=args.dtype, overwrite=args.overwrite, on_plan=show_plan)
+                         device=args.device, dtype=args.dtype, overwrite=args.overwrite, quantize=args.quantize,
+                         on_plan=show_plan)
     # the scope table was already printed with the plan (show_plan): printing it again here duplicated it
     result = run.result
     healed = f", heal {result.extra['heal']['seconds']:.1f} s" if "heal" in result.extra else ""
+    if "quantization" in result.extra:
+        q = result.extra["quantization"]
+        healed += f", quantise {q['modules']} modules to {q['scheme']} {q['seconds']:.1f} s"
     print(f"\nload {run.load_seconds:.1f} s, factorise {result.seconds:.1f} s{healed}, "
           f"total {run.seconds:.1f} s; saved {'dense ' if args.dense else ''}checkpoint to {args.out}")
     if run.evals:
@@ -332,7 +343,8 @@ def _compress_streaming(args, config) -> int:
                             overwrite=args.overwrite)
     try:
         run = compress_model(args.model, args.out, config, stream=options, calibration=_calibration_request(args),
-                             heal=args.heal, evaluate=_evaluation_request(args), dense=args.dense)
+                             heal=args.heal, evaluate=_evaluation_request(args), dense=args.dense,
+                             quantize=args.quantize)
     except KeyboardInterrupt:
         out = Path(args.out)
         print(f"jointrank: finished layers are kept in {out.parent / ('.' + out.name)}.partial; rerun with "
@@ -387,6 +399,29 @@ def _print_evals(evals: dict) -> None:
     if comparison_table is not None:
         print()
         print(comparison_table(evals["before"], evals["after"]))
+
+
+def _bytes_table(checkpoint, quantization: dict | None) -> str:
+    """Bytes on disk per tensor kind, from the safetensors headers (what is stored, not computed from bit widths)."""
+    from .format import TENSOR_KINDS, tensor_kind
+    from .tables import format_table
+    from .verify import stored_tensors
+
+    kinds: dict[str, list] = {k: [0, 0, set()] for k in TENSOR_KINDS}
+    for name, t in stored_tensors(checkpoint).items():
+        row = kinds[tensor_kind(name, t.shape)]
+        row[0] += 1
+        row[1] += t.end - t.start
+        row[2].add(t.dtype)
+    total = sum(r[1] for r in kinds.values())
+    rows = [[k, n, f"{b / 2**20:.2f}", f"{b / max(total, 1):.1%}", ", ".join(sorted(d))]
+            for k, (n, b, d) in kinds.items() if n]
+    rows.append(["total", sum(r[0] for r in kinds.values()), f"{total / 2**20:.2f}", "100.0%", ""])
+    head = "bytes on disk"
+    if quantization:
+        head += (f" (decoder linear layers and factors quantised to {quantization['scheme']} with "
+                 f"{quantization['library']} {quantization.get('library_version') or ''}".rstrip() + ")")
+    return head + ":\n" + format_table(["tensor kind", "tensors", "MiB", "share", "dtypes"], rows)
 
 
 def _healing_line(extra: dict) -> str:
@@ -448,6 +483,8 @@ def cmd_info(args) -> int:
     p = result["params"]
     print()
     print(params_summary(p["total_before"], p["total_after"], p["decoder_before"], p["decoder_after"]))
+    print()
+    print(_bytes_table(args.checkpoint, result.get("extra", {}).get("quantization")))
     print(f"\nverified: {report.tensors} tensors are exactly what config.json and the manifest imply; checksums: "
           f"{report.checksums}")
     for phase in ("before", "after"):

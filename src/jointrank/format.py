@@ -66,3 +66,25 @@ def quantization_units(plan) -> list[dict]:
 def counts_as_parameter(name: str, tied_embeddings: bool) -> bool:
     """A stored tensor that is a parameter, counted once: not a buffer, not the tied copy of the embedding."""
     return not name.endswith(BUFFER_SUFFIXES) and not (tied_embeddings and name == "lm_head.weight")
+
+
+# What `jointrank info` groups stored bytes by. A quantised module stores <m>.quantized.{qdata,qscale,qshift}
+# (quantize.py) where a float one stores <m>.weight: both count under the module's kind.
+TENSOR_KINDS = ("low-rank factors", "dense linear layers", "embeddings and output head", "norms, biases, other")
+_QUANTIZED_PARTS = (".quantized.qdata", ".quantized.qscale", ".quantized.qshift")
+
+
+def tensor_kind(name: str, shape: tuple[int, ...]) -> str:
+    module = name
+    for part in _QUANTIZED_PARTS + (".weight", ".bias"):
+        if name.endswith(part):
+            module = name[: -len(part)]
+            break
+    quantized = name.endswith(_QUANTIZED_PARTS)
+    if module.endswith((".basis", ".out", "_basis")):
+        return "low-rank factors"
+    if "embed" in module or module.startswith("lm_head") or module.endswith(".lm_head"):
+        return "embeddings and output head"
+    if quantized or (len(shape) == 2 and name.endswith(".weight")):
+        return "dense linear layers"
+    return "norms, biases, other"

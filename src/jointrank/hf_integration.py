@@ -2,8 +2,9 @@
 
 transformers lets a package register a quantization method: config.json carries
 `quantization_config = {"quant_method": "jointrank", "units": [...]}` and, before the weights load, our quantizer
-swaps the listed nn.Linear modules (still on the meta device) for LowRankLinear of the stored ranks. The tensors
-then load by name like any other checkpoint's.
+swaps the listed nn.Linear modules (still on the meta device) for LowRankLinear of the stored ranks, then (format 2,
+`"weights": {...}`) the listed linear layers and factors for quantised ones (quantize.py). The tensors then load by
+name like any other checkpoint's.
 """
 
 from __future__ import annotations
@@ -18,16 +19,27 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 METHOD = "jointrank"
+# 1: low-rank units only; 2: also quantised weights ("weights", see quantize.py). A checkpoint without quantised
+# weights is still written as 1, so older jointrank versions keep reading it.
 FORMAT_VERSION = 1
+FORMAT_VERSIONS = (1, 2)
 
 
 class JointRankQuantizationConfig(QuantizationConfigMixin):
-    def __init__(self, units: list[dict] | None = None, format_version: int = FORMAT_VERSION, **kwargs):
+    def __init__(self, units: list[dict] | None = None, format_version: int | None = None,
+                 weights: dict | None = None, **kwargs):
         self.quant_method = METHOD
-        self.format_version = format_version
         self.units = list(units or [])
-        if format_version != FORMAT_VERSION:
-            raise ValueError(f"jointrank checkpoint format {format_version} is not supported by this version")
+        self.weights = weights or None
+        self.format_version = format_version if format_version is not None else (2 if self.weights else 1)
+        if self.format_version not in FORMAT_VERSIONS:
+            raise ValueError(f"jointrank checkpoint format {self.format_version} is not supported by this version")
+
+    def to_dict(self) -> dict:
+        out = {"quant_method": self.quant_method, "format_version": self.format_version, "units": self.units}
+        if self.weights:
+            out["weights"] = self.weights
+        return out
 
 
 class JointRankHfQuantizer(HfQuantizer):
@@ -37,7 +49,10 @@ class JointRankHfQuantizer(HfQuantizer):
         from .modules import install_unit
         from .verify import install_units, verify_on_load
 
+        from .quantize import install_quantized
+
         install_units(model, self.quantization_config.units, install_unit)
+        install_quantized(model, self.quantization_config.weights)
         # transformers would fill a missing tensor with random values and ignore an extra one (a warning only):
         # refuse a checkpoint whose tensors are not exactly what these units and the architecture imply
         verify_on_load(model, checkpoint_files, self.quantization_config.units)

@@ -40,21 +40,37 @@ class SharedBasis(nn.Module):
         self.num_members = num_members
         self._cache: tuple | None = None  # (weakref to input, version, projection, uses left)
 
+    def quantize_as(self, quantized: nn.Module) -> None:
+        """Hold the basis as a quantize.QuantizedWeight (stored as `<basis>.quantized.*`) instead of `weight`."""
+        del self.weight
+        self.quantized = quantized
+        self._cache = None
+
+    def _weight(self) -> torch.Tensor:
+        quantized = self._modules.get("quantized")
+        return quantized.tensor() if quantized is not None else self.weight
+
+    def _stored(self) -> torch.Tensor:
+        quantized = self._modules.get("quantized")
+        return quantized.qdata if quantized is not None else self.weight
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         if not SharedBasis.enabled or self.num_members < 2:
             self._cache = None
-            return nn.functional.linear(x, self.weight)
+            return nn.functional.linear(x, self._weight())
         cache = self._cache
-        key = (_version(x), _version(self.weight))
+        key = (_version(x), _version(self._stored()))
         if cache is not None and cache[0]() is x and cache[1] == key:
             ref, _, projected, uses_left = cache
             self._cache = (ref, key, projected, uses_left - 1) if uses_left > 1 else None
             return projected
-        projected = nn.functional.linear(x, self.weight)
+        projected = nn.functional.linear(x, self._weight())
         self._cache = (weakref.ref(x), key, projected, self.num_members - 1)
         return projected
 
     def extra_repr(self) -> str:
+        if "quantized" in self._modules:
+            return f"shared_by={self.num_members}"
         return f"rank={self.weight.shape[0]}, in_features={self.weight.shape[1]}, shared_by={self.num_members}"
 
 
@@ -144,6 +160,11 @@ def install_unit(model: nn.Module, members: tuple[str, ...] | list[str], rank: i
 @torch.no_grad()
 def merge_(model: nn.Module) -> int:
     """Write every low-rank layer back into a dense nn.Linear of the original shape; returns how many."""
+    if any(hasattr(m, "qdata") for m in model.modules()):
+        from .errors import JointRankError
+
+        raise JointRankError("a model with quantised weights cannot be merged back to dense: merge first, then "
+                             "quantise")
     merged = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, LowRankLinear):

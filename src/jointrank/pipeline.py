@@ -62,10 +62,17 @@ class CompressionRun:
     layers_resumed: int = 0  # streaming only: layers found finished from an interrupted run
 
 
-def check_request(config, *, calibration: Calibration | None, heal: str = "none", distill=None) -> None:
-    """Refuse, before anything is loaded, a calibration/healing request that does not fit the method."""
+def check_request(config, *, calibration: Calibration | None, heal: str = "none", distill=None,
+                  quantize: str | None = None, dense: bool = False) -> None:
+    """Refuse, before anything is loaded, a calibration/healing/quantisation request that does not fit."""
     from .methods import parse
     from .methods.selfgen import parse_spec
+    from .quantize import check_scheme
+
+    check_scheme(quantize)  # an unknown scheme or a missing library, before the model loads
+    if quantize is not None and dense:
+        raise JointRankError("--dense writes float matrices: drop --quantize, or --dense to store the quantised "
+                             "factors")
 
     method, _ = parse(config.method)
     healing = heal not in (None, "none")
@@ -116,12 +123,13 @@ def heal_state_dir(out: str | Path) -> Path:
 def compress_model(source: str, out: str | Path, config, *, calibration: Calibration | None = None,
                    heal: str = "none", distill=None, evaluate: Evaluation | None = None, dense: bool = False,
                    device: str | None = None, dtype: str | None = None, overwrite: bool = False, stream=None,
-                   on_plan=None) -> CompressionRun:
+                   quantize: str | None = None, on_plan=None) -> CompressionRun:
     """Compress the model `source` names (a directory, a GGUF file, a hub id or an alias) into the checkpoint `out`.
 
     `heal`: none | refit | distill | refit+distill (needs `calibration`; `distill`: heal.DistillSettings);
-    `dense`: write the compressed model back as dense matrices; `stream`: a streaming.StreamOptions to compress a
-    local safetensors checkpoint layer by layer; `on_plan(plan)` is called once the plan is known, before any
+    `dense`: write the compressed model back as dense matrices; `quantize`: store the factors and the remaining
+    linear layers of the decoder quantised ("int8" or "int4", quantize.SCHEMES; after healing, before the "after"
+    evaluation); `stream`: a streaming.StreamOptions to compress a local safetensors checkpoint layer by layer; `on_plan(plan)` is called once the plan is known, before any
     weight changes (the CLI prints it there)."""
     from .checkpoint import save
     from .precheck import check_compress
@@ -134,8 +142,8 @@ def compress_model(source: str, out: str | Path, config, *, calibration: Calibra
                               calibration=calibration.text if calibration else None, streaming=stream is not None)
     if stream is not None:  # refuses what needs the whole model in memory, with that reason
         return _compress_streaming(source, resolved, out, config, stream, calibration=calibration, heal=heal,
-                                   evaluate=evaluate, dense=dense)
-    check_request(config, calibration=calibration, heal=heal, distill=distill)
+                                   evaluate=evaluate, dense=dense, quantize=quantize)
+    check_request(config, calibration=calibration, heal=heal, distill=distill, quantize=quantize, dense=dense)
     started = time.perf_counter()
     import torch
 
@@ -164,6 +172,10 @@ def compress_model(source: str, out: str | Path, config, *, calibration: Calibra
         result.extra["heal"] = heal_(model, teacher, windows, heal, distill or DistillSettings(),
                                      state_dir=heal_state_dir(out))
         del teacher
+    if quantize is not None:
+        from .quantize import quantize_
+
+        result.extra["quantization"] = quantize_(model, quantize).to_dict()
     if windows is not None:
         result.extra.setdefault("calibration_source", windows.source)
         result.extra.setdefault("calibration_tokens", windows.tokens)
@@ -180,12 +192,13 @@ def compress_model(source: str, out: str | Path, config, *, calibration: Calibra
 
 
 def _compress_streaming(source: str, resolved, out, config, options, *, calibration, heal, evaluate,
-                        dense) -> CompressionRun:
+                        dense, quantize=None) -> CompressionRun:
     from .streaming import compress_checkpoint, is_streamable_source
 
     refused = [flag for flag, on in (("--eval", evaluate is not None), ("--dense", dense),
                                      ("--calibration", calibration is not None),
-                                     ("--heal", heal not in (None, "none"))) if on]
+                                     ("--heal", heal not in (None, "none")),
+                                     ("--quantize", quantize is not None)) if on]
     if refused:
         raise JointRankError(f"{' and '.join(refused)} need the whole model in memory: drop --stream, --resume, "
                              "--workers, --backend and --seed")

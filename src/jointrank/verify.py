@@ -164,6 +164,10 @@ def skeleton(config_dict: dict, units: list[dict]):
     except (ValueError, KeyError, TypeError) as exc:
         raise JointRankError(f"config.json does not describe a model transformers can build ({exc})") from exc
     install_units(model, units, install_unit)
+    from .quantize import install_quantized
+
+    q = config_dict.get("quantization_config")
+    install_quantized(model, q.get("weights") if isinstance(q, dict) else None)
     return model
 
 
