@@ -81,16 +81,18 @@ def test_int4_groups_fall_back_along_the_output_then_to_8_bits():
     assert spec_for("int4", 640, 137) == WeightSpec(4, -1, 128)  # a factor's `out` of odd rank: groups along d_out
     assert spec_for("int4", 37, 5) == WeightSpec(8, 0, None)  # nothing fits: 8 bits, never silently float
     assert spec_for("int8", 640, 137) == WeightSpec(8, 0, None)
+    assert spec_for("int4-g32", 640, 2048) == WeightSpec(4, 0, 32)  # never a larger group than the scheme's
+    assert spec_for("int4-g32", 640, 137) == WeightSpec(4, -1, 32)
 
 
-@pytest.mark.parametrize("scheme,bound", [("int8", 0.01), ("int4", 0.12)])
+@pytest.mark.parametrize("scheme,bound", [("int8", 0.01), ("int4", 0.12), ("int4-g32", 0.10)])
 def test_quantisation_error_is_that_of_the_scheme(scheme, bound):
     torch.manual_seed(0)
     weight = torch.randn(256, 512)
     q = QuantizedWeight(256, 512, spec_for(scheme, 256, 512))
     q.set_(weight)
     err = ((q.dequantized() - weight).norm() / weight.norm()).item()
-    assert 0 < err < bound  # a gaussian: int8 ~0.8%, int4 in groups of 128 ~10%
+    assert 0 < err < bound  # a gaussian: int8 ~0.8%, int4 in groups of 128 ~10%, smaller groups less
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])

@@ -204,11 +204,12 @@ def own_cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool = False):
+def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool = False, with_result: bool = False):
     """Load dense, calibrate, compress and heal one point; returns (model, tokenizer, facts about the run).
 
     `fresh_cache`: sample the self-generated text again into an empty cache (so the sampling is timed in this run,
     as a user without a cache pays it) and record whether it is token-identical to the shared cache's copy.
+    `with_result`: also return compress_'s CompressionResult (to save the model as a checkpoint).
     """
     import torch
 
@@ -287,7 +288,7 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
     # how much CPU other processes took while this one built: a timing is only a verdict on a quiet machine
     facts["other_cpu_seconds"] = max(0.0, (busy_cpu_seconds() - busy0) - (own_cpu_seconds() - own0))
     facts["build_wall_seconds"] = time.perf_counter() - t0
-    return model, tokenizer, facts
+    return (model, tokenizer, facts, result) if with_result else (model, tokenizer, facts)
 
 
 def cmd_point(args) -> int:

@@ -8,6 +8,7 @@ remains. Both schemes are data-free (no calibration text) and weight-only (activ
   int8  one scale per output channel, symmetric (absmax)
   int4  groups of 128 consecutive weights along the input, each with a scale and a zero point fitted by the
         half-quadratic optimiser of HQQ (data-free, lower error than min/max rounding)
+  int4-g32  the same in groups of 32 (llama.cpp's Q4 block size): more accurate, more bytes of scales
 
 The arithmetic and the kernels are optimum-quanto's (pip install 'jointrank[quant]'): a pure-Python wheel that
 runs on CPU with torch 2.13 and ships HQQ's optimiser. torchao's 4-bit CPU layout needs a packing op this torch build
@@ -54,9 +55,10 @@ class Scheme:
 SCHEMES = {
     "int8": Scheme("int8", 8, None, "absmax", "8-bit, one scale per output channel"),
     "int4": Scheme("int4", 4, 128, "hqq", "4-bit, groups of 128 with scale and zero point (HQQ)"),
+    "int4-g32": Scheme("int4-g32", 4, 32, "hqq", "4-bit, groups of 32 (llama.cpp's Q4 block), more scales"),
 }
-# int4 groups run along the input; a dimension that 128 does not divide (a rank of 137) takes the largest of these
-# that does, then the output axis, else that tensor stays at 8 bits (recorded per module, see spec_for)
+# int4 groups run along the input; a dimension the scheme's group size does not divide (a rank of 137) takes the
+# largest of these up to it that does, then the output axis, else that tensor stays at 8 bits (see spec_for)
 GROUP_FALLBACKS = (128, 64, 32)
 
 
@@ -90,11 +92,12 @@ def spec_for(scheme: str | Scheme, d_out: int, d_in: int) -> WeightSpec:
     s = SCHEMES[scheme] if isinstance(scheme, str) else scheme
     if s.group_size is None:
         return WeightSpec(s.bits, 0, None)
-    for size in GROUP_FALLBACKS:
+    sizes = [size for size in GROUP_FALLBACKS if size <= s.group_size]
+    for size in sizes:
         if d_in % size == 0:
             return WeightSpec(s.bits, 0, size)
-    for size in GROUP_FALLBACKS:
-        if d_out % size == 0 and size % 2 == 0:
+    for size in sizes:
+        if d_out % size == 0:
             return WeightSpec(s.bits, -1, size)
     return WeightSpec(8, 0, None)
 

@@ -1,0 +1,373 @@
+"""Low rank and quantisation together on Gemma-3-270M: quality against bytes, each setting against quantisation alone.
+
+    python research/bench/quantize.py run [--only NAME,...] [--max-minutes 120]   # resumable -> results/quantize.json
+    python research/bench/quantize.py report        # results/quantize.md + quantize.png from results/quantize.json
+
+Settings (SETTINGS): dense float32; quantisation alone (int8, int4); the best low-rank rows without user data of
+results/quality.md (self-generated calibration, refit + distillation; SVD-LLM at 10%, LLM-ROM at 20% and 30% of the
+decoder), in float32 and with each scheme. A low-rank model is built once (research/bench/quality.py's `build`, the
+same deterministic steps as its quality.json point) and kept in .cache/quantize/ so each scheme quantises the same
+factors.
+
+Every point runs in a fresh process: build or load the float model, quantise (timed), save the checkpoint as a user
+would (jointrank.save, or save_pretrained without low-rank units), reload it through AutoModelForCausalLM
+.from_pretrained after `import jointrank`, and measure on the reloaded model:
+  * bytes on disk (the safetensors files) and in memory (every parameter and buffer storage of the reloaded model),
+    per tensor kind; nothing is computed from bit widths;
+  * WikiText-2 perplexity with results/quality.md's protocol (the same 32 seeded windows of 512 tokens), per-window
+    NLL kept, paired against this file's dense point. The windows run through the dequantized weights: the same
+    function (checked on the first window, `max_logit_diff` in each point; tests/test_quantize.py asserts it), several
+    times faster on a CPU, where quanto dequantizes inside every matmul.
+Decode and prefill speed are measured by research/bench/inference_speed.py (a timing needs a quiet machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from research.bench import quality  # noqa: E402
+from research.common import mean_se, write_json  # noqa: E402
+
+RESULTS = REPO / "results" / "quantize.json"
+OUT_MD, OUT_PNG = REPO / "results" / "quantize.md", REPO / "results" / "quantize.png"
+BUILT = quality.CACHE / "quantize"  # float low-rank checkpoints, built once per row (gitignored)
+
+# name -> (quality.py row or None for dense, budget, scheme or None for float)
+LOW_RANK = {0.10: "svd_llm/self/refit+distill", 0.20: "llm_rom/self/refit+distill", 0.30: "llm_rom/self/refit+distill"}
+SETTINGS: dict[str, tuple[str | None, float, str | None]] = {
+    "dense": (None, 0.0, None),
+    "int8": (None, 0.0, "int8"),
+    "int4": (None, 0.0, "int4"),
+    "int4-g32": (None, 0.0, "int4-g32"),
+}
+for _b, _row in LOW_RANK.items():
+    for _scheme in (None, "int8", "int4", "int4-g32"):
+        SETTINGS[f"lr{round(_b * 100)}" + (f"+{_scheme}" if _scheme else "")] = (_row, _b, _scheme)
+
+
+def storage_bytes(model) -> dict:
+    """Bytes of every distinct tensor storage the model holds (parameters and buffers), by tensor kind."""
+    from jointrank.format import tensor_kind
+
+    seen, kinds = set(), {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        kind = tensor_kind(name, tuple(t.shape))
+        kinds[kind] = kinds.get(kind, 0) + t.untyped_storage().nbytes()
+    return {"total": sum(kinds.values()), **kinds}
+
+
+def disk_bytes(directory: Path) -> dict:
+    from jointrank.format import tensor_kind
+    from jointrank.verify import stored_tensors
+
+    kinds = {}
+    for name, t in stored_tensors(directory).items():
+        kind = tensor_kind(name, t.shape)
+        kinds[kind] = kinds.get(kind, 0) + (t.end - t.start)
+    files = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    return {"total": files, **kinds}
+
+
+def float_model(row: str | None, budget: float):
+    """(model, tokenizer, facts, checkpoint dir or None): dense from the zoo, or the low-rank row built once."""
+    import jointrank
+    from jointrank.sources import load_model
+
+    if row is None:
+        model, tokenizer, _ = load_model(quality.P.model)
+        return model, tokenizer, {}, None
+    built = BUILT / f"{row.replace('/', '_')}@{budget}"
+    facts_file = built / "bench_facts.json"
+    if not facts_file.is_file():
+        shutil.rmtree(built, ignore_errors=True)
+        model, tokenizer, facts, result = quality.build(row, budget, with_result=True)
+        jointrank.save(model, tokenizer, built, result, source=quality.P.model)
+        facts_file.write_text(json.dumps(facts, indent=2))
+        return model, tokenizer, facts, built
+    model, tokenizer, _ = load_model(str(built))
+    return model, tokenizer, json.loads(facts_file.read_text()), built
+
+
+def cmd_point(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import jointrank
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    row, budget, scheme = SETTINGS[args.name]
+    model, tokenizer, facts, built = float_model(row, budget)
+    point = {"name": args.name, "row": row, "budget": budget, "scheme": scheme,
+             "decoder_reduction": facts.get("decoder_reduction", 0.0)}
+    with tempfile.TemporaryDirectory(dir=BUILT.parent if BUILT.parent.is_dir() else None) as tmp:
+        out = Path(tmp) / "checkpoint"
+        if scheme is not None:
+            t = time.perf_counter()
+            point["quantization"] = jointrank.quantize_(model, scheme).to_dict()
+            point["quantize_seconds"] = time.perf_counter() - t
+        if built is not None:  # the built checkpoint's manifest, with the quantisation added as compress does
+            from jointrank.checkpoint import write_checkpoint
+
+            manifest = {k: v for k, v in jointrank.read_manifest(built).items()
+                        if k not in ("format", "created", "versions", "checksums")}
+            if scheme is not None:
+                manifest["result"].setdefault("extra", {})["quantization"] = point["quantization"]
+            write_checkpoint(model, tokenizer, out, manifest)
+        else:
+            model.save_pretrained(out)
+        point["bytes_on_disk"] = disk_bytes(out)
+        del model
+        reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+        point["bytes_in_memory"] = storage_bytes(reloaded)
+        evaluated = dequantized(reloaded) if scheme is not None else reloaded
+        windows, _, _ = quality.eval_windows(tokenizer)
+        if scheme is not None:
+            with torch.no_grad():
+                a = reloaded(windows[:1]).logits
+                b = evaluated(windows[:1]).logits
+            point["max_logit_diff"] = (a - b).abs().max().item()
+            point["logit_scale"] = b.abs().max().item()
+        point["perplexity"] = quality.measure_perplexity(evaluated, tokenizer)
+    point["peak_rss_gib"] = quality.peak_rss_gib()
+    point["load_avg_1min"] = os.getloadavg()[0]
+    print("POINT " + json.dumps(point), flush=True)
+    return 0
+
+
+def dequantized(model):
+    """A float copy of a quantised model: each quantised weight replaced by its dequantization (same function)."""
+    import copy
+
+    import torch
+
+    from jointrank.modules import SharedBasis
+    from jointrank.quantize import QuantizedLinear
+
+    ref = copy.deepcopy(model)
+    for name, module in list(ref.named_modules()):
+        if isinstance(module, QuantizedLinear):
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                dense.weight.copy_(module.quantized.dequantized())
+                if module.bias is not None:
+                    dense.bias.copy_(module.bias)
+            parent, attr = name.rsplit(".", 1)
+            setattr(ref.get_submodule(parent), attr, dense)
+        elif isinstance(module, SharedBasis) and "quantized" in module._modules:
+            weight = module.quantized.dequantized().detach().clone()
+            del module._modules["quantized"]
+            module.weight = torch.nn.Parameter(weight)
+    return ref
+
+
+# --------------------------------------------------------------------------------------------------- the sweep
+
+
+def load_results() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"points": []}
+
+
+def run_point(name: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "point", name]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("POINT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"name": name, "error": " | ".join(tail)}
+    point = json.loads(lines[-1][len("POINT "):])
+    point["process_seconds"] = time.perf_counter() - t
+    return point
+
+
+def cmd_run(args) -> int:
+    deadline = time.monotonic() + args.max_minutes * 60
+    results = load_results()
+    names = ["dense"] + [n for n in (args.only.split(",") if args.only else SETTINGS) if n != "dense"]
+    for name in names:
+        if name not in SETTINGS:
+            raise SystemExit(f"unknown setting {name!r}: {', '.join(SETTINGS)}")
+        if any(p["name"] == name and "perplexity" in p for p in results["points"]):
+            continue
+        if time.monotonic() > deadline:
+            print("time budget of this piece used up; run again to continue", flush=True)
+            return 3
+        point = run_point(name)
+        results["points"] = [p for p in results["points"] if p["name"] != name] + [point]
+        save(results)
+        if "error" in point:
+            print(f"{name}: FAILED {point['error']}", flush=True)
+        else:
+            print(f"{name}: ppl {point['perplexity']['perplexity']:.2f}, decoder linear bytes "
+                  f"{decoder_bytes(point) / 2**20:.1f} MiB, total {point['bytes_on_disk']['total'] / 2**20:.1f} MiB",
+                  flush=True)
+    return 0
+
+
+def save(results: dict) -> None:
+    results["settings"] = {"model": quality.P.model, "perplexity": quality.settings()["perplexity"],
+                           "low_rank_rows": {f"{b:.0%}": r for b, r in LOW_RANK.items()},
+                           "settings": {k: list(v) for k, v in SETTINGS.items()}}
+    results["targets"] = targets(results)
+    write_json(RESULTS, results)
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+
+def decoder_bytes(point: dict) -> int:
+    """Bytes on disk of what low rank and quantisation act on: the decoder's linear layers and factors."""
+    b = point["bytes_on_disk"]
+    return b.get("low-rank factors", 0) + b.get("dense linear layers", 0)
+
+
+def paired(point: dict, base: dict) -> tuple[float, float]:
+    return mean_se([x - y for x, y in zip(point["perplexity"]["per_window_nll"],
+                                          base["perplexity"]["per_window_nll"])])
+
+
+def frontier_wins(points: dict) -> list[dict]:
+    """Each low-rank + quantised point against each quantisation-alone point it could dominate: no more bytes and
+    lower perplexity, or fewer bytes and no higher perplexity, beyond 2 paired SE."""
+    out = []
+    for name, p in points.items():
+        if p["row"] is None or p["scheme"] is None:
+            continue
+        for qname, q in points.items():
+            if q["row"] is not None or q["scheme"] is None:
+                continue
+            d, se = paired(p, q)  # NLL of low rank + quant minus quant alone
+            bytes_ok = decoder_bytes(p) <= decoder_bytes(q)
+            better = (d < -2 * se) or (decoder_bytes(p) < decoder_bytes(q) and d <= 2 * se)
+            out.append({"low_rank": name, "quant_alone": qname, "dnll": d, "se": se,
+                        "bytes_ratio": decoder_bytes(p) / decoder_bytes(q), "dominates": bytes_ok and better})
+    return out
+
+
+def targets(results: dict) -> list[dict]:
+    points = {p["name"]: p for p in results["points"] if "perplexity" in p}
+    wins = frontier_wins(points)
+    alone = [n for n, p in points.items() if p["row"] is None and p["scheme"] is not None]
+    # a setting must beat every quantisation-alone point it is compared with at no more bytes
+    best = None
+    for name in {w["low_rank"] for w in wins}:
+        mine = [w for w in wins if w["low_rank"] == name and w["bytes_ratio"] <= 1]
+        if mine and all(w["dominates"] for w in mine):
+            best = name
+    return [{"name": "a low-rank + quantised setting on the quality/bytes frontier strictly better than every "
+                     "quantisation-alone point at no more bytes (2 paired SE)",
+             "measured": best, "target": "at least one", "met": best is not None, "compared_with": alone}]
+
+
+def write_report(results: dict) -> None:
+    points = {p["name"]: p for p in results["points"] if "perplexity" in p}
+    dense = points.get("dense")
+    lines = ["# Low rank and quantisation together: quality against bytes (Gemma-3-270M)", "",
+             "Generated by `python research/bench/quantize.py report` from results/quantize.json "
+             "(measured by `python research/bench/quantize.py run`). Protocol: see the bench's docstring; perplexity "
+             "on the 32 seeded WikiText-2 windows of results/quality.md, paired per window against dense.", "",
+             "Bytes are measured: on disk, the safetensors files of the checkpoint as saved; in memory, the storages "
+             "of the model reloaded through `AutoModelForCausalLM.from_pretrained`. \"Decoder linear\" is what "
+             "low rank and quantisation act on (the decoder's linear layers and factors, with their scales); the "
+             "embedding (63% of Gemma-3-270M's parameters, tied to the output head) stays float32 in every row.", "",
+             "| setting | decoder removed | scheme | decoder linear MiB | total on disk MiB | in memory MiB | "
+             "perplexity | ppl / dense | quantise s |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in SETTINGS:
+        p = points.get(name)
+        if p is None:
+            continue
+        ratio = "1" if name == "dense" or dense is None else \
+            f"{math.exp(paired(p, dense)[0]):.3f} ± {math.exp(paired(p, dense)[0]) * paired(p, dense)[1]:.3f}"
+        lines.append(f"| {name} | {p['decoder_reduction']:.1%} | {p['scheme'] or 'float32'} | "
+                     f"{decoder_bytes(p) / 2**20:.1f} | {p['bytes_on_disk']['total'] / 2**20:.1f} | "
+                     f"{p['bytes_in_memory']['total'] / 2**20:.1f} | {p['perplexity']['perplexity']:.2f} | {ratio} | "
+                     f"{p.get('quantize_seconds', 0):.1f} |")
+    missing = [n for n in SETTINGS if n not in points]
+    if missing:
+        lines += ["", f"Not measured yet: {', '.join(missing)}."]
+    wins = frontier_wins(points)
+    if wins:
+        lines += ["", "## Low rank + quantisation against quantisation alone", "",
+                  "ΔNLL = mean per-window NLL of the low-rank setting minus the quantisation-alone one (negative: "
+                  "low rank + quantisation better), with its paired standard error.", "",
+                  "| low rank + quant | against | decoder bytes ratio | ΔNLL ± SE | dominates (2 SE) |",
+                  "|---|---|---|---|---|"]
+        for w in wins:
+            lines.append(f"| {w['low_rank']} | {w['quant_alone']} | {w['bytes_ratio']:.3f} | "
+                         f"{w['dnll']:+.4f} ± {w['se']:.4f} | {'yes' if w['dominates'] else 'no'} |")
+    lines += ["", "## Targets", ""]
+    for t in results.get("targets") or targets(results):
+        lines.append(f"- {t['name']}: {t['measured'] or 'none'} ({'met' if t['met'] else 'not met'})")
+    lines.append("")
+    OUT_MD.write_text("\n".join(lines))
+    _plot(points, dense)
+
+
+def _plot(points: dict, dense: dict | None) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for scheme, marker in ((None, "o"), ("int8", "s"), ("int4", "^"), ("int4-g32", "v")):
+        pts = [(decoder_bytes(p) / 2**20, p["perplexity"]["perplexity"], n) for n, p in points.items()
+               if p["scheme"] == scheme]
+        if pts:
+            ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], marker=marker, label=scheme or "float32")
+            for x, y, n in pts:
+                ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("decoder linear layers + factors, MiB on disk")
+    ax.set_ylabel("WikiText-2 perplexity (32 windows)")
+    ax.set_yscale("log")
+    ax.set_title("Gemma-3-270M: quality against bytes")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT_PNG, dpi=120)
+
+
+def cmd_report(args) -> int:
+    results = load_results()
+    results["targets"] = targets(results)
+    write_report(results)
+    print(f"wrote {OUT_MD.relative_to(REPO)} and {OUT_PNG.relative_to(REPO)}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="measure the settings not yet in results/quantize.json, each in a process")
+    run.add_argument("--only", default="", help=f"comma-separated settings: {', '.join(SETTINGS)}")
+    run.add_argument("--max-minutes", type=float, default=120.0, help="start no new point after this long")
+    run.set_defaults(func=cmd_run)
+    point = sub.add_parser("point", help="one setting in this process (what run calls)")
+    point.add_argument("name", choices=list(SETTINGS))
+    point.set_defaults(func=cmd_point)
+    report = sub.add_parser("report", help="results/quantize.md and quantize.png from results/quantize.json")
+    report.set_defaults(func=cmd_report)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
