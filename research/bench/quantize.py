@@ -262,18 +262,21 @@ def frontier_wins(points: dict) -> list[dict]:
 
 
 def targets(results: dict) -> list[dict]:
+    """The issue's target, read strictly: one low-rank + quantised setting that beats *every* quantisation-alone
+    point (each one: lower perplexity at no more bytes, or fewer bytes at no higher perplexity, beyond 2 paired SE)."""
     points = {p["name"]: p for p in results["points"] if "perplexity" in p}
     wins = frontier_wins(points)
-    alone = [n for n, p in points.items() if p["row"] is None and p["scheme"] is not None]
-    # a setting must beat every quantisation-alone point it is compared with at no more bytes
-    best = None
-    for name in {w["low_rank"] for w in wins}:
-        mine = [w for w in wins if w["low_rank"] == name and w["bytes_ratio"] <= 1]
-        if mine and all(w["dominates"] for w in mine):
-            best = name
-    return [{"name": "a low-rank + quantised setting on the quality/bytes frontier strictly better than every "
-                     "quantisation-alone point at no more bytes (2 paired SE)",
-             "measured": best, "target": "at least one", "met": best is not None, "compared_with": alone}]
+    alone = sorted(n for n, p in points.items() if p["row"] is None and p["scheme"] is not None)
+    beating = {}
+    for name in sorted({w["low_rank"] for w in wins}):
+        beaten = [w["quant_alone"] for w in wins if w["low_rank"] == name and w["dominates"]]
+        beating[name] = beaten
+    best = max(beating, key=lambda n: len(beating[n]), default=None)
+    met = best is not None and len(beating[best]) == len(alone) > 0
+    return [{"name": "a low-rank + quantised setting strictly better than every quantisation-alone point "
+                     "(decoder bytes on disk; 2 paired SE)",
+             "measured": f"{best}: beats {len(beating[best])} of {len(alone)} ({', '.join(beating[best]) or '-'})"
+             if best else None, "target": f"beats all {len(alone)}", "met": met, "compared_with": alone}]
 
 
 def write_report(results: dict) -> None:
@@ -312,6 +315,21 @@ def write_report(results: dict) -> None:
         for w in wins:
             lines.append(f"| {w['low_rank']} | {w['quant_alone']} | {w['bytes_ratio']:.3f} | "
                          f"{w['dnll']:+.4f} ± {w['se']:.4f} | {'yes' if w['dominates'] else 'no'} |")
+    if points:
+        front = [n for n, p in points.items() if not any(
+            decoder_bytes(q) <= decoder_bytes(p) and q["perplexity"]["mean_nll"] < p["perplexity"]["mean_nll"]
+            for m, q in points.items() if m != n)]
+        front.sort(key=lambda n: decoder_bytes(points[n]))
+        lines += ["", "## The quality/bytes frontier", "",
+                  "Settings no other setting beats on both decoder bytes and perplexity (point estimates), from "
+                  "fewest bytes: " + ", ".join(f"{n} ({decoder_bytes(points[n]) / 2**20:.1f} MiB, "
+                                               f"{points[n]['perplexity']['perplexity']:.2f})" for n in front) + ".",
+                  "", "Read with the model's origin in mind: the Gemma-3-270M weights jointrank ships come from a "
+                  "Q4_K_M GGUF file, i.e. they already sit on a 4-bit grid with one scale and minimum per 32 "
+                  "weights. Requantising them in groups of 32 (`int4-g32`) nearly finds that grid again, so "
+                  "quantisation alone is unusually cheap here, while groups of 128 (`int4`) straddle four of the "
+                  "original blocks. Low-rank factors are not on any grid, so they pay each scheme's full rounding "
+                  "error. A model distributed in 16-bit would not give quantisation alone this head start."]
     lines += ["", "## Targets", ""]
     for t in results.get("targets") or targets(results):
         lines.append(f"- {t['name']}: {t['measured'] or 'none'} ({'met' if t['met'] else 'not met'})")
