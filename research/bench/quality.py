@@ -518,11 +518,49 @@ def targets(results: dict) -> list[dict]:
                 "met": t is not None and t["compress_heal_seconds"] <= 1200,
                 "row": slowest["row"] if slowest else None,
                 "other_cpu_seconds": t.get("other_cpu_seconds") if t else None})
+    out += loss_targets(by)
     heavy = max(timed, key=lambda p: p["peak_rss_gib_compress"]) if timed else None
     out.append({"name": "compress + heal peak RSS, GiB (largest healed row)",
                 "measured": heavy["peak_rss_gib_compress"] if heavy else None, "target": "<= 4 GB (3.73 GiB)",
                 "met": heavy is not None and heavy["peak_rss_gib_compress"] <= 4e9 / 2**30,
                 "row": heavy["row"] if heavy else None})
+    return out
+
+
+def loss_targets(by: dict) -> list[dict]:
+    """Issue #15's targets: loss-aware allocation against global (loss-M/C/H against M/C/H, paired per window), at
+    every budget; cross-layer shared bases (not built yet); 20% with C4 at most half of global LLM-ROM's perplexity."""
+    per_budget = {}
+    for budget in BUDGETS:
+        best = None
+        for (row, b), p in by.items():
+            if b != budget or row == "dense" or not parse_row(row)[0].startswith("loss-"):
+                continue
+            s, c, h = parse_row(row)
+            twin = by.get((row_name(s[len("loss-"):], c, h), budget))
+            if twin is None:
+                continue
+            d, se = paired_nll(p, twin)
+            z = d / se if se > 0 else 0.0
+            if best is None or z < best[0]:
+                best = (z, row)
+        per_budget[f"{budget:.0%}"] = best
+    measured = "; ".join(f"{k}: {'not measured' if v is None else f'{v[0]:+.1f} SE ({v[1]})'}"
+                         for k, v in per_budget.items())
+    out = [{"name": "loss-aware allocation better than global allocation at every budget (paired dNLL, in SE)",
+            "measured": measured, "target": "< -2 SE at 10%, 20% and 30%",
+            "met": all(v is not None and v[0] < -2 for v in per_budget.values())},
+           {"name": "cross-layer shared bases better than per-layer joint at 20% and 30% (2 paired SE)",
+            "measured": None, "target": "< -2 SE at 20% and 30%", "met": False,
+            "note": "cross-layer shared bases are not built yet"}]
+    base = by.get(("llm_rom/c4/none", 0.2))
+    c4 = [p for (row, b), p in by.items() if b == 0.2 and row != "dense" and parse_row(row)[1] == "c4"
+          and parse_row(row)[0].startswith("loss-")]
+    best = min(c4, key=lambda p: p["perplexity"]["mean_nll"]) if c4 else None
+    ratio = best["perplexity"]["perplexity"] / base["perplexity"]["perplexity"] if best and base else None
+    out.append({"name": "20% removed with C4 calibration: perplexity / global LLM-ROM's (llm_rom/c4/none)",
+                "measured": ratio, "target": "<= 0.5", "met": ratio is not None and ratio <= 0.5,
+                "row": best["row"] if best else None})
     return out
 
 

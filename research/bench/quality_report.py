@@ -18,6 +18,8 @@ COMMANDS = [
 
 
 def _f(x, digits=3):
+    if isinstance(x, str):
+        return x
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
