@@ -177,6 +177,69 @@ def dequantized(model):
     return ref
 
 
+# --------------------------------------------------------------------------------------------------- speed
+
+SPEED = ("dense", "int8", "int4", "int4-g32", "lr10", "lr10+int4")  # lr10 rows need `run` to have built lr10
+
+
+def cmd_speed(args) -> int:
+    """Prefill and decode tokens/s of each setting against dense, in this one process, medians over repeats in
+    rotating order (research/bench/inference_speed.py's timers). Needs a quiet machine: check `uptime` first."""
+    import statistics
+
+    import torch
+
+    import jointrank
+    from research.bench.inference_speed import time_generate, time_prefill
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    models = {}
+    for name in SPEED:
+        row, budget, scheme = SETTINGS[name]
+        if row is not None and not (BUILT / f"{row.replace('/', '_')}@{budget}" / "bench_facts.json").is_file():
+            print(f"{name}: not built yet (run `quantize.py run --only {name}` first); skipped", flush=True)
+            continue
+        model, tokenizer, _, _ = float_model(row, budget)
+        if scheme is not None:
+            jointrank.quantize_(model, scheme)
+        models[name] = model.eval()
+    gen = torch.Generator().manual_seed(0)
+    vocab = models["dense"].config.vocab_size
+    prefill = torch.randint(0, vocab, (1, args.prefill_len), generator=gen)
+    prompt = torch.randint(0, vocab, (1, 16), generator=gen)
+    names = list(models)
+    samples = {n: {"prefill": [], "decode": []} for n in names}
+    load = [os.getloadavg()[0]]
+    with torch.inference_mode():
+        for n in names:  # warm-up
+            time_prefill(models[n], prefill[:, :32])
+            time_generate(models[n], prompt, 2)
+        for rep in range(args.repeats):
+            for n in names[rep % len(names):] + names[:rep % len(names)]:
+                samples[n]["prefill"].append(time_prefill(models[n], prefill))
+                one = time_generate(models[n], prompt, 1)
+                samples[n]["decode"].append(time_generate(models[n], prompt, args.decode_tokens) - one)
+            load.append(os.getloadavg()[0])
+            print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
+    out = {}
+    for n in names:
+        out[n] = {"prefill_tokens_per_s": args.prefill_len / statistics.median(samples[n]["prefill"]),
+                  "decode_tokens_per_s": (args.decode_tokens - 1) / statistics.median(samples[n]["decode"]),
+                  "prefill_seconds": samples[n]["prefill"], "decode_seconds": samples[n]["decode"]}
+    for n in names:
+        out[n]["prefill_vs_dense"] = out[n]["prefill_tokens_per_s"] / out["dense"]["prefill_tokens_per_s"]
+        out[n]["decode_vs_dense"] = out[n]["decode_tokens_per_s"] / out["dense"]["decode_tokens_per_s"]
+    results = load_results()
+    results["speed"] = {"settings": {"prefill_len": args.prefill_len, "decode_tokens": args.decode_tokens,
+                                     "repeats": args.repeats, "threads": torch.get_num_threads(),
+                                     "dtype": "float32"},
+                        "load_avg_1min": load, "models": out}
+    save(results)
+    for n in names:
+        print(f"{n}: prefill {out[n]['prefill_vs_dense']:.2f}x dense, decode {out[n]['decode_vs_dense']:.2f}x dense")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- the sweep
 
 
@@ -330,6 +393,27 @@ def write_report(results: dict) -> None:
                   "quantisation alone is unusually cheap here, while groups of 128 (`int4`) straddle four of the "
                   "original blocks. Low-rank factors are not on any grid, so they pay each scheme's full rounding "
                   "error. A model distributed in 16-bit would not give quantisation alone this head start."]
+    speed = results.get("speed")
+    if speed:
+        st = speed["settings"]
+        lines += ["", "## Speed against dense (CPU)", "",
+                  f"`python research/bench/quantize.py speed` (one process, {st['threads']} threads, float32, "
+                  f"medians of {st['repeats']} repeats in rotating order; prefill: 1 x {st['prefill_len']} tokens; "
+                  f"decode: {st['decode_tokens'] - 1} tokens after a 16-token prompt; 1-minute load average "
+                  f"{min(speed['load_avg_1min']):.2f}-{max(speed['load_avg_1min']):.2f}).", "",
+                  "| setting | prefill tok/s | vs dense | decode tok/s | vs dense | peak RSS GiB of its point |",
+                  "|---|---|---|---|---|---|"]
+        for n, m in speed["models"].items():
+            rss = points.get(n, {}).get("peak_rss_gib")
+            lines.append(f"| {n} | {m['prefill_tokens_per_s']:.1f} | {m['prefill_vs_dense']:.2f}x | "
+                         f"{m['decode_tokens_per_s']:.2f} | {m['decode_vs_dense']:.2f}x | "
+                         f"{'—' if rss is None else f'{rss:.2f}'} |")
+        slower = [n for n, m in speed["models"].items() if m["decode_vs_dense"] < 1 and n != "dense"]
+        if slower:
+            lines += ["", f"Decoding is slower than dense for {', '.join(slower)}: optimum-quanto dequantizes "
+                      "the weights inside every matmul on a CPU, so quantised storage buys bytes on disk and in "
+                      "memory, not speed, here. (The peak RSS column is the whole point's process: load, save, "
+                      "reload and evaluation.)"]
     lines += ["", "## Targets", ""]
     for t in results.get("targets") or targets(results):
         lines.append(f"- {t['name']}: {t['measured'] or 'none'} ({'met' if t['met'] else 'not met'})")
@@ -381,6 +465,11 @@ def main(argv=None) -> int:
     point = sub.add_parser("point", help="one setting in this process (what run calls)")
     point.add_argument("name", choices=list(SETTINGS))
     point.set_defaults(func=cmd_point)
+    speed = sub.add_parser("speed", help="prefill/decode tokens/s against dense (run alone on a quiet machine)")
+    speed.add_argument("--prefill-len", type=int, default=256)
+    speed.add_argument("--decode-tokens", type=int, default=17)
+    speed.add_argument("--repeats", type=int, default=3)
+    speed.set_defaults(func=cmd_speed)
     report = sub.add_parser("report", help="results/quantize.md and quantize.png from results/quantize.json")
     report.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
