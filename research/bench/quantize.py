@@ -133,6 +133,7 @@ def cmd_point(args) -> int:
         else:
             model.save_pretrained(out)
         point["bytes_on_disk"] = disk_bytes(out)
+        point["load_peak_rss_gib"] = load_peak_rss_gib(out)
         del model
         reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
         point["bytes_in_memory"] = storage_bytes(reloaded)
@@ -149,6 +150,27 @@ def cmd_point(args) -> int:
     point["load_avg_1min"] = os.getloadavg()[0]
     print("POINT " + json.dumps(point), flush=True)
     return 0
+
+
+LOAD_CHILD = """import resource, sys
+import jointrank  # registers the quantizer, as a user's `import jointrank` does
+from transformers import AutoModelForCausalLM
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import torch
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+with torch.no_grad():  # one short forward: weights memory-mapped by the loader are only resident once used
+    model(torch.tensor([[2, 3, 4, 5]]))
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def load_peak_rss_gib(checkpoint: Path) -> dict:
+    """Peak RSS of a fresh process that imports jointrank, loads the checkpoint through transformers and runs one
+    4-token forward (what a user's process holds, ready to generate), and the part loading and running added."""
+    proc = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(checkpoint)], capture_output=True, text=True,
+                          check=True)
+    before, after = (int(x) / 2**20 for x in proc.stdout.split()[-2:])  # Linux reports KiB
+    return {"process": after, "load": after - before}
 
 
 def dequantized(model):
@@ -401,10 +423,10 @@ def write_report(results: dict) -> None:
                   f"medians of {st['repeats']} repeats in rotating order; prefill: 1 x {st['prefill_len']} tokens; "
                   f"decode: {st['decode_tokens'] - 1} tokens after a 16-token prompt; 1-minute load average "
                   f"{min(speed['load_avg_1min']):.2f}-{max(speed['load_avg_1min']):.2f}).", "",
-                  "| setting | prefill tok/s | vs dense | decode tok/s | vs dense | peak RSS GiB of its point |",
+                  "| setting | prefill tok/s | vs dense | decode tok/s | vs dense | peak RSS GiB after load |",
                   "|---|---|---|---|---|---|"]
         for n, m in speed["models"].items():
-            rss = points.get(n, {}).get("peak_rss_gib")
+            rss = points.get(n, {}).get("load_peak_rss_gib", {}).get("process")
             lines.append(f"| {n} | {m['prefill_tokens_per_s']:.1f} | {m['prefill_vs_dense']:.2f}x | "
                          f"{m['decode_tokens_per_s']:.2f} | {m['decode_vs_dense']:.2f}x | "
                          f"{'—' if rss is None else f'{rss:.2f}'} |")
@@ -412,8 +434,8 @@ def write_report(results: dict) -> None:
         if slower:
             lines += ["", f"Decoding is slower than dense for {', '.join(slower)}: optimum-quanto dequantizes "
                       "the weights inside every matmul on a CPU, so quantised storage buys bytes on disk and in "
-                      "memory, not speed, here. (The peak RSS column is the whole point's process: load, save, "
-                      "reload and evaluation.)"]
+                      "memory, not speed, here. Peak RSS after load: a fresh process that imports jointrank, "
+                      "loads the checkpoint through transformers and runs one 4-token forward (— for points measured before this was recorded)."]
     lines += ["", "## Targets", ""]
     for t in results.get("targets") or targets(results):
         lines.append(f"- {t['name']}: {t['measured'] or 'none'} ({'met' if t['met'] else 'not met'})")
