@@ -139,3 +139,17 @@ def test_with_two_mistakes_the_calibration_one_is_reported_first(model_dir, tmp_
     assert "--heal distill needs calibration text" in capsys.readouterr().err
     assert main(args + ["--calibration", "self"]) == 1
     assert "--heal-steps must be positive" in capsys.readouterr().err
+
+
+def test_compress_model_progress_false_prints_no_bars(tmp_path, capfd):
+    # a library caller (a notebook, a service) asks for silence: no tqdm bar on stderr, same checkpoint
+    from jointrank import GroupRule, JointRankConfig, compress_model
+    from tiny_models import save_tiny
+
+    source = save_tiny("llama", tmp_path / "src")
+    config = JointRankConfig(rules={"qk": GroupRule("joint"), "down": GroupRule("separate")}, ratio=0.5)
+    capfd.readouterr()
+    compress_model(str(source), tmp_path / "quiet", config, progress=False)
+    assert "factorising" not in capfd.readouterr().err
+    compress_model(str(source), tmp_path / "loud", config)
+    assert "factorising" in capfd.readouterr().err

@@ -102,7 +102,7 @@ def check_request(config, *, calibration: Calibration | None, heal: str = "none"
         check_heal(heal, distill)
 
 
-def calibration_windows(calibration: Calibration | None, model, tokenizer):
+def calibration_windows(calibration: Calibration | None, model, tokenizer, progress: bool = True):
     """The token windows a Calibration request stands for (sampled from `model` for "self")."""
     if calibration is None:
         return None
@@ -110,7 +110,7 @@ def calibration_windows(calibration: Calibration | None, model, tokenizer):
     from .methods.selfgen import parse_spec, self_calibration
 
     if parse_spec(calibration.text) is not None:
-        return self_calibration(model, tokenizer, calibration.token_count())
+        return self_calibration(model, tokenizer, calibration.token_count(), progress=progress)
     return load_text(calibration.text, tokenizer, tokens=calibration.token_count())
 
 
@@ -123,14 +123,15 @@ def heal_state_dir(out: str | Path) -> Path:
 def compress_model(source: str, out: str | Path, config, *, calibration: Calibration | None = None,
                    heal: str = "none", distill=None, evaluate: Evaluation | None = None, dense: bool = False,
                    device: str | None = None, dtype: str | None = None, overwrite: bool = False, stream=None,
-                   quantize: str | None = None, on_plan=None) -> CompressionRun:
+                   quantize: str | None = None, on_plan=None, progress: bool = True) -> CompressionRun:
     """Compress the model `source` names (a directory, a GGUF file, a hub id or an alias) into the checkpoint `out`.
 
     `heal`: none | refit | distill | refit+distill (needs `calibration`; `distill`: heal.DistillSettings);
     `dense`: write the compressed model back as dense matrices; `quantize`: store the factors and the remaining
     linear layers of the decoder quantised ("int8" or "int4", quantize.SCHEMES; after healing, before the "after"
     evaluation); `stream`: a streaming.StreamOptions to compress a local safetensors checkpoint layer by layer; `on_plan(plan)` is called once the plan is known, before any
-    weight changes (the CLI prints it there)."""
+    weight changes (the CLI prints it there); `progress=False` silences the progress bars (sampling, planning,
+    factorising, healing)."""
     from .checkpoint import save
     from .precheck import check_compress
 
@@ -155,8 +156,8 @@ def compress_model(source: str, out: str | Path, config, *, calibration: Calibra
     evals = {}
     if evaluate is not None:
         evals["before"] = _evaluate(model, tokenizer, evaluate)
-    windows = calibration_windows(calibration, model, tokenizer)  # before planning: loss allocation measures on it
-    plan = plan_for(model, config, calibration=windows)
+    windows = calibration_windows(calibration, model, tokenizer, progress=progress)  # loss allocation measures on it
+    plan = plan_for(model, config, calibration=windows, progress=progress)
     if on_plan is not None:
         on_plan(plan)
     healing = heal not in (None, "none")
@@ -165,12 +166,12 @@ def compress_model(source: str, out: str | Path, config, *, calibration: Calibra
         from .heal import teacher_copy
 
         teacher = teacher_copy(model)  # before any weight changes: the dense layers are the healing target
-    result = compress_(model, plan, device=device, calibration=windows)
+    result = compress_(model, plan, device=device, calibration=windows, progress=progress)
     if healing:
         from .heal import DistillSettings, heal_
 
         result.extra["heal"] = heal_(model, teacher, windows, heal, distill or DistillSettings(),
-                                     state_dir=heal_state_dir(out))
+                                     state_dir=heal_state_dir(out), progress=progress)
         del teacher
     if quantize is not None:
         from .quantize import quantize_
