@@ -17,7 +17,7 @@ import torch
 
 import jointrank
 from jointrank import GroupRule, JointRankConfig, JointRankError
-from jointrank.quantize import SCHEMES, QuantizedWeight, WeightSpec, spec_for
+from jointrank.quantize import SCHEMES, QuantizedWeight, WeightSpec, dequantized_copy, spec_for
 from tiny_models import random_tokens, save_tiny, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,30 +34,6 @@ def compressed(arch: str, seed: int = 0):
     config = JointRankConfig(rules=RULES, ratio=0.5)
     result = jointrank.compress_(model, config, progress=False)
     return model, config, result
-
-
-def dequantized_copy(model):
-    """The same model with every quantised weight replaced by its float dequantization (the reference)."""
-    import copy
-
-    from jointrank.modules import SharedBasis
-    from jointrank.quantize import QuantizedLinear
-
-    ref = copy.deepcopy(model)
-    for name, module in list(ref.named_modules()):
-        if isinstance(module, QuantizedLinear):
-            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            with torch.no_grad():
-                dense.weight.copy_(module.quantized.dequantized())
-                if module.bias is not None:
-                    dense.bias.copy_(module.bias)
-            parent, attr = name.rsplit(".", 1)
-            setattr(ref.get_submodule(parent), attr, dense)
-        elif isinstance(module, SharedBasis) and "quantized" in module._modules:
-            weight = module.quantized.dequantized().detach().clone()
-            del module._modules["quantized"]
-            module.weight = torch.nn.Parameter(weight)
-    return ref
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))

@@ -110,6 +110,7 @@ def cmd_point(args) -> int:
     from transformers import AutoModelForCausalLM
 
     import jointrank
+    from jointrank.quantize import dequantized_copy
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     row, budget, scheme = SETTINGS[args.name]
@@ -137,7 +138,7 @@ def cmd_point(args) -> int:
         del model
         reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
         point["bytes_in_memory"] = storage_bytes(reloaded)
-        evaluated = dequantized(reloaded) if scheme is not None else reloaded
+        evaluated = dequantized_copy(reloaded) if scheme is not None else reloaded
         windows, _, _ = quality.eval_windows(tokenizer)
         if scheme is not None:
             with torch.no_grad():
@@ -171,32 +172,6 @@ def load_peak_rss_gib(checkpoint: Path) -> dict:
                           check=True)
     before, after = (int(x) / 2**20 for x in proc.stdout.split()[-2:])  # Linux reports KiB
     return {"process": after, "load": after - before}
-
-
-def dequantized(model):
-    """A float copy of a quantised model: each quantised weight replaced by its dequantization (same function)."""
-    import copy
-
-    import torch
-
-    from jointrank.modules import SharedBasis
-    from jointrank.quantize import QuantizedLinear
-
-    ref = copy.deepcopy(model)
-    for name, module in list(ref.named_modules()):
-        if isinstance(module, QuantizedLinear):
-            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            with torch.no_grad():
-                dense.weight.copy_(module.quantized.dequantized())
-                if module.bias is not None:
-                    dense.bias.copy_(module.bias)
-            parent, attr = name.rsplit(".", 1)
-            setattr(ref.get_submodule(parent), attr, dense)
-        elif isinstance(module, SharedBasis) and "quantized" in module._modules:
-            weight = module.quantized.dequantized().detach().clone()
-            del module._modules["quantized"]
-            module.weight = torch.nn.Parameter(weight)
-    return ref
 
 
 # --------------------------------------------------------------------------------------------------- speed

@@ -334,5 +334,29 @@ def _quanto_for_load(scheme: str) -> None:
                              f"{INSTALL}") from None
 
 
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """A float copy of a quantised model, each quantised weight replaced by its dequantization: the same function,
+    computed without dequantizing inside every matmul (for evaluation, and as the tests' reference)."""
+    import copy
+
+    from .modules import SharedBasis
+
+    ref = copy.deepcopy(model)
+    for name, module in list(ref.named_modules()):
+        if isinstance(module, QuantizedLinear):
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                dense.weight.copy_(module.quantized.dequantized())
+                if module.bias is not None:
+                    dense.bias.copy_(module.bias)
+            parent, attr = name.rsplit(".", 1)
+            setattr(ref.get_submodule(parent), attr, dense)
+        elif isinstance(module, SharedBasis) and "quantized" in module._modules:
+            weight = module.quantized.dequantized().detach().clone()
+            del module._modules["quantized"]
+            module.weight = nn.Parameter(weight)
+    return ref
+
+
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QuantizedWeight) for m in model.modules())
