@@ -156,16 +156,7 @@ def plan_global(layout: ModelLayout, config, tensors, *, spectra: dict | None = 
         raise JointRankError(
             f"this structure cannot remove {config.target:.1%} of the {config.scope}'s parameters: even at rank 1 "
             f"everywhere it removes {most / scope_total:.1%}. Lower --target, add groups or use --scope decoder")
-    lo, hi = 0.0, 1.0
-    while removed(choose(hi)) < budget:  # a higher price per parameter removes more
-        hi *= 4
-    lo = hi / 4 if hi > 1.0 else 0.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if removed(choose(mid)) >= budget:
-            hi = mid
-        else:
-            lo = mid
+    hi = lowest_price(choose, removed, budget)
     ranks = hand_back(cands, choose(hi), removed(choose(hi)) - budget)
 
     entries = []
@@ -183,6 +174,22 @@ def plan_global(layout: ModelLayout, config, tensors, *, spectra: dict | None = 
                                      joint_params(d_outs, d_in, k)))
     return CompressionPlan(layout.model_type, layout.num_layers, tuple(entries), layout.params_total,
                            layout.params_decoder, config.to_dict(), None)
+
+
+def lowest_price(choose, removed, budget: int) -> float:
+    """The Lagrangian search both planners share: the lowest price per parameter whose choice `choose(price)`
+    removes at least `budget` parameters (`removed(choice)`), by bisection (a higher price removes more)."""
+    hi = 1.0
+    while removed(choose(hi)) < budget:
+        hi *= 4
+    lo = hi / 4 if hi > 1.0 else 0.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if removed(choose(mid)) >= budget:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def hand_back(cands, ranks: list[int], slack: float) -> list[int]:

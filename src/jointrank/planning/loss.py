@@ -29,7 +29,7 @@ from ..architectures import JOINABLE, ModelLayout
 from ..errors import JointRankError
 from ..linalg import joint_params
 from ..plan import CompressionPlan, PlanEntry, validate
-from .allocation import hand_back
+from .allocation import hand_back, lowest_price
 
 
 def output_fisher(model, calibration, names: list[str], *, progress: bool = True) -> dict[str, torch.Tensor]:
@@ -190,16 +190,7 @@ def plan_loss(layout: ModelLayout, config, curves: dict) -> CompressionPlan:
     if most < budget:
         raise JointRankError(f"these groups cannot remove {config.target:.1%} of the {config.scope}'s parameters; "
                              "lower --target, add groups or use --scope decoder")
-    lo, hi = 0.0, 1.0
-    while removed(choose(hi)) < budget:
-        hi *= 4
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if removed(choose(mid)) >= budget:
-            hi = mid
-        else:
-            lo = mid
-    choice = choose(hi)
+    choice = choose(lowest_price(choose, removed, budget))
     # hand single ranks back inside the chosen structures while the budget holds
     flat = [u for (_, options), (structure, _) in zip(groups, choice) for u in dict(options).get(structure, [])]
     ranks = [k for _, ks in choice for k in ks]
