@@ -34,8 +34,14 @@ class Api:
     """jointrank's public entry points as this table uses them: one line each."""
 
     @staticmethod
-    def config(method: str):
-        return JointRankConfig(rules=RULES, ratio=RATIO, method=method)
+    def config(method: str, share: int = 1):
+        return JointRankConfig(rules=RULES, ratio=RATIO, method=method, share_layers=share)
+
+    @staticmethod
+    def is_sequential(method: str) -> bool:
+        from jointrank import methods
+
+        return methods.parse(method)[0].sequential
 
     @staticmethod
     def plan(model, config):
@@ -87,6 +93,8 @@ class Api:
 # ---------------------------------------------------------------------------------------------------------- the table
 METHODS = ("svd", "balanced:heads", "asvd", "svd_llm", "llm_rom")
 PATHS = ("memory", "streamed", "reloaded")
+# bases per layer, or shared by 2 adjacent layers (the tiny models have 3: layers 0-1 share, layer 2 keeps its own)
+SHARES = (1, 2)
 
 # joint and separate units, a layer selector and a kept group (o): every kind of plan entry in one config
 RULES = {"qk": GroupRule("joint"), "gate_up": GroupRule("joint"), "v": GroupRule("separate"),
@@ -108,12 +116,14 @@ class Case:
     arch: str
     method: str
     path: str
+    share: int = 1
 
     def __str__(self) -> str:
-        return f"{self.arch}-{self.method}-{self.path}"
+        return f"{self.arch}-{self.method}-{self.path}" + (f"-shared{self.share}" if self.share > 1 else "")
 
 
-CASES = [Case(arch, method, path) for arch in ARCHS for method in METHODS for path in PATHS]
+CASES = [Case(arch, method, path, share) for share in SHARES for arch in ARCHS for method in METHODS
+         for path in PATHS]
 
 
 def test_the_table_covers_every_declared_architecture_and_every_registered_method():
@@ -143,12 +153,12 @@ def build(tmp_path_factory):
         return save_tiny(arch, root / arch / "source")
 
     @cache
-    def built(arch: str, method: str) -> Built:
-        config = Api.config(method)
+    def built(arch: str, method: str, share: int = 1) -> Built:
+        config = Api.config(method, share)
         calibration = Api.calibration(text_file, tiny_tokenizer()) if Api.is_data_aware(method) else None
         dense, model = Api.reload(source(arch)), Api.reload(source(arch))
         result = Api.compress(model, config, calibration)
-        checkpoint = Api.save(model, root / arch / method.replace(":", "-"), result, config)
+        checkpoint = Api.save(model, root / arch / f"{method.replace(':', '-')}-{share}", result, config)
         return Built(source(arch), dense, model, result, checkpoint, calibration)
 
     return built
@@ -172,7 +182,7 @@ def check_memory(case: Case, b: Built) -> None:
     from jointrank.modules import LowRankLinear, SharedBasis
 
     plan = b.result.plan
-    assert plan == Api.plan(b.dense, Api.config(case.method))  # the plan compress_ followed is the model's plan
+    assert plan == Api.plan(b.dense, Api.config(case.method, case.share))  # compress_ followed the model's plan
     assert count_parameters(b.model) == plan.params_total_after == b.result.params_total_after
     assert b.result.params_decoder_after == plan.params_decoder_after < plan.params_decoder_before
     assert len(b.result.units) == len(plan.factorised) > 0
@@ -184,6 +194,12 @@ def check_memory(case: Case, b: Built) -> None:
             assert tuple(module.out.weight.shape) == (d_out, entry.rank)
     joint = [e for e in plan.factorised if e.structure == "joint"]
     assert joint and sum(isinstance(m, SharedBasis) for m in b.model.modules()) == len(joint)  # one basis per unit
+    # shared by 2 layers: every rule's units of layers 0 and 1 are one unit, layer 2's are per layer as before
+    assert {e.span for e in plan.factorised} == ({1, 2} if case.share == 2 else {1})
+    for entry in plan.factorised:
+        if entry.span > 1:
+            bases = {id(b.model.get_submodule(name).shared_basis) for name in entry.members}
+            assert len(bases) == 1 and entry.structure == "joint"  # one basis object serves every layer
     tokens = random_tokens()
     after = logits(b.model, tokens)
     assert torch.isfinite(after).all()
@@ -197,14 +213,18 @@ def check_calibrated(b: Built) -> None:
     than plain SVD of the same rank would have (its whole point)."""
     rows = b.result.extra["calibration_errors"]
     assert b.calibration.tokens == CALIBRATION_TOKENS  # the text filled every window
-    assert len(rows) == len(b.result.plan.factorised) and all(r["tokens"] == b.calibration.tokens for r in rows)
+    from jointrank.plan import span_of
+
+    # a unit shared by n layers is whitened with the inputs of all n: n times the tokens, pooled
+    assert len(rows) == len(b.result.plan.factorised)
+    assert all(r["tokens"] == b.calibration.tokens * span_of(r["members"]) for r in rows)
     ours = sum(r["calib_rel_error"] for r in rows)
     plain = sum(r["svd_calib_rel_error"] for r in rows)
     assert ours < plain
 
 
 def check_streamed(case: Case, b: Built, out: Path) -> None:
-    config = Api.config(case.method)
+    config = Api.config(case.method, case.share)
     if Api.is_data_aware(case.method):
         with pytest.raises(JointRankError, match="needs calibration data .* in-memory path"):
             Api.stream(b.source, out, config)
@@ -243,7 +263,12 @@ def check_reloaded(case: Case, b: Built) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_case(case: Case, build, tmp_path):
-    built = build(case.arch, case.method)
+    if case.share > 1 and Api.is_sequential(case.method):
+        # a sequential method compresses each layer before measuring the next: one clear refusal, on every path
+        with pytest.raises(JointRankError, match="--share-layers needs a method .* sequential"):
+            build(case.arch, case.method, case.share)
+        return
+    built = build(case.arch, case.method, case.share)
     if case.path == "memory":
         check_memory(case, built)
     elif case.path == "streamed":

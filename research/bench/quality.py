@@ -82,7 +82,11 @@ STRUCTURES = {
     # issue #15: structure and ranks per group from the estimated loss (planning.loss), SVD-LLM factors
     "loss-svd_llm": (ALL, "svd_llm", "loss", None),
     "loss-llm_rom": (ALL, "llm_rom", "loss", None),
+    # issue #15: global SVD-LLM with every unit's basis shared by 2 adjacent layers (the same budget buys higher
+    # ranks); its twin at equal parameters is "svd_llm" (per-layer joint Q/K and gate/up, per-layer separate rest)
+    "xl2-svd_llm": (ALL, "svd_llm", "global", "flat"),
 }
+SHARED = {"xl2-svd_llm": 2}  # structure -> layers sharing a basis (JointRankConfig.share_layers); others 1
 CALIBRATIONS = ("none", "c4", "self")
 HEALS = ("none", "refit", "distill", "refit+distill")
 
@@ -125,7 +129,8 @@ def config_for(structure: str, budget: float):
     else:
         rules = {g: GroupRule(m) for g, m in rules.items()}
     return JointRankConfig(rules=rules, target=budget, scope="decoder", method=method, allocation=allocation,
-                           preset=preset, allocation_prior=prior_for(structure, budget) or "flat")
+                           preset=preset, allocation_prior=prior_for(structure, budget) or "flat",
+                           share_layers=SHARED.get(structure, 1))
 
 
 def prior_for(structure: str, budget: float) -> str | None:
@@ -139,7 +144,8 @@ def structure_label(structure: str, budget: float) -> str:
     if structure == "paper":
         return f"{c.preset} (svd, uniform)"
     groups = c.preset or "+".join(f"{g}:{r.structure}" for g, r in c.rules.items())
-    return f"{groups} ({c.method}, {c.allocation}{', ' + prior_for(structure, budget) + ' prior' if c.allocation == 'global' else ''})"
+    shared = f", bases shared by {c.share_layers} layers" if c.share_layers > 1 else ""
+    return f"{groups} ({c.method}, {c.allocation}{', ' + prior_for(structure, budget) + ' prior' if c.allocation == 'global' else ''}{shared})"
 
 
 # ------------------------------------------------------------------------------------------------ measurements
@@ -527,32 +533,44 @@ def targets(results: dict) -> list[dict]:
     return out
 
 
+def best_against_twin(by: dict, budget: float, prefix: str) -> tuple[float, str] | None:
+    """The row STRUCTURE/C/H with STRUCTURE starting with `prefix` that beats its twin (the same row without the
+    prefix) by the most paired standard errors of the per-window NLL difference at `budget`: (z, row), or None."""
+    best = None
+    for (row, b), p in by.items():
+        if b != budget or row == "dense" or not parse_row(row)[0].startswith(prefix):
+            continue
+        s, c, h = parse_row(row)
+        twin = by.get((row_name(s[len(prefix):], c, h), budget))
+        if twin is None:
+            continue
+        d, se = paired_nll(p, twin)
+        z = d / se if se > 0 else 0.0
+        if best is None or z < best[0]:
+            best = (z, row)
+    return best
+
+
+def cross_layer_target(by: dict) -> dict:
+    per_budget = {f"{b:.0%}": best_against_twin(by, b, "xl2-") for b in (0.2, 0.3)}
+    measured = "; ".join(f"{k}: {'not measured' if v is None else f'{v[0]:+.1f} SE ({v[1]})'}"
+                         for k, v in per_budget.items())
+    return {"name": "cross-layer shared bases better than per-layer joint at 20% and 30% (2 paired SE)",
+            "measured": measured, "target": "< -2 SE at 20% and 30%",
+            "met": all(v is not None and v[0] < -2 for v in per_budget.values())}
+
+
 def loss_targets(by: dict) -> list[dict]:
     """Issue #15's targets: loss-aware allocation against global (loss-M/C/H against M/C/H, paired per window), at
-    every budget; cross-layer shared bases (not built yet); 20% with C4 at most half of global LLM-ROM's perplexity."""
-    per_budget = {}
-    for budget in BUDGETS:
-        best = None
-        for (row, b), p in by.items():
-            if b != budget or row == "dense" or not parse_row(row)[0].startswith("loss-"):
-                continue
-            s, c, h = parse_row(row)
-            twin = by.get((row_name(s[len("loss-"):], c, h), budget))
-            if twin is None:
-                continue
-            d, se = paired_nll(p, twin)
-            z = d / se if se > 0 else 0.0
-            if best is None or z < best[0]:
-                best = (z, row)
-        per_budget[f"{budget:.0%}"] = best
+    every budget; cross-layer shared bases against per-layer units (xl2-M/C/H against M/C/H) at 20% and 30%; 20%
+    with C4 at most half of global LLM-ROM's perplexity."""
+    per_budget = {f"{budget:.0%}": best_against_twin(by, budget, "loss-") for budget in BUDGETS}
     measured = "; ".join(f"{k}: {'not measured' if v is None else f'{v[0]:+.1f} SE ({v[1]})'}"
                          for k, v in per_budget.items())
     out = [{"name": "loss-aware allocation better than global allocation at every budget (paired dNLL, in SE)",
             "measured": measured, "target": "< -2 SE at 10%, 20% and 30%",
             "met": all(v is not None and v[0] < -2 for v in per_budget.values())},
-           {"name": "cross-layer shared bases better than per-layer joint at 20% and 30% (2 paired SE)",
-            "measured": None, "target": "< -2 SE at 20% and 30%", "met": False,
-            "note": "cross-layer shared bases are not built yet"}]
+           cross_layer_target(by)]
     base = by.get(("llm_rom/c4/none", 0.2))
     c4 = [p for (row, b), p in by.items() if b == 0.2 and row != "dense" and parse_row(row)[1] == "c4"
           and parse_row(row)[0].startswith("loss-")]

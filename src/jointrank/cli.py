@@ -181,6 +181,11 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --allocation global, how much a unit's lost energy counts: flat (the same everywhere), "
                    "depth (early layers count up to twice), residual (Gemma-2/3: each block's write scale relative to "
                    "the residual stream it writes into; best measured at 20-30%%, results/methods.md)")
+    p.add_argument("--share-layers", type=int, default=1, metavar="N",
+                   help="cross-layer shared bases: every compressed unit of N adjacent layers (e.g. o_proj of layers "
+                   "4 and 5, or joint gate/up of both) factorised once, one input basis stored for all N (Basis "
+                   "Sharing); affords a higher rank at the same parameters. Default 1 (per layer). Not with "
+                   "--allocation loss or the sequential method llm_rom")
     p.add_argument("--calibration", default=None, metavar="FILE|self[:TOKENS]",
                    help="calibration text for the data-aware methods and for --heal: a text file (documents one per "
                    "line), or 'self' for text sampled from the dense model itself, no user data (seeded; cached in "
@@ -246,7 +251,7 @@ def config_from_args(args):
                              scope=args.scope or "model", solver=args.solver,
                              only_if_smaller=not args.keep_unprofitable, preset=args.preset,
                              method=args.method, allocation=args.allocation, keep_slow=args.keep_slow,
-                             allocation_prior=args.allocation_prior,
+                             allocation_prior=args.allocation_prior, share_layers=args.share_layers,
                              method_params=_method_params(args.method_param))
     validate(config)
     return config

@@ -7,6 +7,9 @@ Tensor names of one unit (a plan entry that is factorised), for a member module 
   separate:  <m>.basis.weight (k, d_in)   <m>.out.weight (d_out, k)   [<m>.out.bias, the original bias, exact]
   joint:     <p>.<group>_basis.weight (k, d_in), stored once for the group, and per member <m>.out.weight [+ bias]
 
+A cross-layer unit (JointRankConfig.share_layers) is a joint unit whose members sit in several layers: its basis is
+stored once, under the first member's parent, and every member of every layer stores its own output factor.
+
 `quantization_units(plan)` is what config.json's quantization_config carries so that a reader can rebuild the
 module structure before loading these tensors (modules.install_unit builds exactly these names).
 """

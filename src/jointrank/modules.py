@@ -17,7 +17,8 @@ from .format import basis_name
 
 
 class SharedBasis(nn.Module):
-    """The input basis B (k, d_in) of a joint group, registered once on the members' parent module.
+    """The input basis B (k, d_in) of a joint group, registered once on the members' parent module (a cross-layer
+    group's: on its first layer's; members of the later layers borrow it, each projecting its own input).
 
     Members of a group are called one after another on the *same* input tensor (q_proj(h), k_proj(h)), so the
     projection x Bᵀ is computed by the first caller and handed to the others: a joint group then costs
@@ -147,9 +148,11 @@ def install_unit(model: nn.Module, members: tuple[str, ...] | list[str], rank: i
     factory = {"device": ref.device, "dtype": ref.dtype}
     basis = None
     if shared:
-        parent_name = members[0].rsplit(".", 1)[0]
-        basis = SharedBasis(rank, originals[0].in_features, len(members), **factory)
-        model.get_submodule(parent_name).add_module(basis_name(parent_name, group).rsplit(".", 1)[1], basis)
+        # registered on the first member's parent; a cross-layer unit's members in later layers borrow it. The
+        # projection is shared between the members that read one input: those of one parent (one layer)
+        parents = [name.rsplit(".", 1)[0] for name in members]
+        basis = SharedBasis(rank, originals[0].in_features, parents.count(parents[0]), **factory)
+        model.get_submodule(parents[0]).add_module(basis_name(parents[0], group).rsplit(".", 1)[1], basis)
     for name, old in zip(members, originals):
         parent_name, attr = name.rsplit(".", 1)
         new = LowRankLinear(old.in_features, old.out_features, rank, old.bias is not None, shared_basis=basis,

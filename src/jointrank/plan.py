@@ -71,6 +71,10 @@ class JointRankConfig:
     allocation_prior: str = "flat"  # global allocation only: flat | depth | residual (planning.allocation)
     method_params: dict = field(default_factory=dict)  # the method's hyperparameters that differ from its defaults
     seed: int | None = None  # the randomized solver's seed (None: linalg.DEFAULT_SEED)
+    # cross-layer shared bases: every factorised unit of `share_layers` adjacent layers (the same group and member
+    # kind, e.g. o_proj of layers 4 and 5, or joint gate/up of layers 4 and 5) stacked and factorised once, one input
+    # basis stored for all of them (Basis Sharing, arXiv 2410.03765, here also for the paper's joint groups). 1: none
+    share_layers: int = 1
 
     def __post_init__(self):
         # typed values, in the spirit of torchao's configs, are stored as the plain fields they set
@@ -165,13 +169,20 @@ class UnitCost:
         return f"less than {margin:.0%} cheaper than dense" if saving < margin else ""
 
 
-def unit_cost(d_outs: tuple[int, ...] | list[int], d_in: int, rank: int, *, shared_projection: bool = True) -> UnitCost:
+def span_of(members) -> int:
+    """How many decoder layers a unit's members (module names) sit in: the members of one layer share a parent."""
+    return len({m.rsplit(".", 1)[0] for m in members})
+
+
+def unit_cost(d_outs: tuple[int, ...] | list[int], d_in: int, rank: int, *, shared_projection: bool = True,
+              span: int = 1) -> UnitCost:
     """Dense: Σd_out·d_in multiply-adds per token. Rank k: k·d_in for the projection x Bᵀ (once for a joint group,
     as modules.SharedBasis computes it once; per member if it were not shared) + k·Σd_out for the output factors.
     With the projection shared, multiply-adds per token equal the weights stored, so "slower" and "larger" agree;
-    real kernels lose some efficiency on two thin matmuls, which is what a keep_slow margin is for."""
+    real kernels lose some efficiency on two thin matmuls, which is what a keep_slow margin is for. A basis shared
+    by `span` layers is stored once but projects each layer's own input: span projections per token."""
     dense = sum(d_outs) * d_in
-    projections = 1 if shared_projection else len(d_outs)
+    projections = span if shared_projection else len(d_outs)
     return UnitCost(dense, rank * d_in * projections + rank * sum(d_outs), dense, joint_params(d_outs, d_in, rank))
 
 
@@ -194,6 +205,12 @@ class PlanEntry:
     @property
     def approximation_ratio(self) -> float | None:
         return None if self.rank is None else self.rank / max_rank(self.d_outs, self.d_in)
+
+    @property
+    def span(self) -> int:
+        """How many decoder layers share this unit's basis: 1, or more for a cross-layer unit (members of one
+        layer always share one parent module, so the layers are the distinct parents)."""
+        return span_of(self.members)
 
 
 @dataclass(frozen=True)
@@ -310,5 +327,18 @@ def validate(config: JointRankConfig) -> None:
             raise JointRankError(f"{group}: unknown structure {rule.structure!r}; use {', '.join(STRUCTURES)}")
         if rule.structure == "joint" and group not in JOINABLE:
             raise JointRankError(f"{group} has one member, so it cannot be joint; use separate")
+    if isinstance(config.share_layers, bool) or not isinstance(config.share_layers, int) or config.share_layers < 1:
+        raise JointRankError(f"--share-layers must be a whole number of layers, at least 1; got {config.share_layers!r}")
+    if config.share_layers > 1:
+        if config.allocation == "loss":
+            raise JointRankError("--share-layers with --allocation loss is not supported: loss-aware allocation scores "
+                                 "units of one layer; use --allocation global or uniform with shared bases")
+        from .methods import parse
+
+        method, _ = parse(config.method)
+        if method.sequential:
+            raise JointRankError(f"--share-layers needs a method that factorises weights from statistics of the dense "
+                                 f"model; {method.name} is sequential (each layer is compressed before the next is "
+                                 "measured), so a basis cannot wait for the next layer")
     if not any(r.structure != "keep" for r in config.rules.values()):
         raise JointRankError("nothing to compress: give a preset or a method for at least one group (e.g. --qk joint)")

@@ -57,17 +57,19 @@ def plan_summary(entries: list[dict]) -> str:
     """One row per (group, member, structure, rank): which layers, parameters before and after, and the modelled
     per-token cost against dense (plan.unit_cost: multiply-adds, shared projection counted once)."""
     from .format import structure_of
-    from .plan import unit_cost
+    from .plan import span_of, unit_cost
 
     rows = defaultdict(lambda: {"layers": [], "before": 0, "after": 0, "notes": set(), "macs": [0, 0]})
     for e in entries:
-        who = "+".join(m.rsplit(".", 1)[1] for m in e["members"])
-        key = (e["group"], who, structure_of(e), e["rank"])
-        rows[key]["layers"].append(e["layer"])
+        span = span_of(e["members"])
+        who = "+".join(dict.fromkeys(m.rsplit(".", 1)[1] for m in e["members"]))
+        structure = structure_of(e) + (f" across {span} layers" if span > 1 else "")
+        key = (e["group"], who, structure, e["rank"])
+        rows[key]["layers"].extend(range(e["layer"], e["layer"] + span))
         rows[key]["before"] += e["params_before"]
         rows[key]["after"] += e["params_after"]
         if e["rank"] is not None:
-            cost = unit_cost(e["d_outs"], e["d_in"], e["rank"])
+            cost = unit_cost(e["d_outs"], e["d_in"], e["rank"], span=span)
             rows[key]["macs"][0] += cost.factorised_macs
             rows[key]["macs"][1] += cost.dense_macs
         if e.get("note"):

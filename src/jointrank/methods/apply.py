@@ -11,11 +11,12 @@ from collections import defaultdict
 
 from tqdm.auto import tqdm
 
+from ..architectures import describe
 from ..engine import run_unit
 from ..errors import JointRankError
 from ..linalg import Solver, joint_rank_k
 from . import parse, settings_dict, settings_for
-from .calibration import Calibration, layerwise
+from .calibration import Calibration, layerwise, pooled
 from .common import output_error
 
 
@@ -27,20 +28,36 @@ def compress_calibrated(model, plan, calibration: Calibration | None, *, solver,
     settings = settings_for(spec, plan.config.get("method_params"))
     if calibration is None:
         raise JointRankError(f"method {method.name!r} needs calibration text: give --calibration FILE")
-    by_layer = defaultdict(list)
+    # one statistic per group and layer: all members of a group read the same input. A cross-layer unit reads
+    # the inputs of several layers: it is factorised at its last layer, from their statistics pooled
+    group_of = {m.name: (g.layer, g.group) for g in describe(model).groups for m in g.members}
+    watch: dict[int, dict[str, str]] = defaultdict(dict)
+    finish_at = defaultdict(list)
+    users = defaultdict(int)  # statistic -> units still to use it: each is freed after its last use (d_in² floats)
     for entry in plan.factorised:
-        by_layer[entry.layer].append(entry)
-    # one statistic per group and layer: all members of a group read the same input
-    watch = {layer: {e.group: e.members[0] for e in entries} for layer, entries in by_layer.items()}
+        keys = {group_of[name] for name in entry.members}
+        for name in entry.members:
+            layer, group = group_of[name]
+            watch[layer].setdefault(group, name)
+        for key in keys:
+            users[key] += 1
+        finish_at[max(layer for layer, _ in keys)].append(entry)
+    measured: dict[tuple[int, str], object] = {}
     done: list = []
     errors: list[dict] = []
     bar = tqdm(total=len(plan.factorised), desc=f"{method.name} (calibrated)", unit="unit", disable=not progress)
 
     def on_layer(index, stats):
-        for entry in by_layer[index]:
+        measured.update({(index, group): unit_stats for group, unit_stats in stats.items()})
+        for entry in finish_at[index]:
             modules = [model.get_submodule(name) for name in entry.members]
             weights = [m.weight.detach() for m in modules]
-            unit_stats = stats[entry.group]
+            keys = list(dict.fromkeys(group_of[name] for name in entry.members))
+            unit_stats = pooled([measured[key] for key in keys])
+            for key in keys:
+                users[key] -= 1
+                if not users[key]:
+                    del measured[key]
             factors, result, _ = run_unit(entry, weights, settings, stats=unit_stats, solver=solver)
             plain = joint_rank_k(weights, entry.rank, solver=solver.name, seed=solver.seed)
             errors.append({"layer": entry.layer, "group": entry.group, "members": list(entry.members),
@@ -52,7 +69,7 @@ def compress_calibrated(model, plan, calibration: Calibration | None, *, solver,
             bar.update()
 
     try:
-        layerwise(model, calibration, watch, on_layer, sequential=method.sequential)
+        layerwise(model, calibration, dict(watch), on_layer, sequential=method.sequential)
     finally:
         bar.close()
     extra = {"method": spec, "method_settings": settings_dict(settings), "sequential": method.sequential, "calibration_tokens": calibration.tokens,

@@ -50,6 +50,22 @@ class InputStats:
         return moved
 
 
+def pooled(stats: list[InputStats]) -> InputStats:
+    """One InputStats over the tokens of several: a cross-layer unit's inputs from each of its layers, weighted by
+    their token counts (the second moment the stacked, shared basis is whitened with)."""
+    if len(stats) == 1:
+        return stats[0]
+    out = InputStats(stats[0].second_moment.shape[0])
+    for s in stats:
+        total = out.tokens + s.tokens
+        if total == 0:
+            continue
+        out.second_moment.mul_(out.tokens / total).add_(s.second_moment, alpha=s.tokens / total)
+        out.mean_abs.mul_(out.tokens / total).add_(s.mean_abs, alpha=s.tokens / total)
+        out.tokens = total
+    return out
+
+
 @dataclass
 class Calibration:
     """Token windows (n, seqlen), each starting with BOS, and where they came from."""

@@ -28,7 +28,7 @@ import heapq
 import numpy as np
 import torch
 
-from ..architectures import ModelLayout
+from ..architectures import LLAMA_STYLE_GROUPS, ModelLayout
 from ..errors import JointRankError
 from ..linalg import joint_params
 from ..methods import method_of, settings_for
@@ -36,7 +36,7 @@ from ..plan import ALLOCATION_PRIORS, CompressionPlan, PlanEntry, validate
 from .uniform import plan_units
 
 PRIORS = ALLOCATION_PRIORS
-ATTENTION_GROUPS = ("qk", "v", "o")
+ATTENTION_PARENT = LLAMA_STYLE_GROUPS["qk"][0]  # the module holding the attention projections (self_attn)
 
 
 def layer_prior(layer: int, num_layers: int, prior: str) -> float:
@@ -110,10 +110,15 @@ def plan_global(layout: ModelLayout, config, tensors, *, spectra: dict | None = 
 
     block_prior = residual_priors(layout, tensors) if prior == "residual" else None
 
+    layer_of = {m.name: group.layer for group in layout.groups for m in group.members}
+
     def unit_prior(g) -> float:
+        """The prior of the unit's layer; a cross-layer unit's is the mean over the layers sharing its basis."""
+        block = "attn" if g.parent.rsplit(".", 1)[-1] == ATTENTION_PARENT else "mlp"
+        layers = sorted({layer_of[m.name] for m in g.members})
         if block_prior is not None:
-            return block_prior[(g.layer, "attn" if g.group in ATTENTION_GROUPS else "mlp")]
-        return layer_prior(g.layer, layout.num_layers, prior)
+            return float(np.mean([block_prior[(layer, block)] for layer in layers]))
+        return float(np.mean([layer_prior(layer, layout.num_layers, prior) for layer in layers]))
 
     cands = []  # per factorisable unit: (index in units, dense params, cost per rank, prior·relative tail energy)
     for index, (g, structure, idx) in enumerate(units):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..architectures import GroupLayout, ModelLayout
 from ..errors import JointRankError
 from ..linalg import joint_params, max_rank
-from ..plan import CompressionPlan, JointRankConfig, PlanEntry, parse_layers, unit_cost, validate
+from ..plan import CompressionPlan, JointRankConfig, PlanEntry, parse_layers, span_of, unit_cost, validate
 
 
 def plan_uniform(layout: ModelLayout, config: JointRankConfig) -> CompressionPlan:
@@ -33,7 +33,43 @@ def plan_units(layout: ModelLayout, config: JointRankConfig) -> list[tuple[Group
             units.append((g, "joint", tuple(range(len(g.members)))))
         else:
             units.extend((g, "separate", (i,)) for i in range(len(g.members)))
-    return units
+    return share_across_layers(units, config.share_layers) if config.share_layers > 1 else units
+
+
+def share_across_layers(units: list, span: int) -> list:
+    """Merge the factorised units of `span` adjacent layers into cross-layer units sharing one input basis.
+
+    Units merge when they are the same group, structure and members (joint gate/up of layers 4 and 5; the q_proj
+    of a separate Q/K in layers 4 and 5) and their layers are consecutive; runs are cut into spans from their first
+    layer, and a shorter tail span (or a layer with no neighbour) keeps what it has. A merged unit is one GroupLayout
+    whose members come from every layer of the span, registered on the first layer (where its basis is stored). It
+    is always "joint": its members share the basis. Its group name is the group's for a joint or single-member group
+    (o, down, gate_up) and the member's attribute for one member of a separate multi-member group (q_proj), so that
+    two cross-layer units of one layer never name the same basis."""
+    runs: dict[tuple, list[list[int]]] = {}  # (group, structure, member indices) -> runs of unit positions
+    for pos, (g, structure, idx) in enumerate(units):
+        if structure == "keep":
+            continue
+        key = (g.group, structure, idx)
+        chains = runs.setdefault(key, [])
+        if chains and units[chains[-1][-1]][0].layer == g.layer - 1 and len(chains[-1]) < span:
+            chains[-1].append(pos)
+        else:
+            chains.append([pos])
+    merged: dict[int, tuple] = {}  # position of a span's first unit -> the merged unit
+    absorbed: set[int] = set()
+    for (group, structure, idx), chains in runs.items():
+        for chain in chains:
+            if len(chain) < 2:
+                continue
+            first = units[chain[0]][0]
+            members = tuple(units[p][0].members[i] for p in chain for i in idx)
+            single = structure == "joint" or len(first.members) == 1
+            name = group if single else first.members[idx[0]].name.rsplit(".", 1)[1]
+            merged[chain[0]] = (GroupLayout(first.layer, name, first.parent, members), "joint",
+                                tuple(range(len(members))))
+            absorbed.update(chain[1:])
+    return [merged.get(pos, unit) for pos, unit in enumerate(units) if pos not in absorbed]
 
 
 def _entries(layout, units, *, ratio: float | None, rank: int | None, only_if_smaller: bool = True,
@@ -61,7 +97,7 @@ def _entries(layout, units, *, ratio: float | None, rank: int | None, only_if_sm
             note = f"rank {k} would not reduce parameters ({after:,} >= {before:,} dense): kept dense"
             entries.append(PlanEntry(g.layer, g.group, "keep", names, d_outs, d_in, g.parent, None, before, before, note))
             continue
-        cost = unit_cost(d_outs, d_in, k)
+        cost = unit_cost(d_outs, d_in, k, span=span_of(names))
         verdict = cost.verdict(keep_slow or 0.0)
         macs = f"{cost.factorised_macs:,} vs {cost.dense_macs:,} multiply-adds/token"
         if verdict and keep_slow is not None:

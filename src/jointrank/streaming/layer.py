@@ -58,10 +58,12 @@ class LayerJob:
     source: str  # checkpoint directory (shared storage for Ray)
     layer: int
     prefix: str  # "model.layers.3."
-    entries: tuple  # the plan's factorised PlanEntry of this layer
+    entries: tuple  # the plan's factorised PlanEntry starting at this layer (a cross-layer one reaches further)
     method: object  # the method's typed settings (jointrank.methods.settings_for)
     shard: str  # output shard file name
     staging: str  # where the shard is written
+    # members of this layer that a cross-layer unit of an earlier layer's job replaces: not passed through here
+    replaced_elsewhere: tuple = ()
 
 
 def layer_tensor_names(source: TensorSource, prefix: str) -> list[str]:
@@ -82,7 +84,8 @@ def factorise_unit(source: TensorSource, entry, method, options: StreamOptions):
 
 def passthrough(source: TensorSource, job: LayerJob, options: StreamOptions) -> dict[str, torch.Tensor]:
     """The layer's tensors that are not replaced by factors (norms, kept groups), unchanged but for --dtype."""
-    replaced = {f"{m}.{suffix}" for e in job.entries for m in e.members for suffix in ("weight", "bias")}
+    members = [m for e in job.entries for m in e.members] + list(job.replaced_elsewhere)
+    replaced = {f"{m}.{suffix}" for m in members for suffix in ("weight", "bias")}
     read = source.read([n for n in layer_tensor_names(source, job.prefix) if n not in replaced])
     return {k: options.cast(v) for k, v in read.items()}
 
