@@ -103,3 +103,18 @@ def test_loss_allocation_needs_calibration_and_the_in_memory_path(tmp_path):
         compress_checkpoint(tmp_path / "src", tmp_path / "out", config, options=StreamOptions(progress=False))
     with pytest.raises(JointRankError, match="give --target"):
         jointrank.plan_for(tiny_model("llama"), dataclasses.replace(config, target=None, ratio=0.5))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3_text"])  # plain; soft-capped logits; tied + scaled
+def test_output_fisher_allocates_no_parameter_gradient_and_matches_full_logits(arch, monkeypatch):
+    from jointrank.evaluate import perplexity
+
+    model = tiny_model(arch).double()
+    cal = calibration(2, 12)
+    names = [n for n, m in model.named_modules() if n.endswith(("o_proj", "down_proj"))]
+    chunked = output_fisher(model, cal, names, progress=False, loss_chunk=5)  # windows of 12: chunks 5, 5, 1
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())  # nothing left, nothing frozen
+    monkeypatch.setattr(perplexity, "split_model", lambda m: None)  # the model's own forward, full logits
+    full = output_fisher(model, cal, names, progress=False)
+    for name in names:
+        torch.testing.assert_close(chunked[name], full[name], rtol=1e-5, atol=0)  # the loss is float32 in both

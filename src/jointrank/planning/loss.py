@@ -32,9 +32,17 @@ from ..plan import CompressionPlan, PlanEntry, validate
 from .allocation import hand_back, lowest_price
 
 
-def output_fisher(model, calibration, names: list[str], *, progress: bool = True) -> dict[str, torch.Tensor]:
+def output_fisher(model, calibration, names: list[str], *, progress: bool = True,
+                  loss_chunk: int = 128) -> dict[str, torch.Tensor]:
     """{module name: E[g_j²]} for each output channel j of the named linear layers: the per-token NLL's squared
-    gradient with respect to the layer's output, averaged over the calibration tokens (float64, CPU)."""
+    gradient with respect to the layer's output, averaged over the calibration tokens (float64, CPU).
+
+    Only activations need gradients here, so the parameters are frozen for the pass (no .grad the size of the model
+    is ever allocated) and the graph starts at the embedding's output; the LM head's logits are made `loss_chunk`
+    positions at a time (Gemma's vocabulary is 262k: full float32 logits of one window are 0.5 GB, and their softmax
+    and gradient as much again). The gradient is the same as the whole window's summed NLL's."""
+    from ..evaluate.perplexity import split_model
+
     sums = {n: None for n in names}
     tokens = 0
 
@@ -47,23 +55,44 @@ def output_fisher(model, calibration, names: list[str], *, progress: bool = True
                 output.register_hook(on_grad)
         return on_output
 
+    def start_graph(module, args, output):  # the graph begins here, parameters frozen
+        return output.detach().requires_grad_(True)
+
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    handles.append(model.get_input_embeddings().register_forward_hook(start_graph))
     device = next(model.parameters()).device
     was_training = model.training
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
+    parts = split_model(model)
     try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
         for row in tqdm(calibration.input_ids, desc="loss sensitivity", unit="window", disable=not progress):
             ids = row.unsqueeze(0).to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
             # summed, not averaged: each token's gradient is that of its own NLL, whatever the window length
-            nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
-            model.zero_grad(set_to_none=True)
-            nll.backward()
+            if parts is None:  # an arbitrary causal LM: full logits
+                logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+                torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").backward()
+            else:
+                decoder, head, softcap = parts
+                hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+                leaf = hidden.detach().requires_grad_(True)
+                for start in range(0, leaf.shape[1], loss_chunk):
+                    logits = head(leaf[:, start:start + loss_chunk]).float()
+                    if softcap:  # Gemma-2 style final-logit soft-capping, as in the model's own forward
+                        logits = torch.tanh(logits / softcap) * softcap
+                    target = ids[:, 1 + start:1 + start + loss_chunk]
+                    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                      reduction="sum").backward()
+                    del logits
+                hidden.backward(leaf.grad)  # through the decoder: the hooks see each layer's output gradient
             tokens += ids.shape[1] - 1
     finally:
         for h in handles:
             h.remove()
-        model.zero_grad(set_to_none=True)
+        for p, needed in frozen:
+            p.requires_grad_(needed)
         model.train(was_training)
     missing = [n for n, s in sums.items() if s is None]
     if missing:
