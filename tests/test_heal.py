@@ -286,3 +286,25 @@ def test_plan_estimates_every_phase_it_will_run(model_dir, tmp_path, monkeypatch
     assert main(args[:4] + ["--ratio", "0.5"]) == 0  # data-free, no healing: only the factorisation is estimated
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("estimated time")][0]
     assert "factorisation" in line and "sampling" not in line and "distillation" not in line
+
+
+def test_distilling_from_teacher_states_is_distilling_from_the_teacher_and_the_teacher_can_be_freed():
+    """The teacher's hidden states, computed once per window, train the very same factors as the teacher run at every
+    step; heal_(release_teacher=True) frees the teacher's decoder copy and changes nothing in the result."""
+    from jointrank.heal import teacher_states
+
+    ids = windows(n=3)
+    settings = DistillSettings(steps=5, lr=1e-3)  # 5 steps over 3 windows: two are seen twice
+    a, teacher_a = compressed("qwen2")
+    distill_(a, teacher_a, ids, settings, progress=False)
+    b, teacher_b = compressed("qwen2")
+    distill_(b, teacher_states(teacher_b, ids, progress=False), ids, settings, progress=False)
+    for (name, x), (_, y) in zip(trainable_factors(a), trainable_factors(b)):
+        assert torch.equal(x, y), name
+    c, teacher_c = compressed("qwen2")
+    layer_params = sum(p.numel() for p in teacher_c.model.layers.parameters())
+    heal_(c, teacher_c, Calibration(ids, "test", 0), "distill", settings, progress=False, release_teacher=True)
+    assert layer_params > 0 and all(p.is_meta for p in teacher_c.model.layers.parameters())
+    assert not any(p.is_meta for p in c.parameters())  # the student keeps everything it shares with the teacher
+    for (name, x), (_, y) in zip(trainable_factors(a), trainable_factors(c)):
+        assert torch.equal(x, y), name

@@ -275,7 +275,7 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
     if heal != "none":
         t = time.perf_counter()
         report = heal_(model, teacher, calibration, heal, DistillSettings(steps=HEAL_STEPS, lr=HEAL_LR),
-                       progress=progress)
+                       progress=progress, release_teacher=True)
         facts["heal_seconds"] = time.perf_counter() - t
         from jointrank.architectures import count_parameters
 

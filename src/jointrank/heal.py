@@ -286,10 +286,34 @@ def _kl_backward(s_hidden: torch.Tensor, t_hidden: torch.Tensor, head, softcap, 
     return total
 
 
-def distill_(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, settings: DistillSettings, *,
+@torch.no_grad()
+def teacher_states(teacher: nn.Module, input_ids: torch.Tensor, windows=None, *, progress: bool = True) -> dict:
+    """{window index: the teacher decoder's last hidden state on that window} for `windows` (default: all).
+
+    Distillation compares against these only, and the teacher is deterministic: one pass over the windows replaces
+    a teacher forward per step (a 100-step run over 32 windows does 32 instead of 100), and the teacher's decoder can
+    be freed before training starts (heal_(release_teacher=True)). A few MB per window."""
+    decoder_t, _, _ = _split(teacher)
+    teacher.eval()
+    device = next(decoder_t.parameters()).device
+    indices = sorted(set(range(int(input_ids.shape[0])) if windows is None else windows))
+    return {i: decoder_t(input_ids=input_ids[i].unsqueeze(0).to(device), use_cache=False).last_hidden_state
+            for i in tqdm(indices, desc="healing: teacher", unit="window", disable=not progress)}
+
+
+def release_teacher_(teacher: nn.Module) -> None:
+    """Free the teacher's own copy of the decoder layers (moved to the meta device); the tensors it shares with the
+    student (embeddings, head, final norm) are untouched. The teacher cannot be run afterwards."""
+    _, layers = decoder_layers(teacher)
+    layers.to("meta")
+
+
+def distill_(student: nn.Module, teacher: "nn.Module | dict", input_ids: torch.Tensor, settings: DistillSettings, *,
              state_dir: str | Path | None = None, save_every: int = 10, progress: bool = True,
              on_step=None) -> DistillReport:
     """Train the student's factors against the teacher (see the module docstring); returns what was done.
+
+    `teacher`: the dense model, or its teacher_states on these windows (computed here otherwise).
 
     With `state_dir`, the trainable tensors, Adam's moments and the step are saved there every `save_every` steps
     (safetensors + JSON, written atomically), and a later call with the same settings and windows continues from
@@ -302,14 +326,14 @@ def distill_(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, se
     if not params:
         raise JointRankError("nothing to heal: the model has no factorised units")
     decoder_s, head_s, softcap = _split(student)
-    decoder_t, _, _ = _split(teacher)
+    order = _window_order(int(input_ids.shape[0]), settings.steps, settings.seed)
+    states = teacher if isinstance(teacher, dict) else teacher_states(teacher, input_ids, order, progress=progress)
     frozen = {id(p) for _, p in params}
     previous = {}
     for p in student.parameters():
         previous[p] = p.requires_grad
         p.requires_grad_(id(p) in frozen)
     optimizer = torch.optim.Adam([p for _, p in params], lr=settings.lr)
-    order = _window_order(int(input_ids.shape[0]), settings.steps, settings.seed)
     key = _state_key(settings, input_ids, params)
     start_step, losses = 0, []
     if state_dir is not None:
@@ -319,7 +343,6 @@ def distill_(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, se
     stopped = "steps"
     was_training = student.training
     student.eval()  # no dropout: the factors are trained, the model is not put in training mode
-    teacher.eval()
     bar = tqdm(total=settings.steps, initial=start_step, desc="healing: distill", unit="step",
                disable=not progress)
     step = start_step
@@ -329,10 +352,8 @@ def distill_(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, se
                 stopped = "time"
                 break
             window = input_ids[order[step]].unsqueeze(0).to(device)
-            with torch.no_grad():
-                t_hidden = decoder_t(input_ids=window, use_cache=False).last_hidden_state
             s_hidden = decoder_s(input_ids=window, use_cache=False).last_hidden_state
-            loss = _kl_backward(s_hidden, t_hidden, head_s, softcap, settings.loss_chunk)
+            loss = _kl_backward(s_hidden, states[order[step]], head_s, softcap, settings.loss_chunk)
             if settings.clip:
                 torch.nn.utils.clip_grad_norm_([p for _, p in params], settings.clip)
             optimizer.step()
@@ -417,10 +438,12 @@ def _load_state(state_dir: Path, key: dict, params, optimizer) -> tuple[int, lis
 
 
 def heal_(student: nn.Module, teacher: nn.Module, calibration, kind: str, settings: DistillSettings | None = None, *,
-          state_dir: str | Path | None = None, progress: bool = True) -> dict:
+          state_dir: str | Path | None = None, progress: bool = True, release_teacher: bool = False) -> dict:
     """Heal `student` in place against `teacher` on `calibration` (methods.calibration.Calibration): kind is one of
     HEAL_KINDS. Returns what was done, for the manifest: kind, seconds, the refit's per-unit errors, the
-    distillation's steps, tokens and loss curve."""
+    distillation's steps, tokens and loss curve. `release_teacher`: free the teacher's decoder copy as soon as it is
+    no longer needed (before distillation trains: one decoder's worth of memory less at the peak); the caller must
+    not run the teacher afterwards."""
     do_refit, do_distill = parse_heal(kind)
     if calibration is None:
         raise JointRankError(f"--heal {kind} needs calibration text (--calibration FILE or --calibration self)")
@@ -435,7 +458,11 @@ def heal_(student: nn.Module, teacher: nn.Module, calibration, kind: str, settin
                            "mean_rel_error_after": sum(u["rel_error_after"] for u in units) / max(len(units), 1)}
     if do_distill:
         settings = settings or DistillSettings()
-        done = distill_(student, teacher, calibration.input_ids, settings, state_dir=state_dir, progress=progress)
+        order = _window_order(int(calibration.input_ids.shape[0]), settings.steps, settings.seed)
+        states = teacher_states(teacher, calibration.input_ids, order, progress=progress)
+        if release_teacher:
+            release_teacher_(teacher)
+        done = distill_(student, states, calibration.input_ids, settings, state_dir=state_dir, progress=progress)
         report["distill"] = asdict(done)
     report["seconds"] = time.perf_counter() - started
     return report

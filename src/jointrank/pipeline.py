@@ -171,7 +171,7 @@ def compress_model(source: str, out: str | Path, config, *, calibration: Calibra
         from .heal import DistillSettings, heal_
 
         result.extra["heal"] = heal_(model, teacher, windows, heal, distill or DistillSettings(),
-                                     state_dir=heal_state_dir(out), progress=progress)
+                                     state_dir=heal_state_dir(out), progress=progress, release_teacher=True)
         del teacher
     if quantize is not None:
         from .quantize import quantize_
