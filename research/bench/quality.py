@@ -291,6 +291,7 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
         # the wall time a user pays without a cache: sampling as measured when the cache was made
         facts["compress_heal_seconds"] += facts["sampling_seconds"] or 0.0
     facts["peak_rss_gib_compress"] = peak_rss_gib()
+    facts["code_digest"] = code_digest()
     # how much CPU other processes took while this one built: a timing is only a verdict on a quiet machine
     facts["other_cpu_seconds"] = max(0.0, (busy_cpu_seconds() - busy0) - (own_cpu_seconds() - own0))
     facts["build_wall_seconds"] = time.perf_counter() - t0
@@ -425,7 +426,7 @@ def cmd_zeroshot(args) -> int:
                     {k: z.get(k) for k in ("compress_heal_seconds", "sampling_seconds", "sampling_from_cache",
                                            "sampling_matches_cache", "compress_seconds", "heal_seconds",
                                            "peak_rss_gib_compress", "load_avg_1min_start", "load_avg_1min_built",
-                                           "other_cpu_seconds", "build_wall_seconds")})
+                                           "other_cpu_seconds", "build_wall_seconds", "code_digest")})
             save_results(load_results() | {"points": results["points"]})
             print(f"{name} @ {budget:.0%}: zero-shot avg {z['zeroshot']['avg']:.4f}", flush=True)
     return 0
@@ -465,11 +466,37 @@ def zs_retention(point: dict, dense: dict) -> tuple[float, float] | None:
 NO_USER_DATA = ("none", "self")
 
 
-def quietest_timing(point: dict) -> dict:
-    """Of a point's compress + heal runs (the first, then any rebuild for zero-shot), the one other processes
-    disturbed least (CPU seconds they took meanwhile; runs from before that was recorded count as disturbed)."""
+def code_digest() -> str:
+    """A digest of the jointrank sources a build ran (src/jointrank/**/*.py), so that time and memory are judged on
+    the current code's runs, not on those of code since made faster or leaner."""
+    import hashlib
+
+    import jointrank
+
+    root = Path(jointrank.__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def current_runs(point: dict) -> list[dict]:
+    """A point's compress + heal runs (the first, then any rebuild for zero-shot) made by the same code as its latest
+    run (all of them when the latest run recorded no code digest)."""
     runs = [point] + point.get("rebuilds", [])
-    return min(runs, key=lambda r: r.get("other_cpu_seconds", math.inf))
+    latest = runs[-1].get("code_digest")
+    return [r for r in runs if r.get("code_digest") == latest] if latest else runs
+
+
+def quietest_timing(point: dict) -> dict:
+    """Of the point's runs by its latest code, the one other processes disturbed least (CPU seconds they took
+    meanwhile; runs from before that was recorded count as disturbed)."""
+    return min(current_runs(point), key=lambda r: r.get("other_cpu_seconds", math.inf))
+
+
+def current_peak(point: dict) -> float:
+    """Peak RSS of compress + heal by the point's latest code (the largest of its runs by that code)."""
+    return max(r["peak_rss_gib_compress"] for r in current_runs(point))
 
 
 def best_no_user_data(by: dict, budget: float, *, zeroshot: bool = False) -> dict | None:
@@ -525,10 +552,10 @@ def targets(results: dict) -> list[dict]:
                 "row": slowest["row"] if slowest else None,
                 "other_cpu_seconds": t.get("other_cpu_seconds") if t else None})
     out += loss_targets(by)
-    heavy = max(timed, key=lambda p: p["peak_rss_gib_compress"]) if timed else None
-    out.append({"name": "compress + heal peak RSS, GiB (largest healed row)",
-                "measured": heavy["peak_rss_gib_compress"] if heavy else None, "target": "<= 4 GB (3.73 GiB)",
-                "met": heavy is not None and heavy["peak_rss_gib_compress"] <= 4e9 / 2**30,
+    heavy = max(timed, key=current_peak) if timed else None
+    out.append({"name": "compress + heal peak RSS, GiB (largest healed row, by its latest code)",
+                "measured": current_peak(heavy) if heavy else None, "target": "<= 4 GB (3.73 GiB)",
+                "met": heavy is not None and current_peak(heavy) <= 4e9 / 2**30,
                 "row": heavy["row"] if heavy else None})
     return out
 
