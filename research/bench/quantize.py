@@ -46,7 +46,9 @@ OUT_MD, OUT_PNG = REPO / "results" / "quantize.md", REPO / "results" / "quantize
 BUILT = quality.CACHE / "quantize"  # float low-rank checkpoints, built once per row (gitignored)
 
 # name -> (quality.py row or None for dense, budget, scheme or None for float)
-LOW_RANK = {0.10: "svd_llm/self/refit+distill", 0.20: "llm_rom/self/refit+distill", 0.30: "llm_rom/self/refit+distill"}
+# the best row without user data at each budget (results/quality.md): at 20%, loss-aware allocation healed
+LOW_RANK = {0.10: "svd_llm/self/refit+distill", 0.20: "loss-llm_rom/self/refit+distill",
+            0.30: "llm_rom/self/refit+distill"}
 SETTINGS: dict[str, tuple[str | None, float, str | None]] = {
     "dense": (None, 0.0, None),
     "int8": (None, 0.0, "int8"),
