@@ -37,6 +37,8 @@ def leftovers(parent):
     (["--ratio", "0.5", "--gate-up", "joint@0-7"], "0-7 is outside layers 0-2"),
     (["--ratio", "0.5", "--v", "joint"], "v has one member, so it cannot be joint"),
     (["--target", "0.9"], "cannot remove 90.0%"),
+    # the tiny model is saved without a tokenizer: nothing to sample or read text with
+    (["--ratio", "0.5", "--method", "svd_llm", "--calibration", "self:64"], "needs the model's tokenizer"),
 ])
 def test_bad_compression_requests(model_dir, tmp_path, capsys, extra, message):
     args = ["compress", model_dir, "--out", tmp_path / "out", "--qk", "joint"] + extra

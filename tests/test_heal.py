@@ -232,16 +232,9 @@ def test_self_calibration_is_seeded_cached_and_starts_documents_with_bos(tmp_pat
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama with a real (word-level) tokenizer, so the CLI can sample text from it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tiny_models import save_with_tokenizer
 
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 96)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
-    return path
+    return save_with_tokenizer(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 def test_cli_compresses_and_heals_with_no_user_data(model_dir, tmp_path, monkeypatch, capsys):

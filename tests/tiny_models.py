@@ -84,3 +84,18 @@ def tiny_tokenizer():
     tok.normalizer = normalizers.Lowercase()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
                                    unk_token="<unk>")
+
+
+def save_with_tokenizer(path: Path, arch: str = "llama") -> Path:
+    """A tiny model saved with a real (word-level) tokenizer beside it, so the CLI can sample text from it
+    (--calibration self) and read text files with it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_model(arch).save_pretrained(path)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(path)
+    return Path(path)

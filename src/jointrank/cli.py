@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "listed by `jointrank models`.",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_plan_arguments(compress)
+    compress.add_argument("--plan", default=None, metavar="FILE",
+                          help="follow a plan written by `jointrank plan --json FILE` (reviewed, edited or made "
+                          "on another machine) instead of planning: no structure, rank or allocation flags then. "
+                          "How loss-aware allocation reaches --stream: plan it in memory once, stream it after "
+                          "(with a data-free --method)")
     compress.add_argument("--out", required=True, help="output directory (refused if it exists, see --overwrite)")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     compress.add_argument("--dense", action="store_true",
@@ -257,6 +262,40 @@ def config_from_args(args):
     return config
 
 
+# flags that make a plan: with --plan FILE they would be ignored, so they are refused instead
+PLAN_FLAGS = ("preset", "scope", "ratio", "rank", "target", "layers", "solver", "keep_unprofitable", "keep_slow",
+              "method", "method_param", "allocation", "allocation_prior", "share_layers",
+              *(f"group_{g}" for g in GROUP_FLAGS))
+
+
+def _plan_from_file(args):
+    """The CompressionPlan in --plan FILE: a plan JSON as `jointrank plan --json` writes it, checked for shape."""
+    import json
+
+    from .plan import CompressionPlan, JointRankConfig, validate
+
+    parser_defaults = build_parser().parse_args(["compress", "MODEL", "--out", "OUT"])
+    given = [f"--{name.replace('group_', '').replace('_', '-')}" for name in PLAN_FLAGS
+             if getattr(args, name) != getattr(parser_defaults, name)]
+    if given:
+        raise JointRankError(f"--plan FILE is the whole plan: drop {', '.join(given)}")
+    try:
+        data = json.loads(Path(args.plan).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise JointRankError(f"--plan: {args.plan} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise JointRankError(f"--plan: {args.plan} is not a plan JSON ({exc})") from None
+    try:
+        plan = CompressionPlan.from_dict(data)
+        validate(JointRankConfig.from_dict(plan.config))
+    except JointRankError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise JointRankError(f"--plan: {args.plan} is not a plan as `jointrank plan --json` writes it "
+                             f"({type(exc).__name__}: {exc})") from None
+    return plan
+
+
 def cmd_plan(args) -> int:
     import json
 
@@ -310,7 +349,7 @@ def cmd_compress(args) -> int:
 
     from .precheck import check_workers
 
-    config = config_from_args(args)  # bad flags fail here, before anything is loaded
+    config = _plan_from_file(args) if args.plan else config_from_args(args)  # bad flags fail here, before loading
     check_workers(args.workers)  # the rest is checked by compress_model, still before anything is loaded
     if wants_stream(args):
         return _compress_streaming(args, config)
@@ -340,10 +379,12 @@ def _compress_streaming(args, config) -> int:
     """`compress --stream` (or --resume/--workers/--backend/--seed): the same library call with StreamOptions;
     what streaming cannot do (eval, heal, calibration, dense) is refused there, naming the flags."""
     from .pipeline import compress_model
+    from .plan import CompressionPlan
     from .stream import StreamOptions
     from .tables import params_summary
 
-    options = StreamOptions(solver=config.solver, seed=0 if args.seed is None else args.seed, device=args.device,
+    solver = config.config.get("solver", "auto") if isinstance(config, CompressionPlan) else config.solver
+    options = StreamOptions(solver=solver, seed=0 if args.seed is None else args.seed, device=args.device,
                             dtype=args.dtype, workers=args.workers or 1, backend=args.backend, resume=args.resume,
                             overwrite=args.overwrite)
     try:

@@ -15,7 +15,7 @@ from .errors import JointRankError
 from .format import basis_name, is_shared, quantization_units, unit_tensors
 from .linalg import Solver
 from .modules import install_unit, merge_
-from .plan import CompressionPlan, JointRankConfig, validate
+from .plan import CompressionPlan, JointRankConfig, check_plan_fits, validate
 from .planning import ModelTensors, make_plan
 
 # Older names, kept for code that imported them from here: the format owns the names, modules the structure.
@@ -87,7 +87,7 @@ def compress_(model: nn.Module, config: JointRankConfig | CompressionPlan, *, de
     else:
         plan = plan_for(model, config, calibration=calibration, progress=progress)
     solver = Solver(plan.config.get("solver", "auto"), plan.config.get("seed"), device)
-    _check_plan_fits(plan, layout)
+    check_plan_fits(plan, layout)
     from . import methods
 
     spec = plan.config.get("method", "svd")
@@ -131,15 +131,6 @@ def install_factors(model: nn.Module, entry, factors) -> None:
     install_unit(model, entry.members, entry.rank, shared=is_shared(entry), group=entry.group)
     for name, tensor in unit_tensors(entry, factors, biases, dtype=ref.dtype, device=ref.device).items():
         model.get_parameter(name).copy_(tensor)
-
-
-def _check_plan_fits(plan: CompressionPlan, layout) -> None:
-    shapes = {m.name: (m.d_out, m.d_in) for g in layout.groups for m in g.members}
-    for e in plan.entries:
-        for name, d_out in zip(e.members, e.d_outs):
-            if shapes.get(name) != (d_out, e.d_in):
-                raise JointRankError(f"the plan does not fit this model: {name} is {shapes.get(name)}, "
-                                     f"the plan expects {(d_out, e.d_in)}")
 
 
 def attach_quantization_config(model: nn.Module, plan: CompressionPlan) -> None:

@@ -69,17 +69,21 @@ def check_request(config, *, calibration: Calibration | None, heal: str = "none"
     from .methods.selfgen import parse_spec
     from .quantize import check_scheme
 
+    from .plan import CompressionPlan
+
     check_scheme(quantize)  # an unknown scheme or a missing library, before the model loads
     if quantize is not None and dense:
         raise JointRankError("--dense writes float matrices: drop --quantize, or --dense to store the quantised "
                              "factors")
 
-    method, _ = parse(config.method)
+    planned = isinstance(config, CompressionPlan)  # a ready plan: its allocation has been done already
+    method, _ = parse(config.config.get("method", "svd") if planned else config.method)
     healing = heal not in (None, "none")
-    if config.allocation == "loss" and calibration is None:
+    loss_allocation = not planned and config.allocation == "loss"
+    if loss_allocation and calibration is None:
         raise JointRankError("--allocation loss estimates each truncation's cost on calibration text: give "
                              "--calibration FILE, or --calibration self (no user data)")
-    if not method.needs_calibration and not healing and config.allocation != "loss":
+    if not method.needs_calibration and not healing and not loss_allocation:
         if calibration is not None:
             raise JointRankError(f"method {method.name!r} is data-free and takes no --calibration (unless --heal "
                                  "is given)")
@@ -106,6 +110,9 @@ def calibration_windows(calibration: Calibration | None, model, tokenizer, progr
     """The token windows a Calibration request stands for (sampled from `model` for "self")."""
     if calibration is None:
         return None
+    if tokenizer is None:  # a directory of weights without its tokenizer: one clear line, not a traceback
+        raise JointRankError("--calibration needs the model's tokenizer (to sample or to read text), and none was "
+                             "found with the model: save the tokenizer beside its weights")
     from .methods.calibration import load_text
     from .methods.selfgen import parse_spec, self_calibration
 
@@ -125,6 +132,8 @@ def compress_model(source: str, out: str | Path, config, *, calibration: Calibra
                    device: str | None = None, dtype: str | None = None, overwrite: bool = False, stream=None,
                    quantize: str | None = None, on_plan=None, progress: bool = True) -> CompressionRun:
     """Compress the model `source` names (a directory, a GGUF file, a hub id or an alias) into the checkpoint `out`.
+
+    `config`: a JointRankConfig (planned here) or a ready CompressionPlan (e.g. from `jointrank plan --json`).
 
     `heal`: none | refit | distill | refit+distill (needs `calibration`; `distill`: heal.DistillSettings);
     `dense`: write the compressed model back as dense matrices; `quantize`: store the factors and the remaining
@@ -149,6 +158,7 @@ def compress_model(source: str, out: str | Path, config, *, calibration: Calibra
     import torch
 
     from .compress import compress_, merge_, plan_for
+    from .plan import CompressionPlan
     from .sources import load_model
 
     model, tokenizer, _ = load_model(source, dtype=getattr(torch, dtype or "float32"))
@@ -157,7 +167,10 @@ def compress_model(source: str, out: str | Path, config, *, calibration: Calibra
     if evaluate is not None:
         evals["before"] = _evaluate(model, tokenizer, evaluate)
     windows = calibration_windows(calibration, model, tokenizer, progress=progress)  # loss allocation measures on it
-    plan = plan_for(model, config, calibration=windows, progress=progress)
+    if isinstance(config, CompressionPlan):  # a ready plan (jointrank plan --json): compress_ checks it fits
+        plan, config = config, None
+    else:
+        plan = plan_for(model, config, calibration=windows, progress=progress)
     if on_plan is not None:
         on_plan(plan)
     healing = heal not in (None, "none")

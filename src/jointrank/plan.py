@@ -260,6 +260,16 @@ class CompressionPlan:
                    d["config"], d.get("ratio"))
 
 
+def check_plan_fits(plan: CompressionPlan, layout) -> None:
+    """A ready plan (made for this model, or loaded from a file) must name this model's modules with their shapes."""
+    shapes = {m.name: (m.d_out, m.d_in) for g in layout.groups for m in g.members}
+    for e in plan.entries:
+        for name, d_out in zip(e.members, e.d_outs):
+            if shapes.get(name) != (d_out, e.d_in):
+                raise JointRankError(f"the plan does not fit this model: {name} is {shapes.get(name)}, "
+                                     f"the plan expects {(d_out, e.d_in)}")
+
+
 def parse_layers(spec: str, num_layers: int) -> list[int]:
     """'all', 'first:N', 'last:N', 'last:22/32' (that fraction of the layers, rounded), or '0-5,20-31'."""
     text = spec.strip().lower()

@@ -57,7 +57,7 @@ def compress_checkpoint(source_dir: str | Path, out: str | Path, config, *, opti
     `stop_after_layers` is for tests: raise after that many layers were finished in this call, as a crash would.
     """
     from ..checkpoint import check_output
-    from ..plan import CompressionPlan
+    from ..plan import CompressionPlan, check_plan_fits
     from ..planning import make_plan
 
     options = options or StreamOptions()
@@ -69,6 +69,11 @@ def compress_checkpoint(source_dir: str | Path, out: str | Path, config, *, opti
     source.check_finite()  # before planning (spectra) and before the staging directory exists
     if isinstance(config, CompressionPlan):
         plan, config_obj = config, None
+        method_spec = plan.config.get("method", "svd")
+        if methods.parse(method_spec)[0].needs_calibration:
+            raise JointRankError(f"the plan's method {method_spec!r} needs calibration data run through the model; "
+                                 "it needs the in-memory path (drop --stream)")
+        check_plan_fits(plan, layout)
     else:
         _check_streamable(config)
         # global allocation reads each unit's weights from the files, one unit at a time: the in-memory plan
