@@ -163,3 +163,16 @@ def test_cli_refuses_what_cannot_share_a_basis_in_one_line(tmp_path, capsys, ext
     err = capsys.readouterr().err
     assert code == 1 and message in err.strip().splitlines()[-1] and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_plan_and_info_name_the_layers_a_basis_serves(tmp_path, capsys):
+    path = tmp_path / "src"
+    tiny_model("llama").save_pretrained(path)  # 3 layers: 0-1 share, 2 keeps its own
+    assert main(["compress", str(path), "--o", "separate", "--ratio", "0.4", "--share-layers", "2",
+                 "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "joint across 2 layers" in printed and "0-1" in printed
+    assert main(["info", str(tmp_path / "o"), "--layers"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith(("0-1", "2 "))]
+    assert [r[0] for r in rows] == ["0-1", "2"]
+    assert rows[0][3:6] == ["joint", "across", "2"] and rows[1][3] == "separate"
