@@ -232,6 +232,8 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
     t0 = time.perf_counter()
     model, tokenizer, _ = load_model(P.model)
     facts = {"load_seconds": time.perf_counter() - t0}
+    # the process's high-water mark after each phase: which phase set the peak (the mark only ever rises)
+    phases = facts["peak_rss_gib_after"] = {"load": peak_rss_gib()}
     config = config_for(structure, budget)
     calibration = None
     t = time.perf_counter()
@@ -261,14 +263,17 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
             with safe_open(prov["cache_file"], "pt") as f:
                 facts["sampling_seconds"] = json.loads(f.metadata()["jointrank_selfgen"])["seconds"]
     facts["calibration_seconds"] = time.perf_counter() - t
+    phases["calibration"] = peak_rss_gib()
     t = time.perf_counter()
     teacher = teacher_copy(model) if heal != "none" else None
     from jointrank import plan_for
 
     plan = plan_for(model, config, calibration=calibration, progress=progress)  # loss allocation measures on it
+    phases["plan"] = peak_rss_gib()
     method, _ = parse(config.method)
     result = compress_(model, plan, progress=progress, calibration=calibration if method.needs_calibration else None)
     facts["compress_seconds"] = time.perf_counter() - t
+    phases["compress"] = peak_rss_gib()
     facts.update(params_decoder_before=result.params_decoder_before, params_decoder_after=result.params_decoder_after,
                  decoder_reduction=1 - result.params_decoder_after / result.params_decoder_before,
                  params_total_after=result.params_total_after, units_factorised=len(result.units))
@@ -277,6 +282,7 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
         report = heal_(model, teacher, calibration, heal, DistillSettings(steps=HEAL_STEPS, lr=HEAL_LR),
                        progress=progress, release_teacher=True)
         facts["heal_seconds"] = time.perf_counter() - t
+        phases["heal"] = peak_rss_gib()
         from jointrank.architectures import count_parameters
 
         facts["params_total_after_heal"] = count_parameters(model)
@@ -426,7 +432,8 @@ def cmd_zeroshot(args) -> int:
                     {k: z.get(k) for k in ("compress_heal_seconds", "sampling_seconds", "sampling_from_cache",
                                            "sampling_matches_cache", "compress_seconds", "heal_seconds",
                                            "peak_rss_gib_compress", "load_avg_1min_start", "load_avg_1min_built",
-                                           "other_cpu_seconds", "build_wall_seconds", "code_digest")})
+                                           "other_cpu_seconds", "build_wall_seconds", "code_digest",
+                                           "peak_rss_gib_after")})
             save_results(load_results() | {"points": results["points"]})
             print(f"{name} @ {budget:.0%}: zero-shot avg {z['zeroshot']['avg']:.4f}", flush=True)
     return 0
