@@ -149,8 +149,18 @@ def test_global_allocation_shares_bases_and_streams_the_same_plan(tmp_path):
     assert streamed.result.plan == result.plan
 
 
+def test_only_the_named_groups_share_across_layers():
+    layout = llama7b_layout(num_layers=4)
+    plan = make_plan(layout, JointRankConfig(rules=ALL, ratio=0.3, share_layers=2, share_groups=["down"]))
+    spans = {(e.group, e.span) for e in plan.factorised}
+    assert ("down", 2) in spans and ("down", 1) not in spans
+    assert {g for g, span in spans if span == 1} == {"qk", "v", "o", "gate_up"}
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--share-layers", "0"], "--share-layers must be a whole number of layers, at least 1"),
+    (["--share-layers", "2", "--share-groups", "mlp"], "--share-groups takes group names"),
+    (["--share-groups", "down"], "give --share-layers N"),
     (["--share-layers", "2", "--method", "llm_rom", "--calibration", "self:64"], "llm_rom is sequential"),
     (["--share-layers", "2", "--allocation", "loss", "--target", "0.1", "--calibration", "self:64"],
      "--share-layers with --allocation loss is not supported"),

@@ -191,6 +191,10 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    "4 and 5, or joint gate/up of both) factorised once, one input basis stored for all N (Basis "
                    "Sharing); affords a higher rank at the same parameters. Default 1 (per layer). Not with "
                    "--allocation loss or the sequential method llm_rom")
+    p.add_argument("--share-groups", default=None, metavar="GROUPS",
+                   help="with --share-layers: only these groups share a basis across layers, e.g. down or o,down "
+                   "(default: every compressed group). Sharing saves the basis, d_in x k, so it pays most where "
+                   "d_in is large against the outputs (down_proj)")
     p.add_argument("--calibration", default=None, metavar="FILE|self[:TOKENS]",
                    help="calibration text for the data-aware methods and for --heal: a text file (documents one per "
                    "line), or 'self' for text sampled from the dense model itself, no user data (seeded; cached in "
@@ -257,6 +261,8 @@ def config_from_args(args):
                              only_if_smaller=not args.keep_unprofitable, preset=args.preset,
                              method=args.method, allocation=args.allocation, keep_slow=args.keep_slow,
                              allocation_prior=args.allocation_prior, share_layers=args.share_layers,
+                             share_groups=[g.strip() for g in args.share_groups.split(",")] if args.share_groups
+                             else None,
                              method_params=_method_params(args.method_param))
     validate(config)
     return config
@@ -264,7 +270,7 @@ def config_from_args(args):
 
 # flags that make a plan: with --plan FILE they would be ignored, so they are refused instead
 PLAN_FLAGS = ("preset", "scope", "ratio", "rank", "target", "layers", "solver", "keep_unprofitable", "keep_slow",
-              "method", "method_param", "allocation", "allocation_prior", "share_layers",
+              "method", "method_param", "allocation", "allocation_prior", "share_layers", "share_groups",
               *(f"group_{g}" for g in GROUP_FLAGS))
 
 

@@ -75,6 +75,7 @@ class JointRankConfig:
     # kind, e.g. o_proj of layers 4 and 5, or joint gate/up of layers 4 and 5) stacked and factorised once, one input
     # basis stored for all of them (Basis Sharing, arXiv 2410.03765, here also for the paper's joint groups). 1: none
     share_layers: int = 1
+    share_groups: list[str] | None = None  # the groups whose units share across layers (None: every group)
 
     def __post_init__(self):
         # typed values, in the spirit of torchao's configs, are stored as the plain fields they set
@@ -339,6 +340,14 @@ def validate(config: JointRankConfig) -> None:
             raise JointRankError(f"{group} has one member, so it cannot be joint; use separate")
     if isinstance(config.share_layers, bool) or not isinstance(config.share_layers, int) or config.share_layers < 1:
         raise JointRankError(f"--share-layers must be a whole number of layers, at least 1; got {config.share_layers!r}")
+    if config.share_groups is not None:
+        unknown = [g for g in config.share_groups if g not in GROUP_NAMES]
+        if unknown or not config.share_groups:
+            raise JointRankError(f"--share-groups takes group names ({', '.join(GROUP_NAMES)}); got "
+                                 f"{','.join(config.share_groups) or 'nothing'}")
+        if config.share_layers < 2:
+            raise JointRankError("--share-groups says which groups share a basis across layers: give --share-layers N "
+                                 "(N >= 2) too")
     if config.share_layers > 1:
         if config.allocation == "loss":
             raise JointRankError("--share-layers with --allocation loss is not supported: loss-aware allocation scores "

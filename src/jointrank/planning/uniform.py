@@ -33,10 +33,12 @@ def plan_units(layout: ModelLayout, config: JointRankConfig) -> list[tuple[Group
             units.append((g, "joint", tuple(range(len(g.members)))))
         else:
             units.extend((g, "separate", (i,)) for i in range(len(g.members)))
-    return share_across_layers(units, config.share_layers) if config.share_layers > 1 else units
+    if config.share_layers < 2:
+        return units
+    return share_across_layers(units, config.share_layers, config.share_groups)
 
 
-def share_across_layers(units: list, span: int) -> list:
+def share_across_layers(units: list, span: int, groups=None) -> list:
     """Merge the factorised units of `span` adjacent layers into cross-layer units sharing one input basis.
 
     Units merge when they are the same group, structure and members (joint gate/up of layers 4 and 5; the q_proj
@@ -45,10 +47,10 @@ def share_across_layers(units: list, span: int) -> list:
     whose members come from every layer of the span, registered on the first layer (where its basis is stored). It
     is always "joint": its members share the basis. Its group name is the group's for a joint or single-member group
     (o, down, gate_up) and the member's attribute for one member of a separate multi-member group (q_proj), so that
-    two cross-layer units of one layer never name the same basis."""
+    two cross-layer units of one layer never name the same basis. `groups`: only these groups share (None: all)."""
     runs: dict[tuple, list[list[int]]] = {}  # (group, structure, member indices) -> runs of unit positions
     for pos, (g, structure, idx) in enumerate(units):
-        if structure == "keep":
+        if structure == "keep" or (groups is not None and g.group not in groups):
             continue
         key = (g.group, structure, idx)
         chains = runs.setdefault(key, [])
