@@ -108,7 +108,7 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
         for p in failed:
             lines.append(f"| {p['row']} | failed: {p['error'][:160]} | | | | | | | | | |")
         lines.append("")
-        lines += (_healing_section(by, budget) + _self_vs_c4_section(by, budget) + _loss_vs_global_section(by, budget)
+        lines += (_healing_section(by, budget) + _self_vs_c4_section(by, budget) + _twin_sections(by, budget)
                   + _timing_section(by, budget))
 
     lines += ["## Not measured", "",
@@ -175,24 +175,36 @@ def _self_vs_c4_section(by, budget) -> list[str]:
             if out else [])
 
 
-def _loss_vs_global_section(by, budget) -> list[str]:
-    """Issue #15: loss-aware allocation against today's global allocation of the same method, calibration and
-    healing (`loss-M/C/H` against `M/C/H`), paired per window."""
-    out = []
-    for r, p in _rows_at(by, budget):
-        s, c, h = parse_row(r)
-        if not s.startswith("loss-"):
-            continue
-        twin = by.get((f"{s[len('loss-'):]}/{c}/{h}", budget))
-        if twin is None:
-            continue
-        d, se = paired_nll(p, twin)
-        verdict = "within 2 SE" if abs(d) <= 2 * se else ("loss-aware better" if d < 0 else "global better")
-        out.append(f"* {s[len('loss-'):]}/{c}/{h}: loss-aware − global Δ NLL {d:+.4f} ± {se:.4f} ({verdict}; "
-                   f"perplexity {twin['perplexity']['perplexity']:.2f} global, {p['perplexity']['perplexity']:.2f} "
-                   "loss-aware)")
-    return (["Loss-aware against global allocation (same method, calibration and healing, paired per window):", "",
-             *out, ""] if out else [])
+# row prefix -> (what the prefixed row is, what its twin without the prefix is, the section's title)
+TWINS = {
+    "loss-": ("loss-aware", "global", "Loss-aware against global allocation (same method, calibration and healing, "
+              "paired per window):"),
+    "xl2-": ("all shared", "per layer", "Bases shared by 2 adjacent layers against per-layer units (same method, "
+             "calibration, healing and parameters, paired per window):"),
+    "xl2down-": ("down shared", "per layer", None),  # joins the section above
+}
+
+
+def _twin_sections(by, budget) -> list[str]:
+    """Issue #15: each new piece against today's setting it changes (`PREFIX-M/C/H` against `M/C/H`), paired per
+    window: loss-aware against global allocation, cross-layer against per-layer bases."""
+    sections: dict[str, list[str]] = {}
+    title = None
+    for prefix, (ours, theirs, heading) in TWINS.items():
+        title = heading or title
+        for r, p in _rows_at(by, budget):
+            s, c, h = parse_row(r)
+            if not s.startswith(prefix):
+                continue
+            twin = by.get((f"{s[len(prefix):]}/{c}/{h}", budget))
+            if twin is None:
+                continue
+            d, se = paired_nll(p, twin)
+            verdict = "within 2 SE" if abs(d) <= 2 * se else (f"{ours} better" if d < 0 else f"{theirs} better")
+            sections.setdefault(title, []).append(
+                f"* {s[len(prefix):]}/{c}/{h}: {ours} − {theirs} Δ NLL {d:+.4f} ± {se:.4f} ({verdict}; perplexity "
+                f"{twin['perplexity']['perplexity']:.2f} {theirs}, {p['perplexity']['perplexity']:.2f} {ours})")
+    return [line for heading, rows in sections.items() for line in (heading, "", *rows, "")]
 
 
 def _plot(by, dense, png_path: Path) -> None:
