@@ -26,7 +26,7 @@ def write(results: Path = Path("results")) -> Path:
             sections.append(fn(exp))
         except (KeyError, ValueError, TypeError, ZeroDivisionError) as exc:  # an old or partial file: say so
             sections.append(f"## {fn.__name__.strip('_')}\n\n**could not be rendered**: {type(exc).__name__}: {exc}\n")
-    sections.insert(1, _summary(sections[1:]))
+    sections.insert(1, _summary(sections[1:], _models(exp)))
     path = results / "REPORT.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".md.tmp")
@@ -38,9 +38,29 @@ def write(results: Path = Path("results")) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _summary(sections: list[str]) -> str:
+def _models(exp: Path) -> list[str]:
+    """The models the experiments' results were measured on (each result file names its model)."""
+    import json
+
+    found = set()
+    for f in exp.glob("*/*.json"):
+        try:
+            model = json.loads(f.read_text()).get("model")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(model, str):
+            found.add(model)
+    return sorted(found)
+
+
+def _summary(sections: list[str], models: list[str] | None = None) -> str:
     """The verdict lines of every section, gathered at the top (copied from the sections, never retyped)."""
     out = ["## Summary of verdicts", ""]
+    if models:
+        out += [f"Every verdict below holds for the model the experiments ran on: {', '.join(models)}. Small models "
+                "degrade more than large ones at the same reduction (SliceGPT, arXiv 2401.15024); the scale study "
+                "(`research/bench/scale.py`, results/scale.md when run) measures the paper's settings on three more "
+                "models, 135M to 1.5B parameters.", ""]
     for text in sections:
         lines = text.splitlines()
         title = next((l[3:] for l in lines if l.startswith("## ")), "?")
@@ -462,7 +482,7 @@ def _denoise(exp: Path) -> str:
                    + (f"perplexity improves beyond 2 SE at {', '.join(str(p['config']) + '@' + str(p['ratio']) for p in wins)}: holds "
                       "for perplexity on these windows." if wins else
                       "no configuration and ratio improves WikiText-2 perplexity beyond 2 SE: does not hold for "
-                      "perplexity on this model (a null result)."))
+                      f"perplexity on {r.get('model', 'this model')} (a null result)."))
         if tasks:
             zs_wins = []
             for p in r["points"]:
@@ -621,7 +641,8 @@ def _activations(exp: Path) -> str:
     low = [x["amplification"] for x in r["summary"] if x["ratio"] == min(y["ratio"] for y in r["summary"])]
     out.append(f"**Verdict** (premise: dropping the weakest weight directions is nearly harmless): at ratio {top} the "
                f"relative error on real inputs is {min(amp):.1f}x to {max(amp):.1f}x the weight-space error "
-               + ("— does not hold on this model: the inputs lean on the very directions a data-free truncation "
+               + (f"— does not hold on {r.get('model', 'this model')}: the inputs lean on the very directions a "
+                  "data-free truncation "
                   "drops first, so a 'small' cut is not small for the model (data-aware methods such as ASVD and "
                   "SVD-LLM exist for this). "
                   if min(amp) > 1.2 else "— no strong amplification. ")
