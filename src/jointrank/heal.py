@@ -264,19 +264,17 @@ def _split(model):
 def _kl_backward(s_hidden: torch.Tensor, t_hidden: torch.Tensor, head, softcap, chunk: int) -> float:
     """Mean per-token KL(teacher ‖ student) over the window; its gradient flows into s_hidden's graph. Full logits
     are materialised `chunk` positions at a time (Gemma's vocabulary is 262k), so memory stays small."""
+    from .evaluate.perplexity import soft_cap
+
     leaf = s_hidden.detach().requires_grad_(True)
     n = leaf.shape[0] * leaf.shape[1]
     total = 0.0
     for start in range(0, leaf.shape[1], chunk):
         with torch.no_grad():
-            t_logits = head(t_hidden[:, start:start + chunk]).float()
-            if softcap:
-                t_logits = torch.tanh(t_logits / softcap) * softcap
+            t_logits = soft_cap(head(t_hidden[:, start:start + chunk]).float(), softcap)
             t_logp = F.log_softmax(t_logits, dim=-1)
             del t_logits
-        s_logits = head(leaf[:, start:start + chunk]).float()
-        if softcap:
-            s_logits = torch.tanh(s_logits / softcap) * softcap
+        s_logits = soft_cap(head(leaf[:, start:start + chunk]).float(), softcap)
         s_logp = F.log_softmax(s_logits, dim=-1)
         kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="sum") / n
         kl.backward()

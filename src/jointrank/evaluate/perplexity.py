@@ -68,6 +68,12 @@ def split_model(model):
     return decoder, head, getattr(model.config, "final_logit_softcapping", None)
 
 
+def soft_cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma-2 style final-logit soft-capping (softcap from split_model), as in the model's own forward; every
+    path that runs the LM head itself (perplexity, zero-shot, distillation, loss sensitivity) applies it here."""
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
 @torch.no_grad()
 def window_nll(model, windows: torch.Tensor, loss_chunk: int = 512) -> tuple[float, int]:
     """Sum of next-token NLL (float64) and number of predicted tokens over a [b, seqlen] batch of windows."""
@@ -84,9 +90,7 @@ def window_nll(model, windows: torch.Tensor, loss_chunk: int = 512) -> tuple[flo
     total = torch.zeros((), dtype=torch.float64)
     for start in range(0, hidden.shape[1], loss_chunk):
         h = hidden[:, start: start + loss_chunk]
-        logits = head(h).float()
-        if softcap:  # Gemma-2 style final-logit soft-capping, as in the model's own forward
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = soft_cap(head(h).float(), softcap)
         y = targets[:, start: start + loss_chunk]
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").double().cpu()
     return float(total), targets.numel()

@@ -111,7 +111,7 @@ def _continuation_only_hflm():
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from .perplexity import split_model
+    from .perplexity import soft_cap, split_model
 
     class ContinuationOnlyHFLM(HFLM):
         _max_cont = None
@@ -134,10 +134,7 @@ def _continuation_only_hflm():
                 lengths = padded - is_pad.sum(1)
                 start = max(0, int(lengths.min()) - self._max_cont)
                 hidden = decoder(input_ids=inps, use_cache=False).last_hidden_state[:, start:]
-                logits = head(hidden)
-                if softcap:
-                    logits = torch.tanh(logits / softcap) * softcap
-                return logits
+                return soft_cap(head(hidden), softcap)
 
     return ContinuationOnlyHFLM
 

@@ -41,7 +41,7 @@ def output_fisher(model, calibration, names: list[str], *, progress: bool = True
     is ever allocated) and the graph starts at the embedding's output; the LM head's logits are made `loss_chunk`
     positions at a time (Gemma's vocabulary is 262k: full float32 logits of one window are 0.5 GB, and their softmax
     and gradient as much again). The gradient is the same as the whole window's summed NLL's."""
-    from ..evaluate.perplexity import split_model
+    from ..evaluate.perplexity import soft_cap, split_model
 
     sums = {n: None for n in names}
     tokens = 0
@@ -79,9 +79,7 @@ def output_fisher(model, calibration, names: list[str], *, progress: bool = True
                 hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
                 leaf = hidden.detach().requires_grad_(True)
                 for start in range(0, leaf.shape[1], loss_chunk):
-                    logits = head(leaf[:, start:start + loss_chunk]).float()
-                    if softcap:  # Gemma-2 style final-logit soft-capping, as in the model's own forward
-                        logits = torch.tanh(logits / softcap) * softcap
+                    logits = soft_cap(head(leaf[:, start:start + loss_chunk]).float(), softcap)
                     target = ids[:, 1 + start:1 + start + loss_chunk]
                     torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                                       reduction="sum").backward()
