@@ -308,10 +308,11 @@ def release_teacher_(teacher: nn.Module) -> None:
 
 def distill_(student: nn.Module, teacher: "nn.Module | dict", input_ids: torch.Tensor, settings: DistillSettings, *,
              state_dir: str | Path | None = None, save_every: int = 10, progress: bool = True,
-             on_step=None) -> DistillReport:
+             on_step=None, release_teacher: bool = False) -> DistillReport:
     """Train the student's factors against the teacher (see the module docstring); returns what was done.
 
-    `teacher`: the dense model, or its teacher_states on these windows (computed here otherwise).
+    `teacher`: the dense model, or its teacher_states on these windows (computed here otherwise). With
+    `release_teacher`, the teacher's decoder copy is freed once its states are computed, before training.
 
     With `state_dir`, the trainable tensors, Adam's moments and the step are saved there every `save_every` steps
     (safetensors + JSON, written atomically), and a later call with the same settings and windows continues from
@@ -326,6 +327,8 @@ def distill_(student: nn.Module, teacher: "nn.Module | dict", input_ids: torch.T
     decoder_s, head_s, softcap = _split(student)
     order = _window_order(int(input_ids.shape[0]), settings.steps, settings.seed)
     states = teacher if isinstance(teacher, dict) else teacher_states(teacher, input_ids, order, progress=progress)
+    if release_teacher and not isinstance(teacher, dict):
+        release_teacher_(teacher)
     frozen = {id(p) for _, p in params}
     previous = {}
     for p in student.parameters():
@@ -456,11 +459,8 @@ def heal_(student: nn.Module, teacher: nn.Module, calibration, kind: str, settin
                            "mean_rel_error_after": sum(u["rel_error_after"] for u in units) / max(len(units), 1)}
     if do_distill:
         settings = settings or DistillSettings()
-        order = _window_order(int(calibration.input_ids.shape[0]), settings.steps, settings.seed)
-        states = teacher_states(teacher, calibration.input_ids, order, progress=progress)
-        if release_teacher:
-            release_teacher_(teacher)
-        done = distill_(student, states, calibration.input_ids, settings, state_dir=state_dir, progress=progress)
+        done = distill_(student, teacher, calibration.input_ids, settings, state_dir=state_dir, progress=progress,
+                        release_teacher=release_teacher)
         report["distill"] = asdict(done)
     report["seconds"] = time.perf_counter() - started
     return report
