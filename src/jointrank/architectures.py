@@ -65,6 +65,10 @@ class ModelLayout:
     layers_path: str = "model.layers"
     extra: dict = field(default_factory=dict)
 
+    def group_of(self) -> dict[str, GroupLayout]:
+        """{member module name: the group (and so the layer and the input) it belongs to}."""
+        return {m.name: g for g in self.groups for m in g.members}
+
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for path in ("model.layers", "model.language_model.layers", "transformer.h", "model.decoder.layers"):

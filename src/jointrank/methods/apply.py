@@ -30,18 +30,17 @@ def compress_calibrated(model, plan, calibration: Calibration | None, *, solver,
         raise JointRankError(f"method {method.name!r} needs calibration text: give --calibration FILE")
     # one statistic per group and layer: all members of a group read the same input. A cross-layer unit reads
     # the inputs of several layers: it is factorised at its last layer, from their statistics pooled
-    group_of = {m.name: (g.layer, g.group) for g in describe(model).groups for m in g.members}
+    group_of = describe(model).group_of()
     watch: dict[int, dict[str, str]] = defaultdict(dict)
-    finish_at = defaultdict(list)
+    finish_at = defaultdict(list)  # layer -> (unit, the (layer, group) statistics it pools)
     users = defaultdict(int)  # statistic -> units still to use it: each is freed after its last use (d_in² floats)
     for entry in plan.factorised:
-        keys = {group_of[name] for name in entry.members}
+        keys = list(dict.fromkeys((group_of[name].layer, group_of[name].group) for name in entry.members))
         for name in entry.members:
-            layer, group = group_of[name]
-            watch[layer].setdefault(group, name)
+            watch[group_of[name].layer].setdefault(group_of[name].group, name)
         for key in keys:
             users[key] += 1
-        finish_at[max(layer for layer, _ in keys)].append(entry)
+        finish_at[max(layer for layer, _ in keys)].append((entry, keys))
     measured: dict[tuple[int, str], object] = {}
     done: list = []
     errors: list[dict] = []
@@ -49,10 +48,9 @@ def compress_calibrated(model, plan, calibration: Calibration | None, *, solver,
 
     def on_layer(index, stats):
         measured.update({(index, group): unit_stats for group, unit_stats in stats.items()})
-        for entry in finish_at[index]:
+        for entry, keys in finish_at[index]:
             modules = [model.get_submodule(name) for name in entry.members]
             weights = [m.weight.detach() for m in modules]
-            keys = list(dict.fromkeys(group_of[name] for name in entry.members))
             unit_stats = pooled([measured[key] for key in keys])
             for key in keys:
                 users[key] -= 1

@@ -110,12 +110,12 @@ def plan_global(layout: ModelLayout, config, tensors, *, spectra: dict | None = 
 
     block_prior = residual_priors(layout, tensors) if prior == "residual" else None
 
-    layer_of = {m.name: group.layer for group in layout.groups for m in group.members}
+    group_of = layout.group_of()
 
     def unit_prior(g) -> float:
         """The prior of the unit's layer; a cross-layer unit's is the mean over the layers sharing its basis."""
         block = "attn" if g.parent.rsplit(".", 1)[-1] == ATTENTION_PARENT else "mlp"
-        layers = sorted({layer_of[m.name] for m in g.members})
+        layers = sorted({group_of[m.name].layer for m in g.members})
         if block_prior is not None:
             return float(np.mean([block_prior[(layer, block)] for layer in layers]))
         return float(np.mean([layer_prior(layer, layout.num_layers, prior) for layer in layers]))

@@ -159,12 +159,12 @@ def _jobs(source: TensorSource, layout: ModelLayout, plan, method) -> dict[int, 
         by_layer[e.layer].append(e)
     # a cross-layer unit is factorised by its first layer's job, which writes every member's factors (into that
     # layer's shard: the index maps every tensor to its file); later layers must not pass those members through
-    layer_of = {m.name: g.layer for g in layout.groups for m in g.members}
+    group_of = layout.group_of()
     elsewhere: dict[int, list] = {i: [] for i in range(layout.num_layers)}
     for e in plan.factorised:
         for m in e.members:
-            if layer_of[m] != e.layer:
-                elsewhere[layer_of[m]].append(m)
+            if group_of[m].layer != e.layer:
+                elsewhere[group_of[m].layer].append(m)
     return {i: LayerJob(str(source.root), i, f"{layout.layers_path}.{i}.", tuple(entries), method,
                         _shard_name(i, total), "", tuple(elsewhere[i])) for i, entries in by_layer.items()}
 
