@@ -132,10 +132,10 @@ def config_for(structure: str, budget: float):
         rules = dict(PRESETS[preset].rules)
     else:
         rules = {g: GroupRule(m) for g, m in rules.items()}
+    share_layers, share_groups = SHARED.get(structure, (1, None))
     return JointRankConfig(rules=rules, target=budget, scope="decoder", method=method, allocation=allocation,
                            preset=preset, allocation_prior=prior_for(structure, budget) or "flat",
-                           share_layers=SHARED.get(structure, (1, None))[0],
-                           share_groups=SHARED.get(structure, (1, None))[1])
+                           share_layers=share_layers, share_groups=share_groups)
 
 
 def prior_for(structure: str, budget: float) -> str | None:
