@@ -498,8 +498,7 @@ def _healing_line(extra: dict) -> str:
 
 
 def cmd_info(args) -> int:
-    from .plan import span_of
-    from .tables import format_table, params_summary, plan_summary
+    from .tables import format_table, layer_ranges, params_summary, plan_summary, unit_labels
     from .verify import MANIFEST_KEYS, read_manifest, verify_checkpoint
 
     manifest = read_manifest(args.checkpoint, required=MANIFEST_KEYS)
@@ -523,10 +522,8 @@ def cmd_info(args) -> int:
             if structure_of(e) == "keep":
                 continue
             s = stats.get(tuple(e["members"]), {})
-            span = span_of(e["members"])  # a cross-layer unit: its layers, its member kinds once
-            layer = e["layer"] if span == 1 else f"{e['layer']}-{e['layer'] + span - 1}"
-            who = "+".join(dict.fromkeys(m.rsplit(".", 1)[1] for m in e["members"]))
-            rows.append([layer, e["group"], who, structure_of(e) + (f" across {span} layers" if span > 1 else ""),
+            layers, who, structure = unit_labels(e)
+            rows.append([e["layer"] if len(layers) == 1 else layer_ranges(layers), e["group"], who, structure,
                          e["rank"], e["params_before"], e["params_after"], s.get("energy_kept"),
                          "/".join(f"{x:.3f}" for x in s.get("member_rel_errors", []))])
         print(format_table(["layer", "group", "members", "structure", "rank", "params before", "params after",

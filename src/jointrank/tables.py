@@ -53,23 +53,32 @@ def layer_ranges(layers: list[int]) -> str:
     return ",".join(parts)
 
 
+def unit_labels(entry: dict) -> tuple[list[int], str, str]:
+    """How a plan entry (as a dict) is named in a table: the layers it serves, its member kinds (once each: a
+    cross-layer unit repeats them per layer) and its structure (saying so when a basis spans layers)."""
+    from .format import structure_of
+    from .plan import span_of
+
+    span = span_of(entry["members"])
+    who = "+".join(dict.fromkeys(m.rsplit(".", 1)[1] for m in entry["members"]))
+    structure = structure_of(entry) + (f" across {span} layers" if span > 1 else "")
+    return list(range(entry["layer"], entry["layer"] + span)), who, structure
+
+
 def plan_summary(entries: list[dict]) -> str:
     """One row per (group, member, structure, rank): which layers, parameters before and after, and the modelled
     per-token cost against dense (plan.unit_cost: multiply-adds, shared projection counted once)."""
-    from .format import structure_of
-    from .plan import span_of, unit_cost
+    from .plan import unit_cost
 
     rows = defaultdict(lambda: {"layers": [], "before": 0, "after": 0, "notes": set(), "macs": [0, 0]})
     for e in entries:
-        span = span_of(e["members"])
-        who = "+".join(dict.fromkeys(m.rsplit(".", 1)[1] for m in e["members"]))
-        structure = structure_of(e) + (f" across {span} layers" if span > 1 else "")
+        layers, who, structure = unit_labels(e)
         key = (e["group"], who, structure, e["rank"])
-        rows[key]["layers"].extend(range(e["layer"], e["layer"] + span))
+        rows[key]["layers"].extend(layers)
         rows[key]["before"] += e["params_before"]
         rows[key]["after"] += e["params_after"]
         if e["rank"] is not None:
-            cost = unit_cost(e["d_outs"], e["d_in"], e["rank"], span=span)
+            cost = unit_cost(e["d_outs"], e["d_in"], e["rank"], span=len(layers))
             rows[key]["macs"][0] += cost.factorised_macs
             rows[key]["macs"][1] += cost.dense_macs
         if e.get("note"):
