@@ -386,12 +386,11 @@ def _compress_streaming(args, config) -> int:
     """`compress --stream` (or --resume/--workers/--backend/--seed): the same library call with StreamOptions;
     what streaming cannot do (eval, heal, calibration, dense) is refused there, naming the flags."""
     from .pipeline import compress_model
-    from .plan import CompressionPlan
     from .stream import StreamOptions
     from .tables import params_summary
 
-    solver = config.config.get("solver", "auto") if isinstance(config, CompressionPlan) else config.solver
-    options = StreamOptions(solver=solver, seed=0 if args.seed is None else args.seed, device=args.device,
+    # solver unset: streaming takes the plan's (the config's --solver, or a --plan file's), as compress_ does
+    options = StreamOptions(solver=None, seed=0 if args.seed is None else args.seed, device=args.device,
                             dtype=args.dtype, workers=args.workers or 1, backend=args.backend, resume=args.resume,
                             overwrite=args.overwrite)
     try:
