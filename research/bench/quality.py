@@ -61,10 +61,12 @@ class Protocol:
     windows: int = 32
     zs_limit: int = 250
     eval_dtype: str = "float32"  # the model is built in float32; only the evaluation runs in this dtype
+    head_dtype: str | None = None  # distillation's LM-head precision (None: the tool's default)
 
     def argv(self) -> list[str]:
         return ["--model", self.model, "--results", str(self.results), "--windows", str(self.windows),
-                "--zs-limit", str(self.zs_limit), "--eval-dtype", self.eval_dtype]
+                "--zs-limit", str(self.zs_limit), "--eval-dtype", self.eval_dtype,
+                *(["--head-dtype", self.head_dtype] if self.head_dtype else [])]
 
 
 P = Protocol()
@@ -285,7 +287,9 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
                  params_total_after=result.params_total_after, units_factorised=len(result.units))
     if heal != "none":
         t = time.perf_counter()
-        report = heal_(model, teacher, calibration, heal, DistillSettings(steps=HEAL_STEPS, lr=HEAL_LR),
+        precision = {"head_dtype": P.head_dtype} if P.head_dtype else {}
+        distill = DistillSettings(steps=HEAL_STEPS, lr=HEAL_LR, **precision)
+        report = heal_(model, teacher, calibration, heal, distill,
                        progress=progress, release_teacher=True)
         facts["heal_seconds"] = time.perf_counter() - t
         phases["heal"] = peak_rss_gib()
@@ -644,6 +648,8 @@ def main(argv=None) -> int:
     parser.add_argument("--zs-limit", type=int, default=defaults.zs_limit, help="documents per zero-shot task")
     parser.add_argument("--eval-dtype", choices=["float32", "bfloat16"], default=defaults.eval_dtype,
                         help="dtype of the evaluation (the model is built in float32)")
+    parser.add_argument("--head-dtype", choices=["float32", "bfloat16"], default=None,
+                        help="precision of the LM head in distillation (default: the tool's)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="perplexity points, each in a fresh process, appended to results/quality.json")
     run.add_argument("--only", default="", help="comma-separated rows STRUCTURE/CALIBRATION/HEAL")
@@ -673,7 +679,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     global P
     P = Protocol(model=args.model, results=args.results.resolve(), windows=args.windows, zs_limit=args.zs_limit,
-                 eval_dtype=args.eval_dtype)
+                 eval_dtype=args.eval_dtype, head_dtype=args.head_dtype)
     return args.func(args)
 
 
