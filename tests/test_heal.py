@@ -16,7 +16,7 @@ import jointrank
 from jointrank import GroupRule, JointRankConfig, JointRankError
 from jointrank.architectures import count_parameters
 from jointrank.cli import main
-from jointrank.heal import (DistillSettings, _kl_backward, distill_, heal_, refit_, teacher_copy,
+from jointrank.heal import (DistillSettings, _kl_backward, distill_, head_in, heal_, refit_, teacher_copy,
                             trainable_factors)
 from jointrank.methods.calibration import Calibration
 from jointrank.methods.selfgen import SamplingSettings, _sample, _to_dtype, parse_spec, self_calibration
@@ -126,6 +126,65 @@ def test_chunked_kl_gradient_equals_the_unchunked_one():
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-7)
 
 
+def test_a_bfloat16_head_is_the_same_map_on_bfloat16_copies_and_leaves_the_head_alone():
+    model, _ = compressed("gemma3_text")  # tied embeddings: the head's weight is the embedding's
+    head = model.get_output_embeddings()
+    before = head.weight.detach().clone()
+    x = torch.randn(2, 7, head.in_features, requires_grad=True)
+    assert head_in(head, "float32") is head  # float32 on a float32 model: the module itself, bit for bit
+    y = head_in(head, "bfloat16")(x)
+    expected = torch.nn.functional.linear(x.detach().bfloat16(), head.weight.detach().bfloat16())
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 7, head.out_features)
+    assert torch.equal(y.detach(), expected)
+    torch.testing.assert_close(y.detach().float(), head(x).detach(), rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()  # the gradient reaches the input (the student's hidden states), not the head
+    torch.testing.assert_close(x.grad, head.weight.sum(0).expand_as(x), rtol=2e-2, atol=2e-2)
+    assert head.weight.grad is None and torch.equal(head.weight, before)
+    assert head_in(model.get_decoder(), "bfloat16") is model.get_decoder()  # not a Linear: used as it is
+
+
+def test_distilling_with_a_bfloat16_head_follows_the_float32_run_and_is_recorded():
+    ids = windows()
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        model, teacher = compressed("llama")
+        before = kl_on(model, teacher, ids)
+        report = distill_(model, teacher, ids, DistillSettings(steps=8, lr=1e-3, head_dtype=dtype), progress=False)
+        assert report.settings["head_dtype"] == dtype
+        assert kl_on(model, teacher, ids) < 0.8 * before  # measured in float32 either way
+        losses[dtype] = report.losses
+    # the same windows in the same order: per-step losses agree to bfloat16's rounding of the logits
+    torch.testing.assert_close(torch.tensor(losses["bfloat16"]), torch.tensor(losses["float32"]), rtol=3e-2, atol=1e-3)
+    with pytest.raises(JointRankError, match="--heal-head-dtype must be one of"):
+        DistillSettings(head_dtype="float16").check()
+
+
+def test_distillation_alone_takes_the_dense_states_before_compression_and_never_copies_the_decoder(monkeypatch):
+    """healing_reference: for distill, the dense model's own states (no decoder copy), which train exactly the factors
+    a teacher copy would; a refit still gets the copy, and is refused the states alone."""
+    import jointrank.heal as heal
+
+    ids = windows(n=3)
+    calibration = Calibration(ids, "test", 0)
+    settings = DistillSettings(steps=4, lr=1e-3)
+    with_copy, teacher = compressed("qwen2")
+    heal_(with_copy, teacher, calibration, "distill", settings, progress=False)
+
+    model = tiny_model("qwen2")
+    monkeypatch.setattr(heal, "teacher_copy", lambda m: pytest.fail("distillation alone copied the decoder"))
+    reference = heal.healing_reference(model, calibration, "distill", progress=False)
+    assert isinstance(reference, dict) and sorted(reference) == [0, 1, 2]
+    jointrank.compress_(model, JointRankConfig(rules=ALL, ratio=0.4), progress=False)
+    heal_(model, reference, calibration, "distill", settings, progress=False)
+    for (name, x), (_, y) in zip(trainable_factors(with_copy), trainable_factors(model)):
+        assert torch.equal(x, y), name
+    assert heal.healing_reference(model, calibration, "none") is None
+    with pytest.raises(JointRankError, match="a refit needs the dense decoder layers"):
+        heal_(model, reference, calibration, "refit", progress=False)
+    monkeypatch.undo()
+    assert isinstance(heal.healing_reference(tiny_model("qwen2"), calibration, "refit+distill"), torch.nn.Module)
+
+
 class Interrupt(Exception):
     pass
 
@@ -151,6 +210,9 @@ def test_interrupted_distillation_resumes_to_the_same_factors(tmp_path):
         assert torch.equal(a, b), n
     with pytest.raises(JointRankError, match="different lr"):
         distill_(fresh, teacher3, ids, DistillSettings(steps=6, lr=5e-4), state_dir=tmp_path, progress=False)
+    with pytest.raises(JointRankError, match="different head_dtype"):
+        distill_(fresh, teacher3, ids, DistillSettings(steps=6, lr=1e-3, head_dtype="float32"), state_dir=tmp_path,
+                 progress=False)
 
 
 def test_a_healed_checkpoint_reloads_with_the_same_logits(tmp_path):
@@ -248,6 +310,7 @@ def test_cli_compresses_and_heals_with_no_user_data(model_dir, tmp_path, monkeyp
     extra = manifest["result"]["extra"]
     assert extra["calibration_provenance"]["kind"] == "self-generated"
     assert extra["heal"]["kind"] == "refit+distill" and extra["heal"]["distill"]["steps_done"] == 3
+    assert extra["heal"]["distill"]["settings"]["head_dtype"] == "bfloat16"  # the default, recorded
     assert not (tmp_path / ".healed.heal").exists()  # the resume state is gone once the checkpoint is complete
     before = manifest["result"]["params"]
     assert count_parameters(jointrank.load(out)) == before["total_after"]

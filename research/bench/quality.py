@@ -199,8 +199,48 @@ def measure_zeroshot(model, tokenizer) -> dict:
             "seconds": time.perf_counter() - t}
 
 
+class PeakRSS:
+    """The process's peak RSS, overall and per phase. On Linux each phase's own peak is read from /proc/self/status
+    (VmHWM) and the mark is reset between phases (/proc/self/clear_refs), so a phase that peaks lower than an earlier
+    one is still measured; the overall peak is the largest of them. Elsewhere only the overall high-water mark."""
+
+    def __init__(self):
+        self.overall = 0.0
+        self.own: dict[str, float] = {}  # phase -> its own peak (Linux only)
+        self.after: dict[str, float] = {}  # phase -> overall peak when it ended
+
+    @staticmethod
+    def _hwm() -> float | None:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+        except OSError:
+            pass
+        return None
+
+    def peak(self) -> float:
+        hwm = self._hwm()
+        return max(self.overall, hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+    def end(self, phase: str) -> None:
+        hwm = self._hwm()
+        self.overall = self.peak()
+        self.after[phase] = self.overall
+        if hwm is None:
+            return
+        self.own[phase] = hwm
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        except OSError:
+            pass
+
+
+PEAKS = PeakRSS()
+
+
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    return PEAKS.peak()
 
 
 def busy_cpu_seconds() -> float:
@@ -228,7 +268,7 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
     import torch
 
     from jointrank import compress_
-    from jointrank.heal import DistillSettings, heal_, teacher_copy
+    from jointrank.heal import DistillSettings, heal_, healing_reference
     from jointrank.methods import parse
     from jointrank.methods.calibration import load_text
     from jointrank.methods.selfgen import self_calibration
@@ -240,8 +280,9 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
     t0 = time.perf_counter()
     model, tokenizer, _ = load_model(P.model)
     facts = {"load_seconds": time.perf_counter() - t0}
-    # the process's high-water mark after each phase: which phase set the peak (the mark only ever rises)
-    phases = facts["peak_rss_gib_after"] = {"load": peak_rss_gib()}
+    # the peak RSS after each phase (only ever rises) and each phase's own peak: which phase sets the peak
+    PEAKS.end("load")
+    facts["peak_rss_gib_after"], facts["peak_rss_gib_in"] = PEAKS.after, PEAKS.own
     config = config_for(structure, budget)
     calibration = None
     t = time.perf_counter()
@@ -271,17 +312,17 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
             with safe_open(prov["cache_file"], "pt") as f:
                 facts["sampling_seconds"] = json.loads(f.metadata()["jointrank_selfgen"])["seconds"]
     facts["calibration_seconds"] = time.perf_counter() - t
-    phases["calibration"] = peak_rss_gib()
+    PEAKS.end("calibration")
     t = time.perf_counter()
-    teacher = teacher_copy(model) if heal != "none" else None
+    teacher = healing_reference(model, calibration, heal, progress=progress)  # before any weight changes
     from jointrank import plan_for
 
     plan = plan_for(model, config, calibration=calibration, progress=progress)  # loss allocation measures on it
-    phases["plan"] = peak_rss_gib()
+    PEAKS.end("plan")
     method, _ = parse(config.method)
     result = compress_(model, plan, progress=progress, calibration=calibration if method.needs_calibration else None)
     facts["compress_seconds"] = time.perf_counter() - t
-    phases["compress"] = peak_rss_gib()
+    PEAKS.end("compress")
     facts.update(params_decoder_before=result.params_decoder_before, params_decoder_after=result.params_decoder_after,
                  decoder_reduction=1 - result.params_decoder_after / result.params_decoder_before,
                  params_total_after=result.params_total_after, units_factorised=len(result.units))
@@ -292,7 +333,7 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
         report = heal_(model, teacher, calibration, heal, distill,
                        progress=progress, release_teacher=True)
         facts["heal_seconds"] = time.perf_counter() - t
-        phases["heal"] = peak_rss_gib()
+        PEAKS.end("heal")
         from jointrank.architectures import count_parameters
 
         facts["params_total_after_heal"] = count_parameters(model)
@@ -415,6 +456,17 @@ def cmd_run(args) -> int:
     return 0
 
 
+def same_training(point: dict, rebuilt: dict) -> bool:
+    """Whether a rebuild trained like the measured point: the same distillation loss at every step (a deterministic
+    build repeats them exactly; a changed healing code or setting does not). True when neither distilled."""
+    a = (point.get("heal") or {}).get("distill", {}).get("losses")
+    b = (rebuilt.get("heal") or {}).get("distill", {}).get("losses")
+    if a is None and b is None:
+        return True
+    return a is not None and b is not None and len(a) == len(b) and all(
+        math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(a, b))
+
+
 def cmd_zeroshot(args) -> int:
     deadline = time.monotonic() + args.max_minutes * 60
     results = load_results()
@@ -435,6 +487,10 @@ def cmd_zeroshot(args) -> int:
                 continue
             if name != "dense" and z["params_decoder_after"] != point["params_decoder_after"]:
                 raise SystemExit(f"{name} @ {budget}: the rebuilt model differs from the measured one")
+            if name != "dense" and not same_training(point, z):  # e.g. healing code changed since the point ran
+                raise SystemExit(f"{name} @ {budget}: the rebuilt model's distillation losses differ from the "
+                                 f"measured one's, so it is not the model whose perplexity was measured; run the point "
+                                 f"again (quality.py run) or rebuild it with the settings it was made with")
             point["zeroshot"] = z["zeroshot"]
             point["zeroshot_peak_rss_gib"] = z["peak_rss_gib"]
             if name != "dense":  # the rebuild is another timing of compress + heal: keep it beside the first

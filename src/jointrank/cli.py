@@ -215,6 +215,10 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     heal.add_argument("--heal-minutes", type=float, default=None, metavar="M",
                       help="stop distilling after M minutes (the steps done are recorded in the manifest)")
     heal.add_argument("--heal-lr", type=float, default=1e-4, metavar="LR", help="distillation learning rate (Adam)")
+    heal.add_argument("--heal-head-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                      help="precision of the frozen LM head's matmuls while distilling (softmax and KL stay float32): "
+                      "bfloat16 (default) is faster on CPUs with bf16 instructions and on GPUs; "
+                      "results/distill_precision.md measures what it changes; float32 repeats older runs bit for bit")
 
 
 def _method_param_defaults() -> str:
@@ -440,7 +444,8 @@ def _heal_settings(args):
         return None
     from .heal import DistillSettings
 
-    return DistillSettings(steps=args.heal_steps, lr=args.heal_lr, max_minutes=args.heal_minutes)
+    return DistillSettings(steps=args.heal_steps, lr=args.heal_lr, max_minutes=args.heal_minutes,
+                           head_dtype=args.heal_head_dtype)
 
 
 def _print_evals(evals: dict) -> None:

@@ -106,6 +106,7 @@ def estimate(model, tokenizer, plan, *, method: str, solver: str, calibration: s
         if data_aware else 0.0
     phases["factorisation"] = _factorise_seconds(model, plan, method, solver)
     phases["refit"] = 3.0 * windows * forward if do_refit else 0.0  # teacher + student + student again
-    # distillation: teacher forward + student forward + backward (about twice a forward)
-    phases["distillation"] = 4.0 * heal_steps * forward if do_distill else 0.0
+    # distillation: one teacher forward per window used (its states are kept), then per step a student forward and
+    # a backward (about twice a forward)
+    phases["distillation"] = (min(windows, heal_steps) + 3.0 * heal_steps) * forward if do_distill else 0.0
     return Estimate(phases)

@@ -69,6 +69,21 @@ def teacher_copy(model: nn.Module) -> nn.Module:
     return teacher
 
 
+def healing_reference(model: nn.Module, calibration, kind: str, *, progress: bool = True) -> "nn.Module | dict | None":
+    """What healing of kind `kind` needs from the dense model, taken before compression changes it: None without
+    healing; for distillation alone, the dense model's last hidden states on the calibration windows (teacher_states:
+    a few MB per window, and no copy of the decoder is ever made); for a refit, a dense copy of the decoder layers
+    (teacher_copy), which it runs layer by layer. heal_ takes either."""
+    do_refit, do_distill = parse_heal(kind)
+    if not (do_refit or do_distill):
+        return None
+    if do_refit:
+        return teacher_copy(model)
+    if calibration is None:
+        raise JointRankError(f"--heal {kind} needs calibration text (--calibration FILE or --calibration self)")
+    return teacher_states(model, calibration.input_ids, progress=progress)
+
+
 def _low_rank_modules(layer: nn.Module) -> dict[str, LowRankLinear]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, LowRankLinear)}
 
@@ -316,11 +331,15 @@ def teacher_states(teacher: nn.Module, input_ids: torch.Tensor, windows=None, *,
     a teacher forward per step (a 100-step run over 32 windows does 32 instead of 100), and the teacher's decoder can
     be freed before training starts (heal_(release_teacher=True)). A few MB per window."""
     decoder_t, _, _ = _split(teacher)
+    was_training = teacher.training
     teacher.eval()
     device = next(decoder_t.parameters()).device
     indices = sorted(set(range(int(input_ids.shape[0])) if windows is None else windows))
-    return {i: decoder_t(input_ids=input_ids[i].unsqueeze(0).to(device), use_cache=False).last_hidden_state
-            for i in tqdm(indices, desc="healing: teacher", unit="window", disable=not progress)}
+    try:
+        return {i: decoder_t(input_ids=input_ids[i].unsqueeze(0).to(device), use_cache=False).last_hidden_state
+                for i in tqdm(indices, desc="healing: teacher", unit="window", disable=not progress)}
+    finally:
+        teacher.train(was_training)
 
 
 def release_teacher_(teacher: nn.Module) -> None:
@@ -464,16 +483,20 @@ def _load_state(state_dir: Path, key: dict, params, optimizer) -> tuple[int, lis
     return int(meta["step"]), list(meta["losses"])
 
 
-def heal_(student: nn.Module, teacher: nn.Module, calibration, kind: str, settings: DistillSettings | None = None, *,
-          state_dir: str | Path | None = None, progress: bool = True, release_teacher: bool = False) -> dict:
+def heal_(student: nn.Module, teacher: "nn.Module | dict", calibration, kind: str,
+          settings: DistillSettings | None = None, *, state_dir: str | Path | None = None, progress: bool = True,
+          release_teacher: bool = False) -> dict:
     """Heal `student` in place against `teacher` on `calibration` (methods.calibration.Calibration): kind is one of
-    HEAL_KINDS. Returns what was done, for the manifest: kind, seconds, the refit's per-unit errors, the
+    HEAL_KINDS; `teacher` is what healing_reference took from the dense model (a decoder copy, or for distillation
+    alone the dense model's states on the calibration windows). Returns what was done, for the manifest: kind, seconds, the refit's per-unit errors, the
     distillation's steps, tokens and loss curve. `release_teacher`: free the teacher's decoder copy as soon as it is
     no longer needed (before distillation trains: one decoder's worth of memory less at the peak); the caller must
     not run the teacher afterwards."""
     do_refit, do_distill = parse_heal(kind)
     if calibration is None:
         raise JointRankError(f"--heal {kind} needs calibration text (--calibration FILE or --calibration self)")
+    if do_refit and isinstance(teacher, dict):
+        raise JointRankError("a refit needs the dense decoder layers (teacher_copy), not only their final states")
     started = time.perf_counter()
     report: dict = {"kind": kind, "calibration_source": calibration.source, "calibration_tokens": calibration.tokens}
     if do_refit:

@@ -176,9 +176,9 @@ def compress_model(source: str, out: str | Path, config, *, calibration: Calibra
     healing = heal not in (None, "none")
     teacher = None
     if healing:
-        from .heal import teacher_copy
+        from .heal import healing_reference
 
-        teacher = teacher_copy(model)  # before any weight changes: the dense layers are the healing target
+        teacher = healing_reference(model, windows, heal, progress=progress)  # before any weight changes
     result = compress_(model, plan, device=device, calibration=windows, progress=progress)
     if healing:
         from .heal import DistillSettings, heal_
