@@ -435,15 +435,24 @@ def cmd_run(args) -> int:
     names = args.only.split(",") if args.only else []
     budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else list(BUDGETS)
     todo = [("dense", 0.0)] + [(n, b) for b in budgets for n in names]
+    digest = code_digest()
     for name, budget in todo:
         if name != "dense":
             parse_row(name)
-        if any(p["row"] == name and p["budget"] == budget and "perplexity" in p for p in results["points"]):
+        old = next((p for p in results["points"] if p["row"] == name and p["budget"] == budget
+                    and "perplexity" in p), None)
+        # --again: rebuild what the current code has not measured (resumable: a point it made is not redone)
+        if old is not None and not (args.again and name != "dense" and old.get("code_digest") != digest):
             continue
         if time.monotonic() > deadline:
             print("time budget of this piece used up; run again to continue", flush=True)
             return 3
         point = run_point(name, budget, zeroshot=args.zeroshot and name != "dense", fresh_cache=args.fresh_cache)
+        if old is not None and "error" in point:  # a failed rebuild never replaces a measurement
+            print(f"{name} @ {budget:.0%}: FAILED {point['error']} (the earlier measurement is kept)", flush=True)
+            continue
+        if old is not None:  # the earlier measurement stays on record beside the new one
+            point["earlier"] = old.pop("earlier", []) + [old]
         results["points"] = [p for p in results["points"] if not (p["row"] == name and p["budget"] == budget)]
         results["points"].append(point)
         save_results(results)
@@ -572,9 +581,9 @@ def current_peak(point: dict) -> float:
     return max(r["peak_rss_gib_compress"] for r in current_runs(point))
 
 
-def best_no_user_data(by: dict, budget: float, *, zeroshot: bool = False) -> dict | None:
+def best_no_user_data(by: dict, budget: float, *, zeroshot: bool = False, healed: bool = False) -> dict | None:
     pts = [p for (row, b), p in by.items() if b == budget and row != "dense" and parse_row(row)[1] in NO_USER_DATA
-           and (not zeroshot or "zeroshot" in p)]
+           and (not zeroshot or "zeroshot" in p) and (not healed or parse_row(row)[2] != "none")]
     return min(pts, key=lambda p: p["perplexity"]["mean_nll"]) if pts else None
 
 
@@ -615,21 +624,37 @@ def targets(results: dict) -> list[dict]:
                     "measured": worst[0] if worst else None, "target": "<= 2",
                     "met": worst is not None and worst[0] <= 2, "row": worst[1] if worst else None,
                     "pairs": len(pairs)})
+    # time and memory are judged on what a user runs: at each budget, the best healed row without user data (the one
+    # the perplexity target names); the slowest and the largest of all healed rows are reported beside them
     timed = [p for (row, b), p in by.items() if row != "dense" and parse_row(row)[2] != "none"]
-    quiet = {p["row"] + str(p["budget"]): quietest_timing(p) for p in timed}
-    slowest = max(timed, key=lambda p: quiet[p["row"] + str(p["budget"])]["compress_heal_seconds"]) if timed else None
-    t = quiet[slowest["row"] + str(slowest["budget"])] if slowest else None
-    out.append({"name": "compress + heal wall time, minutes (slowest healed row, its quietest run)",
-                "measured": t["compress_heal_seconds"] / 60 if t else None, "target": "<= 20",
-                "met": t is not None and t["compress_heal_seconds"] <= 1200,
-                "row": slowest["row"] if slowest else None,
-                "other_cpu_seconds": t.get("other_cpu_seconds") if t else None})
+    chosen = [p for p in (best_no_user_data(by, b, healed=True) for b in BUDGETS) if p is not None]
+
+    def minutes(p):
+        return quietest_timing(p)["compress_heal_seconds"] / 60
+
+    def label(p):
+        return f"{p['row']} @ {p['budget']:.0%}"
+
+    slowest = max(chosen, key=minutes) if chosen else None
+    out.append({"name": "compress + heal wall time, minutes (best healed row without user data at each budget, "
+                        "the slowest of them; each by its quietest run of its latest code)",
+                "measured": minutes(slowest) if slowest else None, "target": "<= 20",
+                "met": slowest is not None and minutes(slowest) <= 20,
+                "row": label(slowest) if slowest else None,
+                "per_budget": {label(p): minutes(p) for p in chosen},
+                "other_cpu_seconds": quietest_timing(slowest).get("other_cpu_seconds") if slowest else None,
+                "slowest_healed_row": ({"row": label(x), "minutes": minutes(x)} if (x := max(timed, key=minutes,
+                                                                                             default=None)) else None)})
     out += loss_targets(by)
-    heavy = max(timed, key=current_peak) if timed else None
-    out.append({"name": "compress + heal peak RSS, GiB (largest healed row, by its latest code)",
+    heavy = max(chosen, key=current_peak) if chosen else None
+    out.append({"name": "compress + heal peak RSS, GiB (best healed row without user data at each budget, the "
+                        "largest of them, by its latest code)",
                 "measured": current_peak(heavy) if heavy else None, "target": "<= 4 GB (3.73 GiB)",
                 "met": heavy is not None and current_peak(heavy) <= 4e9 / 2**30,
-                "row": heavy["row"] if heavy else None})
+                "row": label(heavy) if heavy else None,
+                "per_budget": {label(p): current_peak(p) for p in chosen},
+                "largest_healed_row": ({"row": label(x), "gib": current_peak(x)} if (x := max(timed, key=current_peak,
+                                                                                              default=None)) else None)})
     return out
 
 
@@ -713,6 +738,9 @@ def main(argv=None) -> int:
     run.add_argument("--max-minutes", type=float, default=60.0, help="start no new point after this long")
     run.add_argument("--zeroshot", action="store_true", help="also zero-shot, in the same process as perplexity")
     run.add_argument("--fresh-cache", action="store_true", help="sample self-generated text again, timed")
+    run.add_argument("--again", action="store_true",
+                     help="rebuild and remeasure points measured by other code than the current (the earlier "
+                     "measurement is kept in the point's 'earlier' list)")
     run.set_defaults(func=cmd_run)
     zs = sub.add_parser("zeroshot", help="zero-shot for measured points (rebuilt: every step is deterministic)")
     zs.add_argument("--only", default="")

@@ -65,10 +65,14 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
              f"dense layer's outputs, layer by layer, on the calibration windows; `distill` = "
              f"{s['heal']['distill_steps']} Adam steps (lr {s['heal']['lr']}) of one 512-token calibration window "
              "each on KL(dense ‖ compressed) over full next-token distributions, all factors trained, nothing else; "
-             "`refit+distill` = both.",
+             "`refit+distill` = both. The LM head's matmuls in distillation run in the precision each point records "
+             "(`heal.distill.settings.head_dtype`: bfloat16 since it became the default, float32 before; "
+             "results/distill_precision.md compares them).",
              "* Time: compress + heal = calibration (for `self`: sampling the text, as measured when its cache was "
              "made) + statistics, factorisation + healing, wall clock on the 2-core machine; peak RSS of the process "
-             "up to the end of healing (dense model, teacher copy of the decoder, optimizer state). *load* = the "
+             "up to the end of healing (dense model; for a refit, a teacher copy of the decoder, while distillation "
+             "alone keeps only the dense model's final states; optimizer state), and each phase's own peak in "
+             "`peak_rss_gib_in` per point. *load* = the "
              "machine's 1-minute load average when the point finished (2.0 = both cores busy with this point alone; "
              "more = another job shared the machine, and the point's times are inflated by it).",
              "* Distillation loss (mean KL per token on the calibration windows, first step → mean of the last 10) "
@@ -79,6 +83,13 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
     for t in results.get("targets", []):
         met = "not measured" if t["measured"] is None else ("yes" if t["met"] else "**no**")
         lines.append(f"| {t['name']} | {_f(t['measured'])} | {t['target']} | {met} | {t.get('row') or '—'} |")
+    lines.append("")
+    for t in results.get("targets", []):  # the time and memory targets: every budget's row, and the worst of all
+        if t.get("per_budget"):
+            worst = t.get("slowest_healed_row") or t.get("largest_healed_row")
+            lines.append(f"* {t['name'].split(',')[0]}: " + "; ".join(f"{k}: {v:.2f}" for k, v in t["per_budget"].items())
+                         + (f" (of every healed row, the worst: {worst['row']}, "
+                            f"{worst.get('minutes', worst.get('gib')):.2f})" if worst else ""))
     lines.append("")
 
     if dense:
@@ -111,6 +122,7 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
         lines += (_healing_section(by, budget) + _self_vs_c4_section(by, budget) + _twin_sections(by, budget)
                   + _timing_section(by, budget))
 
+    lines += _earlier_section(results, dense)
     lines += ["## Not measured", "",
               "Rows of the issue's grid (every structure × calibration × healing at every budget) that are not in the "
               "tables above were not run: on 2 cores one distillation point costs 10-20 minutes and one zero-shot "
@@ -144,6 +156,24 @@ def _timing_section(by, budget) -> list[str]:
                        f"{run['peak_rss_gib_compress']:.2f} GiB; other processes took "
                        + ("an unrecorded amount of CPU" if other is None else f"{other:.0f} CPU s") + " meanwhile")
     return (["Compress + heal timings (every run):", "", *out, ""] if out else [])
+
+
+def _earlier_section(results: dict, dense) -> list[str]:
+    """Points measured again by newer code (quality.py run --again): what the earlier measurement was, and the new one
+    against it, paired per window."""
+    out = []
+    for p in results["points"]:
+        for e in p.get("earlier", []):
+            d, se = paired_nll(p, e)
+            head = ((e.get("heal") or {}).get("distill") or {}).get("settings", {}).get("head_dtype", "float32")
+            new_head = ((p.get("heal") or {}).get("distill") or {}).get("settings", {}).get("head_dtype")
+            out.append(f"* {p['row']} @ {p['budget']:.0%}: earlier perplexity {e['perplexity']['perplexity']:.2f} "
+                       f"(code {e.get('code_digest') or 'unrecorded'}" + (f", head {head}" if new_head else "")
+                       + f", {_minutes(e['compress_heal_seconds'])} min, peak {e['peak_rss_gib_compress']:.2f} GiB), "
+                       f"now {p['perplexity']['perplexity']:.2f}" + (f" (head {new_head})" if new_head else "")
+                       + f": Δ NLL {d:+.4f} ± {se:.4f}")
+    return (["## Measured again", "", "Points rebuilt by newer code (`quality.py run --again`); the tables above show "
+             "the newest measurement:", "", *out, ""] if out else [])
 
 
 def _healing_section(by, budget) -> list[str]:
