@@ -107,7 +107,9 @@ def cmd_report(args) -> int:
         f"({verdict}).",
         f"* Healing time, float32 / bfloat16: {r['heal_speedup']:.2f}x.",
         f"* Peak RSS, bfloat16 − float32: {b['peak_rss_gib'] - f['peak_rss_gib']:+.2f} GiB (the bfloat16 copy of the "
-        f"head's weight, made once; per phase: {b['peak_rss_gib_after']}).",
+        f"head's weight, made once). Peak after each phase, float32 / bfloat16: " + ", ".join(
+            f"{k} {f['peak_rss_gib_after'][k]:.2f} / {b['peak_rss_gib_after'][k]:.2f}" for k in b["peak_rss_gib_after"])
+        + " GiB.",
         "* *load*: the 1-minute load average when the build finished (2.0 = both cores busy with this build alone); "
         "*other CPU s*: CPU time other processes took during the build.",
     ]

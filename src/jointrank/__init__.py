@@ -13,7 +13,7 @@ from . import hf_integration as _hf_integration
 from .checkpoint import load, manifest_for, read_manifest, save
 from .compress import CompressionResult, compress_, merge_, plan_for
 from .errors import JointRankError
-from .heal import DistillSettings, heal_, teacher_copy
+from .heal import DistillSettings, heal_, healing_reference, teacher_copy
 from .methods.selfgen import self_calibration
 from .pipeline import Calibration, CompressionRun, Evaluation, compress_model
 from .plan import PRESETS, CompressionPlan, GroupRule, JointRankConfig
@@ -27,5 +27,5 @@ __all__ = [
     "Calibration", "CompressionPlan", "CompressionResult", "CompressionRun", "Evaluation", "GroupRule",
     "JointRankConfig", "JointRankError", "PRESETS",
     "compress_", "compress_model", "load", "make_plan", "manifest_for", "merge_", "plan_for", "read_manifest", "save",
-    "DistillSettings", "heal_", "teacher_copy", "self_calibration", "quantize_",
+    "DistillSettings", "heal_", "healing_reference", "teacher_copy", "self_calibration", "quantize_",
 ]

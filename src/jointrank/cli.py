@@ -217,8 +217,9 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     heal.add_argument("--heal-lr", type=float, default=1e-4, metavar="LR", help="distillation learning rate (Adam)")
     heal.add_argument("--heal-head-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                       help="precision of the frozen LM head's matmuls while distilling (softmax and KL stay float32): "
-                      "bfloat16 (default) is faster on CPUs with bf16 instructions and on GPUs; "
-                      "results/distill_precision.md measures what it changes; float32 repeats older runs bit for bit")
+                      "bfloat16 (default) healed Gemma-3-270M 1.47x faster than float32 on a 2-core CPU with bf16 "
+                      "instructions, to the same perplexity within 0.4%% (results/distill_precision.md), for 0.27 GiB "
+                      "more memory; float32 repeats older runs bit for bit")
 
 
 def _method_param_defaults() -> str:
