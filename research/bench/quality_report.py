@@ -122,6 +122,7 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
         lines += (_healing_section(by, budget) + _self_vs_c4_section(by, budget) + _twin_sections(by, budget)
                   + _timing_section(by, budget))
 
+    lines += _zeroshot_by_task(results, dense)
     lines += _earlier_section(results, dense)
     lines += ["## Not measured", "",
               "Rows of the issue's grid (every structure × calibration × healing at every budget) that are not in the "
@@ -156,6 +157,35 @@ def _timing_section(by, budget) -> list[str]:
                        f"{run['peak_rss_gib_compress']:.2f} GiB; other processes took "
                        + ("an unrecorded amount of CPU" if other is None else f"{other:.0f} CPU s") + " meanwhile")
     return (["Compress + heal timings (every run):", "", *out, ""] if out else [])
+
+
+def _zeroshot_by_task(results: dict, dense) -> list[str]:
+    """Where zero-shot accuracy goes: each task's accuracy difference against dense, paired per document, for every
+    point with zero-shot, so a reader sees which tasks carry the loss (a large drop on one task, or a spread)."""
+    from jointrank.evaluate.report import paired_stderr
+
+    if not dense or not dense.get("zeroshot"):
+        return []
+    dz = dense["zeroshot"]
+    pts = sorted((p for p in results["points"] if p["row"] != "dense" and p.get("zeroshot")),
+                 key=lambda p: (p["budget"], _order(p["row"])))
+    if not pts:
+        return []
+    out = ["## Zero-shot accuracy by task", "",
+           "Accuracy minus dense's, in points, ± the paired (per-document) standard error; dense's accuracy in the "
+           "header.", "",
+           "| row | budget | " + " | ".join(f"{t} ({dz['acc'][t]:.3f})" for t in ZS_TASKS) + " | average |",
+           "|---|---|" + "---|" * (len(ZS_TASKS) + 1)]
+    for p in pts:
+        z = p["zeroshot"]
+        cells = []
+        for t in ZS_TASKS:
+            se = paired_stderr({"per_doc": {"acc": dz["per_doc"][t]}}, {"per_doc": {"acc": z["per_doc"][t]}}, "acc")
+            cells.append(f"{100 * (z['acc'][t] - dz['acc'][t]):+.1f} ± {100 * se:.1f}" if se is not None else
+                         f"{100 * (z['acc'][t] - dz['acc'][t]):+.1f}")
+        out.append(f"| {p['row']} | {p['budget']:.0%} | " + " | ".join(cells)
+                   + f" | {100 * (z['avg'] - dz['avg']):+.1f} |")
+    return out + [""]
 
 
 def _earlier_section(results: dict, dense) -> list[str]:
