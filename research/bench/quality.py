@@ -461,7 +461,8 @@ def cmd_run(args) -> int:
         else:
             print(f"{name} @ {budget:.0%}: ppl {point['perplexity']['perplexity']:.2f}, removed "
                   f"{point.get('decoder_reduction', 0):.2%}, compress+heal {point.get('compress_heal_seconds', 0):.0f} s, "
-                  f"peak {point['peak_rss_gib']:.2f} GiB", flush=True)
+                  f"peak {point.get('peak_rss_gib_compress', point['peak_rss_gib']):.2f} GiB (evaluation included: "
+                  f"{point['peak_rss_gib']:.2f})", flush=True)
     return 0
 
 
