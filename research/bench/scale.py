@@ -39,14 +39,15 @@ MODELS = {
                            REPO / "results" / "scale" / "qwen2.5-coder-1.5b.json"),
 }
 
-# setting -> the quality.py row at each budget (the best rows of results/quality.md on Gemma-3-270M: at 20%,
-# loss-aware allocation healed was 1.16x dense against 2.4x for healed global LLM-ROM)
+# setting -> the quality.py row at each budget (the best rows of results/quality.md on Gemma-3-270M: distillation
+# alone beat refit + distill at 10%, 20% and 30%, and at 20% loss-aware allocation healed was 1.08x dense against
+# 2.4x for healed global LLM-ROM)
 SETTINGS = {
     "paper (svd, data-free)": {0.10: "paper/none/none", 0.20: "paper/none/none"},
     "best data-free": {0.10: "best-free/none/none", 0.20: "best-free/none/none"},
-    "best without user data (self-generated, healed)": {0.10: "svd_llm/self/refit+distill",
-                                                         0.20: "loss-llm_rom/self/refit+distill"},
-    "best with user data (C4, healed)": {0.10: "svd_llm/c4/refit+distill", 0.20: "loss-llm_rom/c4/refit+distill"},
+    "best without user data (self-generated, healed)": {0.10: "svd_llm/self/distill",
+                                                         0.20: "loss-llm_rom/self/distill"},
+    "best with user data (C4, healed)": {0.10: "svd_llm/c4/distill", 0.20: "loss-llm_rom/c4/distill"},
 }
 
 
