@@ -488,9 +488,9 @@ def heal_(student: nn.Module, teacher: "nn.Module | dict", calibration, kind: st
           release_teacher: bool = False) -> dict:
     """Heal `student` in place against `teacher` on `calibration` (methods.calibration.Calibration): kind is one of
     HEAL_KINDS; `teacher` is what healing_reference took from the dense model (a decoder copy, or for distillation
-    alone the dense model's states on the calibration windows). Returns what was done, for the manifest: kind, seconds, the refit's per-unit errors, the
-    distillation's steps, tokens and loss curve. `release_teacher`: free the teacher's decoder copy as soon as it is
-    no longer needed (before distillation trains: one decoder's worth of memory less at the peak); the caller must
+    alone the dense model's states on the calibration windows). Returns what was done, for the manifest: kind,
+    seconds, the refit's per-unit errors, the distillation's steps, tokens and loss curve. `release_teacher`: free
+    the teacher's decoder copy as soon as it is no longer needed (before distillation trains: one decoder's worth of memory less at the peak); the caller must
     not run the teacher afterwards."""
     do_refit, do_distill = parse_heal(kind)
     if calibration is None:
