@@ -13,8 +13,10 @@ Two kinds, applied after factorisation to a compressed model (the student) with 
   KL(teacher ‖ student) over the full next-token distributions, one window per step, with a step and time budget,
   a progress bar showing the loss, and a state file from which an interrupted run resumes exactly.
 
-Both need the teacher's decoder layers dense; `teacher_copy` makes one that shares everything else (embeddings,
-norms outside the layers) with the model to be compressed, so healing costs one extra copy of the decoder only.
+What they need from the dense model is taken before compression (`healing_reference`): a refit runs the dense
+decoder layers, so `teacher_copy` makes a copy of them that shares everything else (embeddings, norms outside the
+layers) with the model to be compressed; distillation only compares final hidden states, so for it alone the dense
+model's states on the calibration windows are kept (a few MB) and no copy of the decoder is made.
 """
 
 from __future__ import annotations
