@@ -218,8 +218,8 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     heal.add_argument("--heal-head-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                       help="precision of the frozen LM head's matmuls while distilling (softmax and KL stay float32): "
                       "bfloat16 (default) healed Gemma-3-270M 1.47x faster than float32 on a 2-core CPU with bf16 "
-                      "instructions, to the same perplexity within 0.4%% (results/distill_precision.md), for 0.27 GiB "
-                      "more memory; float32 repeats older runs bit for bit")
+                      "instructions, to within 1%% of its perplexity (results/distill_precision.md, "
+                      "results/quality.md), for 0.27 GiB more memory; float32 repeats older runs bit for bit")
 
 
 def _method_param_defaults() -> str:
