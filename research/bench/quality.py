@@ -219,14 +219,16 @@ class PeakRSS:
             pass
         return None
 
+    def _peak_with(self, hwm: float | None) -> float:
+        mark = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB
+        return max(self.overall, mark)
+
     def peak(self) -> float:
-        hwm = self._hwm()
-        return max(self.overall, hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+        return self._peak_with(self._hwm())
 
     def end(self, phase: str) -> None:
         hwm = self._hwm()
-        self.overall = self.peak()
-        self.after[phase] = self.overall
+        self.overall = self.after[phase] = self._peak_with(hwm)
         if hwm is None:
             return
         self.own[phase] = hwm
@@ -466,11 +468,15 @@ def cmd_run(args) -> int:
     return 0
 
 
+def distill_record(point: dict) -> dict:
+    """The distillation report of a point's healing ({} when it did not distil)."""
+    return (point.get("heal") or {}).get("distill") or {}
+
+
 def same_training(point: dict, rebuilt: dict) -> bool:
     """Whether a rebuild trained like the measured point: the same distillation loss at every step (a deterministic
     build repeats them exactly; a changed healing code or setting does not). True when neither distilled."""
-    a = (point.get("heal") or {}).get("distill", {}).get("losses")
-    b = (rebuilt.get("heal") or {}).get("distill", {}).get("losses")
+    a, b = distill_record(point).get("losses"), distill_record(rebuilt).get("losses")
     if a is None and b is None:
         return True
     return a is not None and b is not None and len(a) == len(b) and all(

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from research.bench.quality import (BUDGETS, HEALS, STRUCTURES, ZS_TASKS, _by, paired_nll, parse_row, ppl_ratio, settings,
-                     structure_label, zs_retention)
+from research.bench.quality import (BUDGETS, HEALS, STRUCTURES, ZS_TASKS, _by, distill_record, paired_nll, parse_row,
+                                    ppl_ratio, settings, structure_label, zs_retention)
 
 COMMANDS = [
     "bash research/bench/quality_sweep.sh   # every point below, in the order run (resumable), then the report:",
@@ -87,7 +87,8 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
     for t in results.get("targets", []):  # the time and memory targets: every budget's row, and the worst of all
         if t.get("per_budget"):
             worst = t.get("slowest_healed_row") or t.get("largest_healed_row")
-            lines.append(f"* {t['name'].split(',')[0]}: " + "; ".join(f"{k}: {v:.2f}" for k, v in t["per_budget"].items())
+            per_budget = "; ".join(f"{k}: {v:.2f}" for k, v in t["per_budget"].items())
+            lines.append(f"* {t['name'].split(',')[0]}: {per_budget}"
                          + (f" (of every healed row, the worst: {worst['row']}, "
                             f"{worst.get('minutes', worst.get('gib')):.2f})" if worst else ""))
     lines.append("")
@@ -123,7 +124,7 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
                   + _timing_section(by, budget))
 
     lines += _zeroshot_by_task(results, dense)
-    lines += _earlier_section(results, dense)
+    lines += _earlier_section(results)
     lines += ["## Not measured", "",
               "Rows of the issue's grid (every structure × calibration × healing at every budget) that are not in the "
               "tables above were not run: on 2 cores one distillation point costs 10-20 minutes and one zero-shot "
@@ -188,15 +189,15 @@ def _zeroshot_by_task(results: dict, dense) -> list[str]:
     return out + [""]
 
 
-def _earlier_section(results: dict, dense) -> list[str]:
+def _earlier_section(results: dict) -> list[str]:
     """Points measured again by newer code (quality.py run --again): what the earlier measurement was, and the new one
     against it, paired per window."""
     out = []
     for p in results["points"]:
         for e in p.get("earlier", []):
             d, se = paired_nll(p, e)
-            head = ((e.get("heal") or {}).get("distill") or {}).get("settings", {}).get("head_dtype", "float32")
-            new_head = ((p.get("heal") or {}).get("distill") or {}).get("settings", {}).get("head_dtype")
+            head = distill_record(e).get("settings", {}).get("head_dtype", "float32")  # float32 before it was recorded
+            new_head = distill_record(p).get("settings", {}).get("head_dtype")
             out.append(f"* {p['row']} @ {p['budget']:.0%}: earlier perplexity {e['perplexity']['perplexity']:.2f} "
                        f"(code {e.get('code_digest') or 'unrecorded'}" + (f", head {head}" if new_head else "")
                        + f", {_minutes(e['compress_heal_seconds'])} min, peak {e['peak_rss_gib_compress']:.2f} GiB), "

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as a script: make `research` importable
+    sys.path.insert(0, str(REPO))
+
+from research.bench.quality import paired_nll  # noqa: E402
 OUT = REPO / "results" / "distill_precision"
 DTYPES = ("float32", "bfloat16")
 QUALITY = REPO / "research" / "bench" / "quality.py"
@@ -54,11 +57,8 @@ def compare(row: str, budget: float) -> dict:
     missing = [d for d, p in points.items() if p is None]
     if missing:
         raise SystemExit(f"not measured yet: {', '.join(missing)} (run: python {Path(__file__).name} run)")
-    a, b = (points[d]["perplexity"]["per_window_nll"] for d in DTYPES)
-    diffs = [y - x for x, y in zip(a, b)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+    mean, se = paired_nll(points["bfloat16"], points["float32"])
+    n = len(points["bfloat16"]["perplexity"]["per_window_nll"])
     per_dtype = {}
     for d, p in points.items():
         distill = p["heal"]["distill"]

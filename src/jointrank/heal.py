@@ -79,11 +79,15 @@ def healing_reference(model: nn.Module, calibration, kind: str, *, progress: boo
     do_refit, do_distill = parse_heal(kind)
     if not (do_refit or do_distill):
         return None
+    _require_calibration(kind, calibration)
     if do_refit:
         return teacher_copy(model)
+    return teacher_states(model, calibration.input_ids, progress=progress)
+
+
+def _require_calibration(kind: str, calibration) -> None:
     if calibration is None:
         raise JointRankError(f"--heal {kind} needs calibration text (--calibration FILE or --calibration self)")
-    return teacher_states(model, calibration.input_ids, progress=progress)
 
 
 def _low_rank_modules(layer: nn.Module) -> dict[str, LowRankLinear]:
@@ -494,11 +498,10 @@ def heal_(student: nn.Module, teacher: "nn.Module | dict", calibration, kind: st
     HEAL_KINDS; `teacher` is what healing_reference took from the dense model (a decoder copy, or for distillation
     alone the dense model's states on the calibration windows). Returns what was done, for the manifest: kind,
     seconds, the refit's per-unit errors, the distillation's steps, tokens and loss curve. `release_teacher`: free
-    the teacher's decoder copy as soon as it is no longer needed (before distillation trains: one decoder's worth of memory less at the peak); the caller must
-    not run the teacher afterwards."""
+    the teacher's decoder copy as soon as it is no longer needed (before distillation trains: one decoder's worth of
+    memory less at the peak); the caller must not run the teacher afterwards."""
     do_refit, do_distill = parse_heal(kind)
-    if calibration is None:
-        raise JointRankError(f"--heal {kind} needs calibration text (--calibration FILE or --calibration self)")
+    _require_calibration(kind, calibration)
     if do_refit and isinstance(teacher, dict):
         raise JointRankError("a refit needs the dense decoder layers (teacher_copy), not only their final states")
     started = time.perf_counter()
