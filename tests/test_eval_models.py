@@ -118,6 +118,36 @@ def test_continuation_only_hflm_scores_like_hflm(tokenizer):
         got = fast.loglikelihood(reqs, disable_tqdm=True)
         for (a, ga), (b, gb) in zip(ref, got):
             assert b == pytest.approx(a, rel=1e-5, abs=1e-5) and ga == gb
+        assert fast.batch_size == 3  # restored after the call
+
+
+@needs_lm_eval
+def test_zero_shot_batches_are_cut_to_the_logits_budget_with_the_same_scores(tokenizer):
+    """Rows of very different lengths in one batch cost logits for the longest tail (16 GiB on BoolQ with Gemma's
+    262k vocabulary): batches are cut where the logits would pass the budget, and no score moves."""
+    from lm_eval.api.instance import Instance
+
+    from jointrank.evaluate.zeroshot import _continuation_only_hflm
+
+    model = tiny("llama", len(tokenizer), seed=3)
+    long = "Passage: " + " ".join(CORPUS) * 3 + "\nQuestion: is it?\nAnswer:"
+    reqs = [Instance("loglikelihood", {}, (ctx, cont), i) for i, (ctx, cont) in enumerate([
+        (long, " yes"), (long, " no"), ("Passage: short.\nAnswer:", " yes"), ("A man is sitting on a roof.", " He"),
+        ("The", " quick brown fox"), ("Question: How do I boil an egg?\nAnswer:", " Put it in boiling water."),
+    ])]
+    shapes = {}
+    for budget in (2**40, 1):
+        lm = _continuation_only_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=4, device="cpu")
+        lm.logits_budget = budget
+        calls = []
+        inner = lm._model_call
+        lm._model_call = lambda inps, **kw: calls.append(inps.shape) or inner(inps, **kw)
+        shapes[budget] = (lm.loglikelihood(reqs, disable_tqdm=True), calls)
+    (wide, wide_calls), (cut, cut_calls) = shapes[2**40], shapes[1]
+    assert len(wide_calls) == 2 and max(c[0] for c in wide_calls) == 4  # batch_size rows, as asked
+    assert len(cut_calls) == 5 and all(c[0] == 1 for c in cut_calls)  # one row each (the two "long" share one)
+    for (a, ga), (b, gb) in zip(wide, cut):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-5) and ga == gb
 
 
 @needs_lm_eval

@@ -107,6 +107,12 @@ def _continuation_only_hflm():
     bound on every row's first scored position: (shortest row length) - (longest continuation of the task).
     Rows are right-padded with zeros, so counting trailing zeros can only under-estimate a row's length, which only
     makes ``start`` smaller (safe). Scores are identical to HFLM's (tested on a tiny model).
+
+    A batch also holds every row from ``start`` on, so rows of very different lengths cost logits for the longest
+    row's whole tail: on BoolQ (250 documents, Gemma-3-270M) one batch of 8 spanned 304 to 1253 tokens, 7.4 GiB of
+    float32 logits and as much again for lm-eval's log-softmax (a 16 GiB peak). So batches are cut (through lm-eval's
+    own batch scheduler) where the next row would take the batch's logits past ``logits_budget`` bytes, and hold at
+    most ``batch_size`` rows as asked. Batching changes which rows share a forward, not a score.
     """
     import torch
     from lm_eval.models.huggingface import HFLM
@@ -115,13 +121,36 @@ def _continuation_only_hflm():
 
     class ContinuationOnlyHFLM(HFLM):
         _max_cont = None
+        logits_budget = 2**30  # bytes of float32 logits one batch may materialise
 
         def _loglikelihood_tokens(self, requests, *args, **kwargs):
             self._max_cont = max((len(r[2]) for r in requests), default=0)
+            rows, self._batch_start = self.batch_size_per_gpu, 0
+            self._max_rows = int(rows)
+            self.batch_size_per_gpu = "auto"  # makes lm-eval batch through _batch_scheduler below
             try:
                 return super()._loglikelihood_tokens(requests, *args, **kwargs)
             finally:
-                self._max_cont = None
+                self._max_cont, self.batch_size_per_gpu = None, rows
+
+        def _batch_scheduler(self, pos, requests):
+            """lm-eval's chunker asks, after adding row `pos`, how long the current batch should be, and cuts it
+            when the answer equals its length: cut at `max_rows`, or before a row that would exceed the budget."""
+            rows = pos - self._batch_start + 1
+            if rows >= self._max_rows or (pos + 1 < len(requests) and self._logit_bytes(requests, pos + 1)
+                                          > self.logits_budget):
+                self._batch_start = pos + 1
+                return rows
+            return rows + 1
+
+        def _logit_bytes(self, requests, last: int) -> int:
+            """Bytes of the logits _model_call would return for rows batch_start..last (sorted longest first)."""
+            def length(i):
+                return len(requests[i][1]) + len(requests[i][2]) - 1
+
+            first = self._batch_start
+            positions = min(length(first), length(first) - length(last) + self._max_cont)
+            return (last - first + 1) * positions * self.model.config.vocab_size * 4
 
         def _model_call(self, inps, attn_mask=None, labels=None):
             parts = split_model(self.model)
