@@ -3,11 +3,14 @@
     python research/bench/quantize.py run [--only NAME,...] [--max-minutes 120]   # resumable -> results/quantize.json
     python research/bench/quantize.py report        # results/quantize.md + quantize.png from results/quantize.json
 
-Settings (SETTINGS): dense float32; quantisation alone (int8, int4); the best low-rank rows without user data of
-results/quality.md (self-generated calibration, refit + distillation; SVD-LLM at 10%, LLM-ROM at 20% and 30% of the
-decoder), in float32 and with each scheme. A low-rank model is built once (research/bench/quality.py's `build`, the
-same deterministic steps as its quality.json point) and kept in .cache/quantize/ so each scheme quantises the same
-factors.
+Settings (SETTINGS): dense float32; quantisation alone (int8, int4, int4-g32); the best low-rank rows without user
+data of results/quality.md (self-generated calibration, distillation alone; SVD-LLM at 10%, loss-aware LLM-ROM at
+20% and 30% of the decoder), in float32, with each scheme, and with each scheme after quantisation-aware healing
+("+qat": QAT_STEPS more distillation steps seeing every weight as the scheme stores it, on the row's calibration
+windows; what `compress --quantize S --heal distill` does by default). A low-rank model is built once
+(research/bench/quality.py's `build`, the same deterministic steps as its quality.json point) and kept in
+.cache/quantize/ so each scheme quantises the same factors. A point measured for another row than the current one
+is moved to `superseded` and measured again.
 
 Every point runs in a fresh process: build or load the float model, quantise (timed), save the checkpoint as a user
 would (jointrank.save, or save_pretrained without low-rank units), reload it through AutoModelForCausalLM
@@ -45,19 +48,21 @@ RESULTS = REPO / "results" / "quantize.json"
 OUT_MD, OUT_PNG = REPO / "results" / "quantize.md", REPO / "results" / "quantize.png"
 BUILT = quality.CACHE / "quantize"  # float low-rank checkpoints, built once per row (gitignored)
 
-# name -> (quality.py row or None for dense, budget, scheme or None for float)
-# the best row without user data at each budget (results/quality.md): at 20%, loss-aware allocation healed
-LOW_RANK = {0.10: "svd_llm/self/refit+distill", 0.20: "loss-llm_rom/self/refit+distill",
-            0.30: "llm_rom/self/refit+distill"}
-SETTINGS: dict[str, tuple[str | None, float, str | None]] = {
-    "dense": (None, 0.0, None),
-    "int8": (None, 0.0, "int8"),
-    "int4": (None, 0.0, "int4"),
-    "int4-g32": (None, 0.0, "int4-g32"),
+# name -> (quality.py row or None for dense, budget, scheme or None for float, quantisation-aware healing steps)
+# the best row without user data at each budget (results/quality.md): distillation alone, self-generated text
+LOW_RANK = {0.10: "svd_llm/self/distill", 0.20: "loss-llm_rom/self/distill",
+            0.30: "loss-llm_rom/self/distill"}
+QAT_STEPS = 32  # "+qat": distillation steps seen through the scheme (heal.DistillSettings.quantized_steps)
+SCHEME_NAMES = ("int8", "int4", "int4-g32")
+SETTINGS: dict[str, tuple[str | None, float, str | None, int]] = {
+    "dense": (None, 0.0, None, 0),
+    **{s: (None, 0.0, s, 0) for s in SCHEME_NAMES},
 }
 for _b, _row in LOW_RANK.items():
-    for _scheme in (None, "int8", "int4", "int4-g32"):
-        SETTINGS[f"lr{round(_b * 100)}" + (f"+{_scheme}" if _scheme else "")] = (_row, _b, _scheme)
+    SETTINGS[f"lr{round(_b * 100)}"] = (_row, _b, None, 0)
+    for _scheme in SCHEME_NAMES:
+        SETTINGS[f"lr{round(_b * 100)}+{_scheme}"] = (_row, _b, _scheme, 0)
+        SETTINGS[f"lr{round(_b * 100)}+{_scheme}+qat"] = (_row, _b, _scheme, QAT_STEPS)
 
 
 def storage_bytes(model) -> dict:
@@ -107,6 +112,32 @@ def float_model(row: str | None, budget: float):
     return model, tokenizer, json.loads(facts_file.read_text()), built
 
 
+def heal_quantized(model, row: str, scheme: str, steps: int) -> dict:
+    """Quantisation-aware healing of a healed low-rank model, as `compress --quantize S --heal-quantized-steps N`
+    does after its float distillation: the dense model's final states on the row's calibration windows (the same
+    cached text), then `steps` distillation steps with every weight seen through the scheme (fake_quantize_)."""
+    from dataclasses import asdict
+
+    from jointrank.heal import DistillSettings, distill_, teacher_states
+    from jointrank.methods.calibration import load_text
+    from jointrank.methods.selfgen import self_calibration
+    from jointrank.quantize import fake_quantize_
+    from jointrank.sources import load_model
+
+    _, cal_kind, _ = quality.parse_row(row)
+    dense, tokenizer, _ = load_model(quality.P.model)
+    calibration = (self_calibration(dense, tokenizer, quality.CAL_TOKENS, cache_dir=quality.CACHE, progress=False)
+                   if cal_kind == "self" else load_text(quality.C4_FILE, tokenizer, tokens=quality.CAL_TOKENS,
+                                                        seqlen=512, seed=0))
+    settings = DistillSettings(steps=steps, lr=quality.HEAL_LR,
+                               **({"head_dtype": quality.P.head_dtype} if quality.P.head_dtype else {}))
+    states = teacher_states(dense, calibration.input_ids, progress=False)
+    del dense
+    fake_quantize_(model, scheme)
+    done = distill_(model, states, calibration.input_ids, settings, progress=False)
+    return {k: v for k, v in asdict(done).items() if k != "settings"} | {"settings": asdict(settings)}
+
+
 def cmd_point(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM
@@ -115,12 +146,16 @@ def cmd_point(args) -> int:
     from jointrank.quantize import dequantized_copy
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    row, budget, scheme = SETTINGS[args.name]
+    row, budget, scheme, qat_steps = SETTINGS[args.name]
     model, tokenizer, facts, built = float_model(row, budget)
-    point = {"name": args.name, "row": row, "budget": budget, "scheme": scheme,
+    point = {"name": args.name, "row": row, "budget": budget, "scheme": scheme, "quantized_steps": qat_steps,
              "decoder_reduction": facts.get("decoder_reduction", 0.0)}
     with tempfile.TemporaryDirectory(dir=BUILT.parent if BUILT.parent.is_dir() else None) as tmp:
         out = Path(tmp) / "checkpoint"
+        if qat_steps:
+            t = time.perf_counter()
+            point["heal_quantized"] = heal_quantized(model, row, scheme, qat_steps)
+            point["heal_quantized_seconds"] = time.perf_counter() - t
         if scheme is not None:
             t = time.perf_counter()
             point["quantization"] = jointrank.quantize_(model, scheme).to_dict()
@@ -196,7 +231,7 @@ def cmd_speed(args) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     models = {}
     for name in SPEED:
-        row, budget, scheme = SETTINGS[name]
+        row, budget, scheme, _ = SETTINGS[name]
         if row is not None and not (BUILT / f"{row.replace('/', '_')}@{budget}" / "bench_facts.json").is_file():
             print(f"{name}: not built yet (run `quantize.py run --only {name}` first); skipped", flush=True)
             continue
@@ -270,6 +305,12 @@ def cmd_run(args) -> int:
             raise SystemExit(f"unknown setting {name!r}: {', '.join(SETTINGS)}")
         # a measured point is skipped, unless zero-shot is asked for and missing: then it is measured again whole
         # (every step is deterministic: the same perplexity, now with zero-shot and today's load-time memory)
+        row, _, _, qat_steps = SETTINGS[name]
+        stale = [p for p in results["points"] if p["name"] == name
+                 and (p["row"] != row or p.get("quantized_steps", 0) != qat_steps)]
+        if stale:  # measured for another low-rank row than the current one: kept aside, measured again
+            results.setdefault("superseded", []).extend(stale)
+            results["points"] = [p for p in results["points"] if p not in stale]
         if any(p["name"] == name and "perplexity" in p and (not args.zeroshot or "zeroshot" in p)
                for p in results["points"]):
             continue

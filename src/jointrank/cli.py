@@ -202,6 +202,8 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    "$JOINTRANK_CACHE or ~/.cache/jointrank; 'self:8192' sets the number of tokens)")
     p.add_argument("--calibration-tokens", type=int, default=None, metavar="N",
                    help="calibration tokens to use, in windows of 512 (default: 16384)")
+    from .heal import QUANTIZED_STEPS
+
     heal = p.add_argument_group(
         "healing", "after factorisation, recover quality from the dense model itself (needs --calibration, which "
         "can be 'self'); the parameter count does not change")
@@ -220,6 +222,11 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
                       "bfloat16 (default) healed Gemma-3-270M 1.47x faster than float32 on a 2-core CPU with bf16 "
                       "instructions, to within 1%% of its perplexity (results/distill_precision.md, "
                       "results/quality.md), for 0.27 GiB more memory; float32 repeats older runs bit for bit")
+    heal.add_argument("--heal-quantized-steps", type=int, default=None, metavar="N",
+                      help="with --quantize: after the float steps, N more distillation steps that see every weight "
+                      "as --quantize will store it (rounded on the grid it is saved on; the gradient passed straight "
+                      "through), so the factors learn to work after rounding; 0 turns it off (default: "
+                      f"{QUANTIZED_STEPS} with --quantize)")
 
 
 def _method_param_defaults() -> str:
@@ -435,18 +442,24 @@ def _check_calibration(args, config, heal_settings) -> None:
     from .pipeline import check_request
 
     check_request(config, calibration=_calibration_request(args), heal=getattr(args, "heal", "none"),
-                  distill=heal_settings)
+                  distill=heal_settings, quantize=getattr(args, "quantize", None))
 
 
 def _heal_settings(args):
     """DistillSettings for --heal (refit alone needs none but is checked the same way); None without healing.
     Checked by pipeline.check_request, after the calibration flags, so the first mistake is the one reported."""
     if getattr(args, "heal", "none") in (None, "none"):
+        if getattr(args, "heal_quantized_steps", None):
+            raise JointRankError("--heal-quantized-steps trains the factors as --quantize will store them: it needs "
+                                 "--quantize SCHEME and --heal distill (or refit+distill)")
         return None
-    from .heal import DistillSettings
+    from .heal import QUANTIZED_STEPS, DistillSettings
 
+    quantized = args.heal_quantized_steps  # given: checked by check_request; default: on when quantising
+    if quantized is None:
+        quantized = QUANTIZED_STEPS if getattr(args, "quantize", None) and "distill" in args.heal else 0
     return DistillSettings(steps=args.heal_steps, lr=args.heal_lr, max_minutes=args.heal_minutes,
-                           head_dtype=args.heal_head_dtype)
+                           head_dtype=args.heal_head_dtype, quantized_steps=quantized)
 
 
 def _print_evals(evals: dict) -> None:

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ from .modules import LowRankLinear, SharedBasis
 
 HEAL_KINDS = ("none", "refit", "distill", "refit+distill")
 HEAD_DTYPES = ("bfloat16", "float32")
+QUANTIZED_STEPS = 32  # the CLI's --heal-quantized-steps with --quantize (results/quantize.md measures it)
 REFIT_RIDGE = 1e-6  # relative to the mean eigenvalue of E[z zᵀ]: keeps the solve stable on tiny calibration sets
 
 
@@ -235,6 +236,10 @@ class DistillSettings:
     # bfloat16 copy of its weight, made once, runs them 2-3x faster on CPUs with bf16 instructions and on GPUs.
     # Softmax and KL stay float32. results/distill_precision.md measures what it changes.
     head_dtype: str = "bfloat16"
+    # with a quantisation scheme (heal_'s `quantize`): after the float steps, this many more with every weight the
+    # scheme will store seen as stored (quantize.fake_quantize_: rounded on the grid it is saved on, the gradient
+    # passed straight through), so the factors learn to serve the teacher *after* rounding
+    quantized_steps: int = 0
 
     def check(self) -> None:
         """One clear error for a setting that cannot run (the CLI's flags name them)."""
@@ -244,6 +249,8 @@ class DistillSettings:
             raise JointRankError(f"--heal-minutes must be positive (got {self.max_minutes})")
         if not self.lr > 0:
             raise JointRankError(f"--heal-lr must be positive (got {self.lr})")
+        if self.quantized_steps < 0:
+            raise JointRankError(f"--heal-quantized-steps must be 0 or more (got {self.quantized_steps})")
         if self.head_dtype not in HEAD_DTYPES:
             raise JointRankError(f"--heal-head-dtype must be one of {', '.join(HEAD_DTYPES)} (got {self.head_dtype!r})")
 
@@ -359,7 +366,7 @@ def release_teacher_(teacher: nn.Module) -> None:
 
 def distill_(student: nn.Module, teacher: "nn.Module | dict", input_ids: torch.Tensor, settings: DistillSettings, *,
              state_dir: str | Path | None = None, save_every: int = 10, progress: bool = True,
-             on_step=None, release_teacher: bool = False) -> DistillReport:
+             on_step=None, release_teacher: bool = False, desc: str = "healing: distill") -> DistillReport:
     """Train the student's factors against the teacher (see the module docstring); returns what was done.
 
     `teacher`: the dense model, or its teacher_states on these windows (computed here otherwise). With
@@ -396,7 +403,7 @@ def distill_(student: nn.Module, teacher: "nn.Module | dict", input_ids: torch.T
     stopped = "steps"
     was_training = student.training
     student.eval()  # no dropout: the factors are trained, the model is not put in training mode
-    bar = tqdm(total=settings.steps, initial=start_step, desc="healing: distill", unit="step",
+    bar = tqdm(total=settings.steps, initial=start_step, desc=desc, unit="step",
                disable=not progress)
     step = start_step
     try:
@@ -493,13 +500,15 @@ def _load_state(state_dir: Path, key: dict, params, optimizer) -> tuple[int, lis
 
 def heal_(student: nn.Module, teacher: "nn.Module | dict", calibration, kind: str,
           settings: DistillSettings | None = None, *, state_dir: str | Path | None = None, progress: bool = True,
-          release_teacher: bool = False) -> dict:
+          release_teacher: bool = False, quantize: str | None = None) -> dict:
     """Heal `student` in place against `teacher` on `calibration` (methods.calibration.Calibration): kind is one of
     HEAL_KINDS; `teacher` is what healing_reference took from the dense model (a decoder copy, or for distillation
     alone the dense model's states on the calibration windows). Returns what was done, for the manifest: kind,
     seconds, the refit's per-unit errors, the distillation's steps, tokens and loss curve. `release_teacher`: free
     the teacher's decoder copy as soon as it is no longer needed (before distillation trains: one decoder's worth of
-    memory less at the peak); the caller must not run the teacher afterwards."""
+    memory less at the peak); the caller must not run the teacher afterwards. `quantize`: the scheme the model
+    will be stored with; with settings.quantized_steps, distillation ends with that many steps seen through it
+    (the caller then stores it with quantize.quantize_, which keeps the grids those steps trained on)."""
     do_refit, do_distill = parse_heal(kind)
     _require_calibration(kind, calibration)
     if do_refit and isinstance(teacher, dict):
@@ -515,8 +524,23 @@ def heal_(student: nn.Module, teacher: "nn.Module | dict", calibration, kind: st
                            "mean_rel_error_after": sum(u["rel_error_after"] for u in units) / max(len(units), 1)}
     if do_distill:
         settings = settings or DistillSettings()
-        done = distill_(student, teacher, calibration.input_ids, settings, state_dir=state_dir, progress=progress,
-                        release_teacher=release_teacher)
+        ids = calibration.input_ids
+        quantized = settings.quantized_steps if quantize is not None else 0
+        states = teacher
+        if not isinstance(teacher, dict):  # the windows both phases visit (the same seed: one order, two lengths)
+            used = _window_order(int(ids.shape[0]), max(settings.steps, quantized), settings.seed)
+            states = teacher_states(teacher, ids, used, progress=progress)
+            if release_teacher:
+                release_teacher_(teacher)
+        done = distill_(student, states, ids, settings, state_dir=state_dir, progress=progress)
         report["distill"] = asdict(done)
+        if quantized:
+            from .quantize import fake_quantize_
+
+            fake_quantize_(student, quantize)
+            phase = replace(settings, steps=quantized)
+            done = distill_(student, states, ids, phase, state_dir=None if state_dir is None
+                            else Path(state_dir) / "quantized", progress=progress, desc="healing: quantised")
+            report["distill_quantized"] = {"scheme": quantize, **asdict(done)}
     report["seconds"] = time.perf_counter() - started
     return report

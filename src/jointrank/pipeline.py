@@ -101,9 +101,12 @@ def check_request(config, *, calibration: Calibration | None, heal: str = "none"
     if calibration.token_count() < 1:
         raise JointRankError(f"--calibration-tokens must be positive (got {calibration.token_count()})")
     if healing:
-        from .heal import check_heal
+        from .heal import check_heal, parse_heal
 
         check_heal(heal, distill)
+        if distill is not None and distill.quantized_steps and (quantize is None or not parse_heal(heal)[1]):
+            raise JointRankError("--heal-quantized-steps trains the factors as --quantize will store them: it needs "
+                                 "--quantize SCHEME and --heal distill (or refit+distill)")
 
 
 def calibration_windows(calibration: Calibration | None, model, tokenizer, progress: bool = True):
@@ -184,7 +187,8 @@ def compress_model(source: str, out: str | Path, config, *, calibration: Calibra
         from .heal import DistillSettings, heal_
 
         result.extra["heal"] = heal_(model, teacher, windows, heal, distill or DistillSettings(),
-                                     state_dir=heal_state_dir(out), progress=progress, release_teacher=True)
+                                     state_dir=heal_state_dir(out), progress=progress, release_teacher=True,
+                                     quantize=quantize)
         del teacher
     if quantize is not None:
         from .quantize import quantize_

@@ -26,6 +26,11 @@ out) and each joint group's shared basis. Embeddings, norms and the output head 
 
 Quantised weights are dequantized inside each matmul: on a CPU this decodes slower than float32 (bench/ numbers in
 results/quantize.md say how much); the gain is bytes on disk and in memory.
+
+Healing can see the rounding (`fake_quantize_`, used by heal_ with DistillSettings.quantized_steps): each weight's
+grid (scale, zero point) is fitted once, the forward uses the weight rounded on it, the gradient passes straight
+through to the float weight, and quantize_ stores the trained weights on those same grids, so the saved model
+computes what was trained.
 """
 
 from __future__ import annotations
@@ -157,9 +162,10 @@ class QuantizedWeight(nn.Module):
         return self.tensor().dequantize()
 
     @torch.no_grad()
-    def set_(self, weight: torch.Tensor) -> None:
-        """Quantise `weight` into the buffers (scales in the weight's own dtype)."""
-        parts = _quantize(weight.detach(), self.spec)
+    def set_(self, weight: torch.Tensor, grid: tuple | None = None) -> None:
+        """Quantise `weight` into the buffers (scales in the weight's own dtype), on `grid` (scale, zero point) if
+        given, else on the one the scheme fits to it."""
+        parts = _quantize(weight.detach(), self.spec, grid)
         for name, value in parts.items():
             setattr(self, name, value.to(self.qdata.device) if name != "qdata" else value)
         self._view = None
@@ -202,15 +208,29 @@ def _quanto_view(spec: WeightSpec, d_out: int, d_in: int, data, scale, shift=Non
                                                   None, None)
 
 
-def _quantize(weight: torch.Tensor, spec: WeightSpec) -> dict[str, torch.Tensor]:
+def fit_grid(weight: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale, zero point or None) the scheme stores `weight` with: absmax per channel (8 bits), HQQ per group (4)."""
     quanto = _quanto()
     if spec.bits == 8:
-        scale = quanto.AbsmaxOptimizer()(weight, quanto.qint8, axis=spec.axis)
-        q = quanto.quantize_weight(weight, quanto.qint8, axis=spec.axis, scale=scale, optimized=False)
-        return {"qdata": q._data.contiguous(), "qscale": q._scale.contiguous()}
+        return quanto.AbsmaxOptimizer()(weight, quanto.qint8, axis=spec.axis), None
     scale, shift = quanto.HqqOptimizer()(weight, quanto.qint4, axis=spec.axis, group_size=spec.group_size)
-    q = quanto.quantize_weight(weight, quanto.qint4, axis=spec.axis, scale=scale, shift=shift,
-                               group_size=spec.group_size, optimized=False)
+    return scale, shift
+
+
+def _on_grid(weight: torch.Tensor, spec: WeightSpec, grid: tuple):
+    """optimum-quanto's quantised tensor of `weight` on a given grid (rounding only, no fitting)."""
+    quanto = _quanto()
+    scale, shift = grid
+    if spec.bits == 8:
+        return quanto.quantize_weight(weight, quanto.qint8, axis=spec.axis, scale=scale, optimized=False)
+    return quanto.quantize_weight(weight, quanto.qint4, axis=spec.axis, scale=scale, shift=shift,
+                                  group_size=spec.group_size, optimized=False)
+
+
+def _quantize(weight: torch.Tensor, spec: WeightSpec, grid: tuple | None = None) -> dict[str, torch.Tensor]:
+    q = _on_grid(weight, spec, grid if grid is not None else fit_grid(weight, spec))
+    if spec.bits == 8:
+        return {"qdata": q._data.contiguous(), "qscale": q._scale.contiguous()}
     return {"qdata": q._data._data.contiguous(), "qscale": q._scale.contiguous(), "qshift": q._shift.contiguous()}
 
 
@@ -249,21 +269,27 @@ def quantize_(model: nn.Module, scheme: str) -> QuantizationReport:
     check_scheme(scheme)
     if any(isinstance(m, QuantizedWeight) for m in model.modules()):
         raise JointRankError("this model is already quantised")
+    healed_for = getattr(model, "_jointrank_fake_scheme", None)
+    if healed_for not in (None, scheme):
+        raise JointRankError(f"this model was healed for {healed_for} (fake_quantize_): quantise it with that scheme")
     started = time.perf_counter()
     names = targets(model)
     kept = []
     for name in names:
         module = model.get_submodule(name)
+        grid = _take_fake_quantized(module, scheme)
         weight = module.weight
         spec = spec_for(scheme, *weight.shape)
         if spec.bits != SCHEMES[scheme].bits:
             kept.append(name)
-        _swap(model, name, module, spec, weight)
+        _swap(model, name, module, spec, weight, grid)
     _record(model, scheme, names)
+    model.__dict__.pop("_jointrank_fake_scheme", None)
     return QuantizationReport(scheme, names, kept, time.perf_counter() - started)
 
 
-def _swap(model: nn.Module, name: str, module: nn.Module, spec: WeightSpec, weight: torch.Tensor | None) -> None:
+def _swap(model: nn.Module, name: str, module: nn.Module, spec: WeightSpec, weight: torch.Tensor | None,
+          grid: tuple | None = None) -> None:
     from .modules import SharedBasis
 
     factory = {"device": module.weight.device, "dtype": module.weight.dtype}
@@ -279,7 +305,7 @@ def _swap(model: nn.Module, name: str, module: nn.Module, spec: WeightSpec, weig
         setattr(model.get_submodule(parent) if parent else model, attr, new)
         target = new.quantized
     if weight is not None:
-        target.set_(weight)
+        target.set_(weight, grid)
 
 
 def _record(model: nn.Module, scheme: str, names: list[str]) -> None:
@@ -298,6 +324,78 @@ def _record(model: nn.Module, scheme: str, names: list[str]) -> None:
 
 def weights_entry(scheme: str, names: list[str]) -> dict:
     return {"scheme": scheme, "library": LIBRARY, "format_version": FORMAT_VERSION, "modules": list(names)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantisation-aware healing: train the factors as they will be stored
+
+
+class FakeQuantized(nn.Module):
+    """A parametrization (torch.nn.utils.parametrize) of a weight as the scheme will store it.
+
+    The forward rounds the float weight to the scheme's grid, fixed when the parametrization was registered (the
+    scale and zero point the scheme fits to the weight then), and dequantizes it: the model computes what the
+    quantised checkpoint will. The gradient passes straight through the rounding to the float weight (the
+    straight-through estimator), so distillation moves the weights to where their *rounded* values serve the
+    teacher best. quantize_ then stores each weight on the same grid, so the saved model computes exactly what
+    was trained."""
+
+    def __init__(self, spec: WeightSpec, scale: torch.Tensor, shift: torch.Tensor | None):
+        super().__init__()
+        self.spec = spec
+        self.register_buffer("scale", scale.detach(), persistent=False)
+        self.register_buffer("shift", None if shift is None else shift.detach(), persistent=False)
+        self._frozen: tuple | None = None  # (key, rounded weight) for a weight that is not being trained
+
+    def rounded(self, weight: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return _on_grid(weight.detach(), self.spec, (self.scale, self.shift)).dequantize().to(weight.dtype)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not weight.requires_grad:  # a frozen weight (a dense layer left, or outside training): round it once
+            key = (weight.data_ptr(), weight._version)
+            if self._frozen is None or self._frozen[0] != key:
+                self._frozen = (key, self.rounded(weight))
+            return self._frozen[1]
+        self._frozen = None
+        return weight + (self.rounded(weight) - weight).detach()
+
+
+@torch.no_grad()
+def fake_quantize_(model: nn.Module, scheme: str) -> list[str]:
+    """Make every weight quantize_ would store compute as stored (FakeQuantized), on the grid the scheme fits to
+    it now; the float weights stay trainable. Returns the module paths. quantize_ later stores them on these grids
+    and removes the parametrizations."""
+    from torch.nn.utils import parametrize
+
+    check_scheme(scheme)
+    if is_quantized(model) or getattr(model, "_jointrank_fake_scheme", None) is not None:
+        raise JointRankError("this model is already quantised")
+    names = targets(model)
+    for name in names:
+        module = model.get_submodule(name)
+        spec = spec_for(scheme, *module.weight.shape)
+        scale, shift = fit_grid(module.weight.detach(), spec)
+        parametrize.register_parametrization(module, "weight", FakeQuantized(spec, scale, shift))
+    model._jointrank_fake_scheme = scheme
+    return names
+
+
+def _take_fake_quantized(module: nn.Module, scheme: str) -> tuple | None:
+    """The grid fake_quantize_ fixed for `module`'s weight (None if it has none); the parametrization is removed,
+    leaving the trained float weight."""
+    from torch.nn.utils import parametrize
+
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    fake = module.parametrizations.weight[0]
+    if not isinstance(fake, FakeQuantized):
+        raise JointRankError(f"{type(module).__name__}.weight carries a parametrization jointrank did not add")
+    if fake.spec != spec_for(scheme, *module.weight.shape):
+        raise JointRankError(f"this model's weights were healed for another quantisation than {scheme}")
+    grid = (fake.scale, fake.shift)
+    parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    return grid
 
 
 def install_quantized(model: nn.Module, weights: dict | None) -> None:
