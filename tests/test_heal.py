@@ -126,6 +126,31 @@ def test_chunked_kl_gradient_equals_the_unchunked_one():
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("head_dtype", ["float32", "bfloat16"])
+def test_the_written_out_kl_gradient_is_autograds(softcap, head_dtype):
+    # _kl_backward writes d KL / d logits out (softmax(s) - softmax(t), times the soft cap's slope); autograd through
+    # log_softmax and kl_div is the reference, for the loss and for the gradient reaching the student's states
+    torch.manual_seed(0)
+    head_module = torch.nn.Linear(16, 50, bias=False)
+    head = head_in(head_module, head_dtype)
+    s_hidden = torch.randn(1, 9, 16, requires_grad=True)
+    t_hidden = torch.randn(1, 9, 16) * 2
+
+    def cap(z):
+        return torch.tanh(z / softcap) * softcap if softcap else z
+
+    s_logp = torch.log_softmax(cap(head(s_hidden).float()), -1)
+    t_logp = torch.log_softmax(cap(head(t_hidden).float()), -1)
+    want = torch.nn.functional.kl_div(s_logp, t_logp, log_target=True, reduction="sum") / 9
+    want.backward()
+    want_grad, s_hidden.grad = s_hidden.grad.clone(), None
+    got = _kl_backward(s_hidden * 1.0, t_hidden, head, softcap, chunk=4)
+    assert got == pytest.approx(float(want), rel=1e-5)
+    tol = 1e-6 if head_dtype == "float32" else 1e-2  # a bfloat16 head rounds the gradient it passes back
+    torch.testing.assert_close(s_hidden.grad, want_grad, rtol=tol, atol=tol)
+
+
 def test_a_bfloat16_head_is_the_same_map_on_bfloat16_copies_and_leaves_the_head_alone():
     model, _ = compressed("gemma3_text")  # tied embeddings: the head's weight is the embedding's
     head = model.get_output_embeddings()

@@ -425,7 +425,13 @@ def write_report(results: dict) -> None:
         lines.append(f"| {name} | {p['decoder_reduction']:.1%} | {p['scheme'] or 'float32'} | "
                      f"{decoder_bytes(p) / 2**20:.1f} | {p['bytes_on_disk']['total'] / 2**20:.1f} | "
                      f"{p['bytes_in_memory']['total'] / 2**20:.1f} | {p['perplexity']['perplexity']:.2f} | {ratio} | "
-                     f"{zs} | {p.get('quantize_seconds', 0):.1f} |")
+                     f"{zs} | {p.get('quantize_seconds', 0) + p.get('heal_quantized_seconds', 0):.1f} |")
+    if any(p.get("quantized_steps") for p in points.values()):
+        lines += ["", f"`+qat`: the low-rank row's float checkpoint healed {QAT_STEPS} more distillation steps with every "
+                  "decoder weight seen as the scheme stores it (rounded on the grid it is saved on, gradient passed "
+                  "straight through; the row's own calibration windows and learning rate), then stored on those "
+                  "grids: what `jointrank compress --quantize S --heal distill` does by default "
+                  "(`--heal-quantized-steps`). Its time is in the last column with the quantisation's."]
     missing = [n for n in SETTINGS if n not in points]
     if missing:
         lines += ["", f"Not measured yet: {', '.join(missing)}."]

@@ -317,24 +317,42 @@ def head_in(head: nn.Module, dtype: str):
 
 def _kl_backward(s_hidden: torch.Tensor, t_hidden: torch.Tensor, head, softcap, chunk: int) -> float:
     """Mean per-token KL(teacher ‖ student) over the window; its gradient flows into s_hidden's graph. Full logits
-    are materialised `chunk` positions at a time (Gemma's vocabulary is 262k), so memory stays small."""
+    are materialised `chunk` positions at a time (Gemma's vocabulary is 262k), so memory stays small.
+
+    The gradient of the KL with respect to the student's logits is written out, softmax(s) - softmax(t) (times the
+    soft cap's derivative 1 - (logits / cap)^2 when the model has one), instead of being taken by autograd through
+    log_softmax and kl_div: autograd would keep the logits, the student's log-probabilities and the KL's terms
+    alive for the backward. Only the head's own backward (its matmul) goes through autograd. Equal to the autograd
+    computation to float rounding (tests/test_heal.py)."""
     from .evaluate.perplexity import soft_cap
 
-    leaf = s_hidden.detach().requires_grad_(True)
+    leaf = s_hidden.detach()
     n = leaf.shape[0] * leaf.shape[1]
+    grad = torch.empty_like(leaf)
     total = 0.0
     for start in range(0, leaf.shape[1], chunk):
+        part = slice(start, start + chunk)
+        x = leaf[:, part].detach().requires_grad_(True)
+        out = head(x)  # the head's graph only
         with torch.no_grad():
-            t_logits = soft_cap(head(t_hidden[:, start:start + chunk]).float(), softcap)
-            t_logp = F.log_softmax(t_logits, dim=-1)
-            del t_logits
-        s_logits = soft_cap(head(leaf[:, start:start + chunk]).float(), softcap)
-        s_logp = F.log_softmax(s_logits, dim=-1)
-        kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="sum") / n
-        kl.backward()
-        total += float(kl.detach())
-        del s_logits, s_logp, t_logp, kl
-    s_hidden.backward(leaf.grad)
+            t_logp = F.log_softmax(soft_cap(head(t_hidden[:, part]).float(), softcap), dim=-1)
+            logits = soft_cap(out.detach().float(), softcap)
+            cap_slope = 1 - (logits / softcap) ** 2 if softcap else None
+            s_logp = F.log_softmax(logits, dim=-1)
+            del logits
+            t_p = t_logp.exp()
+            # KL = Σ p_t (log p_t - log p_s): the difference in place, then one dot product (no further temporary)
+            total += float(t_p.flatten() @ t_logp.sub_(s_logp).flatten()) / n
+            del t_logp
+            g = s_logp.exp_().sub_(t_p).div_(n)  # d KL / d student logits, in place of the log-probabilities
+            del t_p
+            if cap_slope is not None:
+                g.mul_(cap_slope)
+                del cap_slope
+        out.backward(g.to(out.dtype))
+        del out, g, s_logp
+        grad[:, part] = x.grad
+    s_hidden.backward(grad)
     return total
 
 
