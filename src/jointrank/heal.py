@@ -229,7 +229,7 @@ class DistillSettings:
     seed: int = 0  # window order
     clip: float = 1.0  # gradient-norm clip
     # positions whose full logits are materialised at once (memory, not results): on Gemma-3-270M 64 instead of 128
-    # lowered distillation's peak by 0.36 GiB for ~5% more time per step (results/distill_memory.md)
+    # lowers distillation's peak by ~0.2-0.3 GiB for a few % more time per step (results/distill_memory.md)
     loss_chunk: int = 64
     # precision of the frozen LM head's matmuls (teacher and student logits, and the gradient through the head).
     # The head is most of a step on large-vocabulary models (Gemma: 262k x 640, three matmuls per window); a
