@@ -21,6 +21,15 @@ if str(REPO) not in sys.path:
 ARCHS = ["llama", "mistral", "qwen2", "gemma3_text"]
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama saved with a real (word-level) tokenizer, so the CLI can sample text from it (--calibration
+    self). Modules that need no tokenizer define their own `model_dir`."""
+    from tiny_models import save_with_tokenizer
+
+    return save_with_tokenizer(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param

@@ -316,14 +316,6 @@ def test_self_calibration_is_seeded_cached_and_starts_documents_with_bos(tmp_pat
 # ------------------------------------------------------------------------------------------------------ CLI
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny Llama with a real (word-level) tokenizer, so the CLI can sample text from it."""
-    from tiny_models import save_with_tokenizer
-
-    return save_with_tokenizer(tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
 def test_cli_compresses_and_heals_with_no_user_data(model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("JOINTRANK_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "healed"

@@ -12,13 +12,6 @@ from safetensors import safe_open
 from jointrank.cli import main
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from tiny_models import save_with_tokenizer
-
-    return save_with_tokenizer(tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
 def tensors(path):
     out = {}
     for file in sorted(path.glob("*.safetensors")):

@@ -136,13 +136,6 @@ def test_a_model_healed_for_one_scheme_is_not_stored_with_another():
         fake_quantize_(model, "int4")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from tiny_models import save_with_tokenizer
-
-    return save_with_tokenizer(tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
 def test_cli_heals_for_the_quantisation_by_default_and_records_it(model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("JOINTRANK_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "q"

@@ -448,12 +448,11 @@ def _check_calibration(args, config, heal_settings) -> None:
 def _heal_settings(args):
     """DistillSettings for --heal (refit alone needs none but is checked the same way); None without healing.
     Checked by pipeline.check_request, after the calibration flags, so the first mistake is the one reported."""
+    from .heal import QUANTIZED_STEPS, DistillSettings, check_quantized_steps
+
     if getattr(args, "heal", "none") in (None, "none"):
-        if getattr(args, "heal_quantized_steps", None):
-            raise JointRankError("--heal-quantized-steps trains the factors as --quantize will store them: it needs "
-                                 "--quantize SCHEME and --heal distill (or refit+distill)")
+        check_quantized_steps("none", getattr(args, "heal_quantized_steps", None), getattr(args, "quantize", None))
         return None
-    from .heal import QUANTIZED_STEPS, DistillSettings
 
     quantized = args.heal_quantized_steps  # given: checked by check_request; default: on when quantising
     if quantized is None:

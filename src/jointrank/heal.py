@@ -52,6 +52,13 @@ def parse_heal(spec: str | None) -> tuple[bool, bool]:
     return "refit" in spec, "distill" in spec
 
 
+def check_quantized_steps(spec: str, quantized_steps: int | None, quantize: str | None) -> None:
+    """--heal-quantized-steps trains through --quantize's rounding: refused without both a scheme and distillation."""
+    if quantized_steps and (quantize is None or not parse_heal(spec)[1]):
+        raise JointRankError("--heal-quantized-steps trains the factors as --quantize will store them: it needs "
+                             "--quantize SCHEME and --heal distill (or refit+distill)")
+
+
 def check_heal(spec: str, distill: "DistillSettings | None") -> None:
     """The healing kind and, for distillation, its settings: refused before any work."""
     parse_heal(spec)
@@ -385,11 +392,11 @@ def release_teacher_(teacher: nn.Module) -> None:
 
 def distill_(student: nn.Module, teacher: "nn.Module | dict", input_ids: torch.Tensor, settings: DistillSettings, *,
              state_dir: str | Path | None = None, save_every: int = 10, progress: bool = True,
-             on_step=None, release_teacher: bool = False, desc: str = "healing: distill") -> DistillReport:
+             on_step=None, desc: str = "healing: distill") -> DistillReport:
     """Train the student's factors against the teacher (see the module docstring); returns what was done.
 
-    `teacher`: the dense model, or its teacher_states on these windows (computed here otherwise). With
-    `release_teacher`, the teacher's decoder copy is freed once its states are computed, before training.
+    `teacher`: the dense model, or its teacher_states on these windows (computed here otherwise; heal_ computes
+    them itself, so it can free the teacher's decoder copy before training).
 
     With `state_dir`, the trainable tensors, Adam's moments and the step are saved there every `save_every` steps
     (safetensors + JSON, written atomically), and a later call with the same settings and windows continues from
@@ -405,8 +412,6 @@ def distill_(student: nn.Module, teacher: "nn.Module | dict", input_ids: torch.T
     head_s = head_in(head_s, settings.head_dtype)
     order = _window_order(int(input_ids.shape[0]), settings.steps, settings.seed)
     states = teacher if isinstance(teacher, dict) else teacher_states(teacher, input_ids, order, progress=progress)
-    if release_teacher and not isinstance(teacher, dict):
-        release_teacher_(teacher)
     frozen = {id(p) for _, p in params}
     previous = {}
     for p in student.parameters():

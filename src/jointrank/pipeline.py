@@ -101,12 +101,10 @@ def check_request(config, *, calibration: Calibration | None, heal: str = "none"
     if calibration.token_count() < 1:
         raise JointRankError(f"--calibration-tokens must be positive (got {calibration.token_count()})")
     if healing:
-        from .heal import check_heal, parse_heal
+        from .heal import check_heal, check_quantized_steps
 
         check_heal(heal, distill)
-        if distill is not None and distill.quantized_steps and (quantize is None or not parse_heal(heal)[1]):
-            raise JointRankError("--heal-quantized-steps trains the factors as --quantize will store them: it needs "
-                                 "--quantize SCHEME and --heal distill (or refit+distill)")
+        check_quantized_steps(heal, distill and distill.quantized_steps, quantize)
 
 
 def calibration_windows(calibration: Calibration | None, model, tokenizer, progress: bool = True):

@@ -277,7 +277,7 @@ def quantize_(model: nn.Module, scheme: str) -> QuantizationReport:
     kept = []
     for name in names:
         module = model.get_submodule(name)
-        grid = _take_fake_quantized(module, scheme)
+        grid = _take_fake_quantized(module)
         weight = module.weight
         spec = spec_for(scheme, *weight.shape)
         if spec.bits != SCHEMES[scheme].bits:
@@ -381,9 +381,9 @@ def fake_quantize_(model: nn.Module, scheme: str) -> list[str]:
     return names
 
 
-def _take_fake_quantized(module: nn.Module, scheme: str) -> tuple | None:
+def _take_fake_quantized(module: nn.Module) -> tuple | None:
     """The grid fake_quantize_ fixed for `module`'s weight (None if it has none); the parametrization is removed,
-    leaving the trained float weight."""
+    leaving the trained float weight. (quantize_ has checked the model was healed for its scheme.)"""
     from torch.nn.utils import parametrize
 
     if not parametrize.is_parametrized(module, "weight"):
@@ -391,8 +391,6 @@ def _take_fake_quantized(module: nn.Module, scheme: str) -> tuple | None:
     fake = module.parametrizations.weight[0]
     if not isinstance(fake, FakeQuantized):
         raise JointRankError(f"{type(module).__name__}.weight carries a parametrization jointrank did not add")
-    if fake.spec != spec_for(scheme, *module.weight.shape):
-        raise JointRankError(f"this model's weights were healed for another quantisation than {scheme}")
     grid = (fake.scale, fake.shift)
     parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
     return grid
