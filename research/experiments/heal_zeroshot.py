@@ -33,9 +33,23 @@ TASKS = ("hellaswag", "arc_easy")
 
 # name -> (distillation settings, steps at which to measure); all share the seed, hence the window order
 VARIANTS = {
-    "lr1e-4": ({"steps": 100, "lr": 1e-4}, (0, 16, 32, 100)),  # quality.md's recipe (step 100) and its prefixes
+    # quality.md's lr: step 0 is the unhealed model, step 32 one pass over the windows (step 100 is the recorded row)
+    "lr1e-4": ({"steps": 32, "lr": 1e-4}, (0, 32)),
     "lr3e-5": ({"steps": 100, "lr": 3e-5}, (32, 100)),
-    "lr1e-5": ({"steps": 100, "lr": 1e-5}, (100,)),
+    # the recorded recipe distilled on C4 text instead (the compression still calibrated on self-generated text, so
+    # step 0 is the same model): is it the self-generated text or the distillation that costs the accuracy?
+    "c4-lr1e-4": ({"steps": 100, "lr": 1e-4}, (100,)),
+}
+DISTILL_TEXT = {"c4-lr1e-4": "c4"}
+# WikiText-2 NLL by position in the window (tokens predicted at positions [a, b)): zero-shot prompts are short, the
+# distillation windows and the perplexity windows long. "positions" measures dense (before compressing) and step 0.
+BUCKETS = ((0, 32), (32, 128), (128, 511))
+POSITIONS = "positions"  # variant -> the text it distils on; "self" (the compression's) otherwise
+# name -> (distillation settings, weights): the recorded recipe trained to the end, then every factor set to
+# (1 - w) * its value before healing + w * its value after (weight-space interpolation, as WiSE-FT does for fine-tuned
+# models), measured at each weight; the point's key is "STEPS@wW"
+INTERPOLATIONS = {
+    "lr1e-4-interp": ({"steps": 100, "lr": 1e-4}, (0.5,)),
 }
 
 
@@ -50,23 +64,25 @@ def child(variant: str, tasks: list[str], results_path: Path) -> None:
     from research.bench import quality as Q
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    settings, at = VARIANTS[variant]
+    if variant == POSITIONS:
+        settings, at = {"steps": 1}, ("dense", 0)
+        tasks = []
+    else:
+        settings, at = VARIANTS.get(variant) or INTERPOLATIONS[variant]
     settings = DistillSettings(**settings)
+    weights = INTERPOLATIONS[variant][1] if variant in INTERPOLATIONS else ()
+    if weights:
+        at = tuple(f"{settings.steps}@w{w:g}" for w in weights)
     done = load(results_path).get(variant, {})
     model, tokenizer, _ = load_model(Q.P.model)
-    calibration = self_calibration(model, tokenizer, Q.CAL_TOKENS, cache_dir=Q.CACHE, progress=False)
-    ids = calibration.input_ids
-    states = teacher_states(model, ids, _window_order(int(ids.shape[0]), settings.steps, settings.seed),
-                            progress=False)
-    plan = plan_for(model, Q.config_for(ROW, BUDGET), calibration=calibration, progress=False)
-    compress_(model, plan, progress=False, calibration=calibration)
 
-    def measure(step: int) -> None:
+    def measure(step) -> None:
         if str(step) in done:
             return
         t = time.perf_counter()
         with torch.no_grad():
-            point = {"perplexity": Q.measure_perplexity(model, tokenizer)}
+            point = {"perplexity": Q.measure_perplexity(model, tokenizer),
+                     "nll_by_position": nll_by_position(model, tokenizer)}
             if tasks:
                 res = evaluate(model, tokenizer, tasks, data_dir=str(Q.DATA), limit=Q.P.zs_limit,
                                progress=False)["results"]
@@ -78,13 +94,60 @@ def child(variant: str, tasks: list[str], results_path: Path) -> None:
         print(f"{variant} step {step}: ppl {point['perplexity']['perplexity']:.3f} "
               + " ".join(f"{t_} {v['acc']:.3f}" for t_, v in point.get("zeroshot", {}).items()), flush=True)
 
+    calibration = self_calibration(model, tokenizer, Q.CAL_TOKENS, cache_dir=Q.CACHE, progress=False)
+    ids = calibration.input_ids
+    if DISTILL_TEXT.get(variant) == "c4":
+        from jointrank.methods.calibration import load_text
+
+        ids = load_text(Q.C4_FILE, tokenizer, tokens=Q.CAL_TOKENS, seqlen=Q.SEQLEN, seed=0).input_ids
+    if variant == POSITIONS:
+        measure("dense")
+    else:
+        states = teacher_states(model, ids, _window_order(int(ids.shape[0]), max(int(str(s).split("@")[0])
+                                                                                for s in at), settings.seed),
+                                progress=False)
+    plan = plan_for(model, Q.config_for(ROW, BUDGET), calibration=calibration, progress=False)
+    compress_(model, plan, progress=False, calibration=calibration)
+
     if 0 in at:
         measure(0)
-    last = max(at)
     if all(str(s) in done for s in at):
         return
-    distill_(model, states, ids, DistillSettings(**{**settings.__dict__, "steps": last}), progress=False,
+    if weights:
+        from jointrank.heal import trainable_factors
+
+        before = [p.detach().clone() for _, p in trainable_factors(model)]
+        distill_(model, states, ids, settings, progress=False)
+        after = [p.detach().clone() for _, p in trainable_factors(model)]
+        for w, key in zip(weights, at):
+            with torch.no_grad():
+                for (_, p), a, b in zip(trainable_factors(model), before, after):
+                    p.copy_((1 - w) * a + w * b)
+            measure(key)
+        return
+    distill_(model, states, ids, DistillSettings(**{**settings.__dict__, "steps": max(at)}), progress=False,
              on_step=lambda step, loss: measure(step) if step in at else None)
+
+
+def nll_by_position(model, tokenizer) -> list[list[float]]:
+    """Per window (quality.md's 32), the mean next-token NLL of the positions in each of BUCKETS."""
+    import torch.nn.functional as F
+
+    from jointrank.evaluate.perplexity import soft_cap, split_model
+    from research.bench import quality as Q
+
+    windows, _, _ = Q.eval_windows(tokenizer)
+    decoder, head, softcap = split_model(model)
+    out = []
+    for row in windows:
+        w = row.unsqueeze(0)
+        hidden = decoder(input_ids=w, use_cache=False).last_hidden_state[:, :-1]
+        per = []
+        for a, b in BUCKETS:
+            logits = soft_cap(head(hidden[:, a:b]).float(), softcap)
+            per.append(float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[0, 1 + a:1 + b])))
+        out.append(per)
+    return out
 
 
 def load(path: Path) -> dict:
@@ -100,10 +163,11 @@ def store(path: Path, variant: str, step: int, point: dict) -> None:
 
 
 def cmd_run(args) -> int:
-    names = args.only.split(",") if args.only else list(VARIANTS)
+    known = {**VARIANTS, **INTERPOLATIONS, POSITIONS: None}
+    names = args.only.split(",") if args.only else list(known)
     for name in names:
-        if name not in VARIANTS:
-            raise SystemExit(f"unknown variant {name!r}: {', '.join(VARIANTS)}")
+        if name not in known:
+            raise SystemExit(f"unknown variant {name!r}: {', '.join(known)}")
     for name in names:
         print(f"== {name}", flush=True)
         rc = subprocess.call([sys.executable, __file__, "child", name, "--tasks", args.tasks,
@@ -156,12 +220,39 @@ def cmd_report(args) -> int:
         zs = {t: {"per_doc": ref["zeroshot"]["per_doc"][t]} for t in tasks}
         row(label, "—", {"perplexity": ref["perplexity"], "zeroshot": zs})
     for name, points in results.items():
-        settings = VARIANTS.get(name, ({}, ()))[0]
-        for step in sorted(points, key=int):
-            row(f"{name} (Adam, constant lr {settings.get('lr', '?')})", step, points[step])
-    missing = [f"{n}@{s}" for n, (_, at) in VARIANTS.items() for s in at if str(s) not in results.get(n, {})]
+        if name == POSITIONS:
+            continue
+        settings = {**VARIANTS, **INTERPOLATIONS}.get(name, ({}, ()))[0]
+        for step in sorted(points, key=lambda k: (int(k.split("@")[0]), k)):
+            label = f"{name} (Adam, constant lr {settings.get('lr', '?')}, {DISTILL_TEXT.get(name, 'self')} text)"
+            if "@w" in step:
+                label += f", factors {step.split('@w')[1]} of the way from unhealed to healed"
+            row(label, step.split("@")[0], points[step])
+    planned = [(n, str(s)) for n, (_, at) in VARIANTS.items() for s in at]
+    planned += [(n, f"{c['steps']}@w{w:g}") for n, (c, ws) in INTERPOLATIONS.items() for w in ws]
+    missing = [f"{n}@{s}" for n, s in planned if s not in results.get(n, {})]
     if missing:
         lines += ["", f"Not measured yet: {', '.join(missing)}."]
+    base = results.get(POSITIONS, {}).get("dense", {}).get("nll_by_position")
+    if base:
+        lines += ["", "## WikiText-2 NLL by position in the window", "",
+                  "Mean next-token NLL of the tokens predicted at positions [a, b) of the 32 windows, as the difference "
+                  "from dense ± its paired SE (per window).", "",
+                  "| model | " + " | ".join(f"positions {a}-{b}" for a, b in BUCKETS) + " |",
+                  "|---|" + "---|" * len(BUCKETS)]
+        dense_mean = [sum(w[i] for w in base) / len(base) for i in range(len(BUCKETS))]
+        lines.append("| dense (mean NLL) | " + " | ".join(f"{m:.3f}" for m in dense_mean) + " |")
+        for name, points in results.items():
+            for step in sorted(points, key=lambda k: (k != "dense", int(k.split("@")[0]) if k[0].isdigit() else 0)):
+                nll = points[step].get("nll_by_position")
+                if not nll or step == "dense":
+                    continue
+                cells = []
+                for i in range(len(BUCKETS)):
+                    m, se = paired([w[i] for w in base], [w[i] for w in nll])
+                    cells.append(f"{m:+.3f} ± {se:.3f}")
+                label = "unhealed (step 0)" if name == POSITIONS else f"{name} step {step}"
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Step 0 is the unhealed model: its per-window NLL equal to the unhealed record's shows the probe "
               "rebuilt the same model."]
     Path(str(args.results).replace(".json", ".md")).write_text("\n".join(lines) + "\n")
