@@ -87,6 +87,33 @@ def test_max_windows_takes_the_first_windows(tokenizer):
     assert got["mean_nll"] == pytest.approx(reference_mean_nll(model, ids[:32].view(2, 16)), rel=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_bos_windows_are_the_same_windows_started_with_bos(tokenizer, kind):
+    model = tiny(kind, len(tokenizer))
+    text = " ".join(CORPUS) * 4
+    seqlen = 16
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    n = ids.numel() // seqlen
+    plain = ids[: n * seqlen].view(n, seqlen)
+    bos = tokenizer.bos_token_id
+    assert P.make_windows(ids, seqlen, bos_id=bos).tolist() == [[bos] + row[:-1] for row in plain.tolist()]
+    expected = reference_mean_nll(model, torch.cat([torch.full((n, 1), bos), plain[:, :-1]], dim=1))
+    got = P.perplexity(model, tokenizer, text, seqlen=seqlen, batch_size=2, progress=False, window_bos=True)
+    assert got["window_bos"] is True and got["windows"] == n and got["predicted_tokens"] == n * (seqlen - 1)
+    assert got["mean_nll"] == pytest.approx(expected, rel=1e-5)
+    assert got["mean_nll"] != pytest.approx(P.perplexity(model, tokenizer, text, seqlen=seqlen,
+                                                         progress=False)["mean_nll"], rel=1e-4)
+
+
+def test_bos_windows_need_a_bos_token(tokenizer):
+    import types
+
+    no_bos = types.SimpleNamespace(bos_token_id=None)  # refused before the text is tokenised
+    with pytest.raises(JointRankError, match="no BOS token"):
+        P.perplexity(tiny("llama", len(tokenizer)), no_bos, " ".join(CORPUS) * 4, seqlen=16, progress=False,
+                     window_bos=True)
+
+
 def test_window_errors():
     ids = torch.arange(10)
     with pytest.raises(JointRankError, match="fewer than one window"):

@@ -173,17 +173,32 @@ def eval_windows(tokenizer):
 
 
 def measure_perplexity(model, tokenizer) -> dict:
+    import torch
+
     from jointrank.evaluate.perplexity import window_nll
 
+    def per_window_nll(rows) -> list[float]:
+        out = []
+        for row in rows:
+            nll, count = window_nll(model, row.unsqueeze(0))
+            out.append(nll / count)
+        return out
+
     windows, picked, available = eval_windows(tokenizer)
-    per_window = []
     t = time.perf_counter()
-    for row in windows:
-        nll, count = window_nll(model, row.unsqueeze(0))
-        per_window.append(nll / count)
+    per_window = per_window_nll(windows)
     mean = sum(per_window) / len(per_window)
-    return {"perplexity": math.exp(mean), "mean_nll": mean, "per_window_nll": per_window, "windows": picked,
-            "windows_available": available, "seqlen": SEQLEN, "seconds": time.perf_counter() - t}
+    out = {"perplexity": math.exp(mean), "mean_nll": mean, "per_window_nll": per_window, "windows": picked,
+           "windows_available": available, "seqlen": SEQLEN}
+    if tokenizer.bos_token_id is not None:
+        # the same windows started with BOS, as text is seen in use: all but the first window above start mid-text
+        # without it, which on Gemma scores the first positions far worse and lets a compressed model differ from
+        # dense there for no reason a user would meet (results/heal_zeroshot.md)
+        bos = torch.cat([torch.full((len(windows), 1), tokenizer.bos_token_id), windows[:, :-1]], dim=1)
+        out["per_window_nll_bos"] = per_window_nll(bos)
+        out["perplexity_bos"] = math.exp(sum(out["per_window_nll_bos"]) / len(windows))
+    out["seconds"] = time.perf_counter() - t
+    return out
 
 
 def measure_zeroshot(model, tokenizer) -> dict:

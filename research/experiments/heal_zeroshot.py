@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,8 +40,17 @@ VARIANTS = {
     # the recorded recipe distilled on C4 text instead (the compression still calibrated on self-generated text, so
     # step 0 is the same model): is it the self-generated text or the distillation that costs the accuracy?
     "c4-lr1e-4": ({"steps": 100, "lr": 1e-4}, (100,)),
+    # the same 100 steps on 100 distinct C4 windows (one pass) instead of 32 windows three times: does the variety of
+    # the text decide what distillation does to accuracy?
+    "c4x100-lr1e-4": ({"steps": 100, "lr": 1e-4}, (32, 100)),
+    # the recorded recipe again (its zero-shot is quality.json's), for its NLL by position with and without BOS
+    "lr1e-4x3": ({"steps": 100, "lr": 1e-4}, (100,)),
+    # and with no user data: 100 distinct self-generated windows (sampled like the compression's 32, more of them)
+    "selfx100-lr1e-4": ({"steps": 100, "lr": 1e-4}, (100,)),
 }
-DISTILL_TEXT = {"c4-lr1e-4": "c4"}
+PERPLEXITY_ONLY = {"lr1e-4x3"}
+DISTILL_TEXT = {"c4-lr1e-4": "c4", "c4x100-lr1e-4": "c4"}
+DISTILL_WINDOWS = {"c4x100-lr1e-4": 100, "selfx100-lr1e-4": 100}  # variant -> windows of 512 to distil on (CAL_TOKENS / 512 otherwise)
 # WikiText-2 NLL by position in the window (tokens predicted at positions [a, b)): zero-shot prompts are short, the
 # distillation windows and the perplexity windows long. "positions" measures dense (before compressing) and step 0.
 BUCKETS = ((0, 32), (32, 128), (128, 511))
@@ -64,6 +74,8 @@ def child(variant: str, tasks: list[str], results_path: Path) -> None:
     from research.bench import quality as Q
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    if variant in PERPLEXITY_ONLY:
+        tasks = []
     if variant == POSITIONS:
         settings, at = {"steps": 1}, ("dense", 0)
         tasks = []
@@ -77,12 +89,13 @@ def child(variant: str, tasks: list[str], results_path: Path) -> None:
     model, tokenizer, _ = load_model(Q.P.model)
 
     def measure(step) -> None:
-        if str(step) in done:
+        if str(step) in done and "nll_by_position_bos" in done[str(step)]:
             return
         t = time.perf_counter()
         with torch.no_grad():
             point = {"perplexity": Q.measure_perplexity(model, tokenizer),
-                     "nll_by_position": nll_by_position(model, tokenizer)}
+                     "nll_by_position": nll_by_position(model, tokenizer),
+                     "nll_by_position_bos": nll_by_position(model, tokenizer, bos=True)}
             if tasks:
                 res = evaluate(model, tokenizer, tasks, data_dir=str(Q.DATA), limit=Q.P.zs_limit,
                                progress=False)["results"]
@@ -96,10 +109,13 @@ def child(variant: str, tasks: list[str], results_path: Path) -> None:
 
     calibration = self_calibration(model, tokenizer, Q.CAL_TOKENS, cache_dir=Q.CACHE, progress=False)
     ids = calibration.input_ids
+    tokens = DISTILL_WINDOWS.get(variant, Q.CAL_TOKENS // Q.SEQLEN) * Q.SEQLEN
     if DISTILL_TEXT.get(variant) == "c4":
         from jointrank.methods.calibration import load_text
 
-        ids = load_text(Q.C4_FILE, tokenizer, tokens=Q.CAL_TOKENS, seqlen=Q.SEQLEN, seed=0).input_ids
+        ids = load_text(Q.C4_FILE, tokenizer, tokens=tokens, seqlen=Q.SEQLEN, seed=0).input_ids
+    elif tokens != Q.CAL_TOKENS:  # sampled from the dense model, before it is compressed
+        ids = self_calibration(model, tokenizer, tokens, cache_dir=Q.CACHE, progress=False).input_ids
     if variant == POSITIONS:
         measure("dense")
     else:
@@ -129,8 +145,11 @@ def child(variant: str, tasks: list[str], results_path: Path) -> None:
              on_step=lambda step, loss: measure(step) if step in at else None)
 
 
-def nll_by_position(model, tokenizer) -> list[list[float]]:
-    """Per window (quality.md's 32), the mean next-token NLL of the positions in each of BUCKETS."""
+def nll_by_position(model, tokenizer, *, bos: bool = False) -> list[list[float]]:
+    """Per window (quality.md's 32), the mean next-token NLL of the positions in each of BUCKETS. `bos`: each window
+    as [BOS] + its first 511 tokens (quality.md's windows are cut from the tokenised text, so all but the first start
+    mid-text without BOS, which Gemma needs)."""
+    import torch
     import torch.nn.functional as F
 
     from jointrank.evaluate.perplexity import soft_cap, split_model
@@ -140,6 +159,8 @@ def nll_by_position(model, tokenizer) -> list[list[float]]:
     decoder, head, softcap = split_model(model)
     out = []
     for row in windows:
+        if bos:
+            row = torch.cat([torch.tensor([tokenizer.bos_token_id]), row[:-1]])
         w = row.unsqueeze(0)
         hidden = decoder(input_ids=w, use_cache=False).last_hidden_state[:, :-1]
         per = []
@@ -233,24 +254,33 @@ def cmd_report(args) -> int:
     missing = [f"{n}@{s}" for n, s in planned if s not in results.get(n, {})]
     if missing:
         lines += ["", f"Not measured yet: {', '.join(missing)}."]
-    base = results.get(POSITIONS, {}).get("dense", {}).get("nll_by_position")
-    if base:
-        lines += ["", "## WikiText-2 NLL by position in the window", "",
+    sizes = [b - a for a, b in BUCKETS]
+    for key, title in (("nll_by_position", "as quality.md cuts them (all but the first start mid-text, without BOS)"),
+                       ("nll_by_position_bos", "each started with BOS ([BOS] + its first 511 tokens)")):
+        base = results.get(POSITIONS, {}).get("dense", {}).get(key)
+        if not base:
+            continue
+        whole = [sum(n * x for n, x in zip(sizes, w)) / sum(sizes) for w in base]
+        lines += ["", f"## WikiText-2 NLL by position: windows {title}", "",
                   "Mean next-token NLL of the tokens predicted at positions [a, b) of the 32 windows, as the difference "
-                  "from dense ± its paired SE (per window).", "",
-                  "| model | " + " | ".join(f"positions {a}-{b}" for a, b in BUCKETS) + " |",
-                  "|---|" + "---|" * len(BUCKETS)]
+                  "from dense ± its paired SE (per window); the last column is the whole window as perplexity / dense.",
+                  "", "| model | " + " | ".join(f"positions {a}-{b}" for a, b in BUCKETS) + " | whole window |",
+                  "|---|" + "---|" * (len(BUCKETS) + 1)]
         dense_mean = [sum(w[i] for w in base) / len(base) for i in range(len(BUCKETS))]
-        lines.append("| dense (mean NLL) | " + " | ".join(f"{m:.3f}" for m in dense_mean) + " |")
+        lines.append("| dense (mean NLL; perplexity) | " + " | ".join(f"{m:.3f}" for m in dense_mean)
+                     + f" | {math.exp(sum(whole) / len(whole)):.2f} |")
         for name, points in results.items():
             for step in sorted(points, key=lambda k: (k != "dense", int(k.split("@")[0]) if k[0].isdigit() else 0)):
-                nll = points[step].get("nll_by_position")
+                nll = points[step].get(key)
                 if not nll or step == "dense":
                     continue
                 cells = []
                 for i in range(len(BUCKETS)):
                     m, se = paired([w[i] for w in base], [w[i] for w in nll])
                     cells.append(f"{m:+.3f} ± {se:.3f}")
+                mine = [sum(n * x for n, x in zip(sizes, w)) / sum(sizes) for w in nll]
+                m, se = paired(whole, mine)
+                cells.append(f"{math.exp(m):.3f}x (ΔNLL {m:+.3f} ± {se:.3f})")
                 label = "unhealed (step 0)" if name == POSITIONS else f"{name} step {step}"
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Step 0 is the unhealed model: its per-window NLL equal to the unhealed record's shows the probe "

@@ -6,6 +6,12 @@ Llama), cut it into non-overlapping windows of ``seqlen`` tokens, drop the incom
 exp(mean token NLL) over every predicted token (seqlen - 1 per window; with equal windows this is exactly the papers'
 ``exp(sum(loss_i * seqlen) / (n * seqlen))``).
 
+That protocol starts every window but the first mid-text, without BOS. Gemma needs its BOS (its first position is
+an attention sink): without it the first few dozen positions of a window score far worse than with it, and a
+compressed or healed model can differ from dense there in ways that say nothing about text it would really see
+(results/heal_zeroshot.md measures it). ``window_bos=True`` scores the same windows as [BOS] + their first
+seqlen - 1 tokens, which is how a model sees text in use; the two are paired window by window.
+
 Works on any causal LM module: dense, compressed in memory, or reloaded. When the model exposes its decoder and
 output projection we never materialise the full [tokens x vocab] logits (262k columns for Gemma): the decoder's
 hidden states are projected and scored ``loss_chunk`` positions at a time.
@@ -44,8 +50,11 @@ def load_text(name: str, data_dir) -> str:
     raise JointRankError(f"unknown perplexity text {name}; known: {', '.join(PERPLEXITY_TASKS)}")
 
 
-def make_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """[n, seqlen] non-overlapping windows of a 1-D id tensor; the incomplete tail is dropped."""
+def make_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
+                 bos_id: int | None = None) -> torch.Tensor:
+    """[n, seqlen] non-overlapping windows of a 1-D id tensor; the incomplete tail is dropped. With `bos_id`, each
+    window is that token followed by the window's first seqlen - 1 tokens (the same windows, each starting as a
+    document does)."""
     if seqlen < 2:
         raise JointRankError(f"--seqlen must be at least 2, got {seqlen}")
     n = token_ids.numel() // seqlen
@@ -55,7 +64,10 @@ def make_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None =
         n = min(n, max_windows)
     if n == 0:
         raise JointRankError(f"text has {token_ids.numel()} tokens, fewer than one window of {seqlen}")
-    return token_ids[: n * seqlen].view(n, seqlen)
+    windows = token_ids[: n * seqlen].view(n, seqlen)
+    if bos_id is not None:
+        windows = torch.cat([torch.full((n, 1), bos_id, dtype=windows.dtype), windows[:, :-1]], dim=1)
+    return windows
 
 
 def split_model(model):
@@ -106,15 +118,23 @@ def perplexity(
     batch_size: int = 1,
     progress: bool = True,
     desc: str = "perplexity",
+    window_bos: bool = False,
 ) -> dict:
-    """Perplexity of MODEL on TEXT by the standard protocol; returns the numbers and what was measured."""
+    """Perplexity of MODEL on TEXT by the standard protocol; returns the numbers and what was measured.
+    `window_bos`: every window starts with the tokenizer's BOS (see the module docstring); refused for a tokenizer
+    without one."""
     from tqdm.auto import tqdm
 
     if tokenizer is None:
         raise JointRankError("perplexity needs a tokenizer, and the model came without one")
     started = time.perf_counter()
+    bos_id = None
+    if window_bos:
+        bos_id = getattr(tokenizer, "bos_token_id", None)
+        if bos_id is None:
+            raise JointRankError("windows starting with BOS were asked for, but the tokenizer has no BOS token")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    windows = make_windows(ids, seqlen, max_windows)
+    windows = make_windows(ids, seqlen, max_windows, bos_id)
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
@@ -129,6 +149,7 @@ def perplexity(
         "perplexity": math.exp(mean),
         "mean_nll": mean,
         "seqlen": seqlen,
+        "window_bos": bos_id is not None,
         "windows": len(windows),
         "windows_available": ids.numel() // seqlen,
         "tokens_in_text": ids.numel(),
