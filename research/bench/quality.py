@@ -618,10 +618,20 @@ def targets(results: dict) -> list[dict]:
     out = []
     for budget, (retention, ratio) in TARGETS.items():
         best = best_no_user_data(by, budget) if dense else None
-        measured = ppl_ratio(best, dense)[0] if best else None
-        out.append({"name": f"{budget:.0%} removed, no user data: perplexity / dense",
+        # judged on the windows started with BOS (results/heal_zeroshot.md: without it, healing looks like it
+        # recovers what it does not); a row measured only the old way is reported but not counted as met
+        bos = best is not None and "per_window_nll_bos" in best["perplexity"] and \
+            "per_window_nll_bos" in dense["perplexity"]
+        measured = None
+        if bos:
+            measured = math.exp(mean_se([x - y for x, y in zip(best["perplexity"]["per_window_nll_bos"],
+                                                               dense["perplexity"]["per_window_nll_bos"])])[0])
+        out.append({"name": f"{budget:.0%} removed, no user data: perplexity / dense (windows started with BOS)",
                     "measured": measured, "target": f"<= {ratio}", "met": measured is not None and measured <= ratio,
-                    "row": best["row"] if best else None})
+                    "row": best["row"] if best else None,
+                    **({} if bos or best is None else {
+                        "note": f"measured only on windows without BOS ({ppl_ratio(best, dense)[0]:.3f}x), which "
+                                "flatter healed models (results/heal_zeroshot.md); rebuild it to judge"})})
         zbest = best_no_user_data(by, budget, zeroshot=True) if dense else None
         r = zs_retention(zbest, dense) if zbest else None
         out.append({"name": f"{budget:.0%} removed, no user data: zero-shot retention",

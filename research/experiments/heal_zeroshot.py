@@ -171,6 +171,28 @@ def nll_by_position(model, tokenizer, *, bos: bool = False) -> list[list[float]]
     return out
 
 
+def whole_window_nll(per_bucket: list[list[float]]) -> list[float]:
+    """Per window, the mean NLL over all its predicted positions, from the per-bucket means."""
+    sizes = [b - a for a, b in BUCKETS]
+    return [sum(n * x for n, x in zip(sizes, w)) / sum(sizes) for w in per_bucket]
+
+
+def bos_summary(path: Path = OUT.with_suffix(".json")) -> dict | None:
+    """Dense perplexity without and with BOS, and (ratio to dense without BOS, with BOS) for the unhealed and the
+    healed 10% row, from the probe's points; None until they are measured (quality_report quotes them)."""
+    results = load(path)
+    picks = {"unhealed": (POSITIONS, "0"), "healed": ("lr1e-4x3", "100")}
+    dense = results.get(POSITIONS, {}).get("dense", {})
+    points = {k: results.get(v, {}).get(s) or {} for k, (v, s) in picks.items()}
+    keys = ("nll_by_position", "nll_by_position_bos")
+    if not all(k in p for p in (dense, *points.values()) for k in keys):
+        return None
+    out = {"dense": tuple(math.exp(sum(whole_window_nll(dense[k])) / len(dense[k])) for k in keys)}
+    for name, point in points.items():
+        out[name] = tuple(math.exp(paired(whole_window_nll(dense[k]), whole_window_nll(point[k]))[0]) for k in keys)
+    return out
+
+
 def load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
