@@ -57,14 +57,20 @@ def reference_mean_nll(model, windows: torch.Tensor) -> float:
     return float(-picked.mean())
 
 
+def hand_windows(tokenizer, seqlen: int):
+    """The test text, its ids and its [n, seqlen] windows cut by hand (what make_windows must reproduce)."""
+    text = " ".join(CORPUS) * 4
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    n = ids.numel() // seqlen
+    return text, ids, ids[: n * seqlen].view(n, seqlen)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 def test_perplexity_equals_hand_computed_mean_nll(tokenizer, kind):
     model = tiny(kind, len(tokenizer))
-    text = " ".join(CORPUS) * 4
     seqlen = 16
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    n = ids.numel() // seqlen
-    windows = ids[: n * seqlen].view(n, seqlen)
+    text, ids, windows = hand_windows(tokenizer, seqlen)
+    n = len(windows)
     expected = reference_mean_nll(model, windows)
     got = P.perplexity(model, tokenizer, text, seqlen=seqlen, batch_size=3, progress=False)
     assert got["windows"] == got["windows_available"] == n
@@ -90,14 +96,13 @@ def test_max_windows_takes_the_first_windows(tokenizer):
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 def test_bos_windows_are_the_same_windows_started_with_bos(tokenizer, kind):
     model = tiny(kind, len(tokenizer))
-    text = " ".join(CORPUS) * 4
     seqlen = 16
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    n = ids.numel() // seqlen
-    plain = ids[: n * seqlen].view(n, seqlen)
+    text, ids, plain = hand_windows(tokenizer, seqlen)
+    n = len(plain)
     bos = tokenizer.bos_token_id
-    assert P.make_windows(ids, seqlen, bos_id=bos).tolist() == [[bos] + row[:-1] for row in plain.tolist()]
-    expected = reference_mean_nll(model, torch.cat([torch.full((n, 1), bos), plain[:, :-1]], dim=1))
+    by_hand = [[bos] + row[:-1] for row in plain.tolist()]
+    assert P.make_windows(ids, seqlen, bos_id=bos).tolist() == by_hand
+    expected = reference_mean_nll(model, torch.tensor(by_hand))
     got = P.perplexity(model, tokenizer, text, seqlen=seqlen, batch_size=2, progress=False, window_bos=True)
     assert got["window_bos"] is True and got["windows"] == n and got["predicted_tokens"] == n * (seqlen - 1)
     assert got["mean_nll"] == pytest.approx(expected, rel=1e-5)

@@ -173,9 +173,7 @@ def eval_windows(tokenizer):
 
 
 def measure_perplexity(model, tokenizer) -> dict:
-    import torch
-
-    from jointrank.evaluate.perplexity import window_nll
+    from jointrank.evaluate.perplexity import start_with_bos, window_nll
 
     def per_window_nll(rows) -> list[float]:
         out = []
@@ -194,8 +192,7 @@ def measure_perplexity(model, tokenizer) -> dict:
         # the same windows started with BOS, as text is seen in use: all but the first window above start mid-text
         # without it, which on Gemma scores the first positions far worse and lets a compressed model differ from
         # dense there for no reason a user would meet (results/heal_zeroshot.md)
-        bos = torch.cat([torch.full((len(windows), 1), tokenizer.bos_token_id), windows[:, :-1]], dim=1)
-        out["per_window_nll_bos"] = per_window_nll(bos)
+        out["per_window_nll_bos"] = per_window_nll(start_with_bos(windows, tokenizer.bos_token_id))
         out["perplexity_bos"] = math.exp(sum(out["per_window_nll_bos"]) / len(windows))
     out["seconds"] = time.perf_counter() - t
     return out
@@ -543,9 +540,10 @@ def _by(results) -> dict:
     return {(p["row"], p["budget"]): p for p in results["points"] if "perplexity" in p}
 
 
-def paired_nll(a: dict, b: dict) -> tuple[float, float]:
-    """Mean per-window NLL of a minus b over the same windows, with its paired standard error."""
-    return mean_se([x - y for x, y in zip(a["perplexity"]["per_window_nll"], b["perplexity"]["per_window_nll"])])
+def paired_nll(a: dict, b: dict, key: str = "per_window_nll") -> tuple[float, float]:
+    """Mean per-window NLL of a minus b over the same windows, with its paired standard error. `key`:
+    "per_window_nll_bos" for the same windows started with BOS (measure_perplexity)."""
+    return mean_se([x - y for x, y in zip(a["perplexity"][key], b["perplexity"][key])])
 
 
 def ppl_ratio(point: dict, dense: dict) -> tuple[float, float]:
@@ -622,10 +620,7 @@ def targets(results: dict) -> list[dict]:
         # recovers what it does not); a row measured only the old way is reported but not counted as met
         bos = best is not None and "per_window_nll_bos" in best["perplexity"] and \
             "per_window_nll_bos" in dense["perplexity"]
-        measured = None
-        if bos:
-            measured = math.exp(mean_se([x - y for x, y in zip(best["perplexity"]["per_window_nll_bos"],
-                                                               dense["perplexity"]["per_window_nll_bos"])])[0])
+        measured = math.exp(paired_nll(best, dense, "per_window_nll_bos")[0]) if bos else None
         out.append({"name": f"{budget:.0%} removed, no user data: perplexity / dense (windows started with BOS)",
                     "measured": measured, "target": f"<= {ratio}", "met": measured is not None and measured <= ratio,
                     "row": best["row"] if best else None,

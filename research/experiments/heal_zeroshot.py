@@ -149,18 +149,17 @@ def nll_by_position(model, tokenizer, *, bos: bool = False) -> list[list[float]]
     """Per window (quality.md's 32), the mean next-token NLL of the positions in each of BUCKETS. `bos`: each window
     as [BOS] + its first 511 tokens (quality.md's windows are cut from the tokenised text, so all but the first start
     mid-text without BOS, which Gemma needs)."""
-    import torch
     import torch.nn.functional as F
 
-    from jointrank.evaluate.perplexity import soft_cap, split_model
+    from jointrank.evaluate.perplexity import soft_cap, split_model, start_with_bos
     from research.bench import quality as Q
 
     windows, _, _ = Q.eval_windows(tokenizer)
     decoder, head, softcap = split_model(model)
     out = []
+    if bos:
+        windows = start_with_bos(windows, tokenizer.bos_token_id)
     for row in windows:
-        if bos:
-            row = torch.cat([torch.tensor([tokenizer.bos_token_id]), row[:-1]])
         w = row.unsqueeze(0)
         hidden = decoder(input_ids=w, use_cache=False).last_hidden_state[:, :-1]
         per = []
@@ -276,13 +275,12 @@ def cmd_report(args) -> int:
     missing = [f"{n}@{s}" for n, s in planned if s not in results.get(n, {})]
     if missing:
         lines += ["", f"Not measured yet: {', '.join(missing)}."]
-    sizes = [b - a for a, b in BUCKETS]
     for key, title in (("nll_by_position", "as quality.md cuts them (all but the first start mid-text, without BOS)"),
                        ("nll_by_position_bos", "each started with BOS ([BOS] + its first 511 tokens)")):
         base = results.get(POSITIONS, {}).get("dense", {}).get(key)
         if not base:
             continue
-        whole = [sum(n * x for n, x in zip(sizes, w)) / sum(sizes) for w in base]
+        whole = whole_window_nll(base)
         lines += ["", f"## WikiText-2 NLL by position: windows {title}", "",
                   "Mean next-token NLL of the tokens predicted at positions [a, b) of the 32 windows, as the difference "
                   "from dense ± its paired SE (per window); the last column is the whole window as perplexity / dense.",
@@ -300,8 +298,7 @@ def cmd_report(args) -> int:
                 for i in range(len(BUCKETS)):
                     m, se = paired([w[i] for w in base], [w[i] for w in nll])
                     cells.append(f"{m:+.3f} ± {se:.3f}")
-                mine = [sum(n * x for n, x in zip(sizes, w)) / sum(sizes) for w in nll]
-                m, se = paired(whole, mine)
+                m, se = paired(whole, whole_window_nll(nll))
                 cells.append(f"{math.exp(m):.3f}x (ΔNLL {m:+.3f} ± {se:.3f})")
                 label = "unhealed (step 0)" if name == POSITIONS else f"{name} step {step}"
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")

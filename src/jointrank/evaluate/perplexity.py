@@ -65,9 +65,13 @@ def make_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None =
     if n == 0:
         raise JointRankError(f"text has {token_ids.numel()} tokens, fewer than one window of {seqlen}")
     windows = token_ids[: n * seqlen].view(n, seqlen)
-    if bos_id is not None:
-        windows = torch.cat([torch.full((n, 1), bos_id, dtype=windows.dtype), windows[:, :-1]], dim=1)
-    return windows
+    return windows if bos_id is None else start_with_bos(windows, bos_id)
+
+
+def start_with_bos(windows: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """The same [n, seqlen] windows, each as `bos_id` followed by its first seqlen - 1 tokens."""
+    bos = torch.full((windows.shape[0], 1), bos_id, dtype=windows.dtype, device=windows.device)
+    return torch.cat([bos, windows[:, :-1]], dim=1)
 
 
 def split_model(model):
