@@ -251,6 +251,16 @@ def _compare(results_entry):
     return setup
 
 
+def _compare_bos(b, w):
+    """Two perplexities of which one started every window with BOS: not the same measurement."""
+    from jointrank.evaluate.report import SCHEMA
+
+    for name, bos in (("a.json", False), ("b.json", True)):
+        entry = {"perplexity": 20.0, "seqlen": 16, "windows": 3, "window_bos": bos}
+        (w / name).write_text(json.dumps({"schema": SCHEMA, "model": {"spec": name}, "results": {"wikitext2": entry}}))
+    return ["compare", w / "a.json", w / "b.json"]
+
+
 def _compare_garbage(b, w):
     (w / "other.json").write_text("{{{{")
     return ["compare", b.results, w / "other.json"]
@@ -310,6 +320,7 @@ CASES = [
                                               w / "out"], "cannot remove 90.0%"),
     Case("--eval unknown task", _args("--eval", "nosuchtask"), "unknown task nosuchtask"),
     Case("--eval piqa without lm-eval", _args("--eval", "piqa"), "needs lm-eval", hide="lm_eval"),
+    Case("--eval-window-bos without --eval", _args("--eval-window-bos"), "only apply with --eval"),
     Case("--backend ray without Ray", _args("--backend", "ray"), "needs Ray", hide="ray"),
     Case("--eval with --stream", _args("--eval", "wikitext2", "--stream"), "need the whole model in memory"),
     Case("--stream from a .gguf", lambda b, w: (w / "m.gguf").write_bytes(b"GGUF" + bytes(60)) and _compress(
@@ -338,6 +349,8 @@ CASES = [
          needs="jointrank.evaluate.cli"),
     Case("compare: file without results", _compare(None), "has no results", needs="jointrank.evaluate.cli"),
     Case("compare: string accuracies", _compare({"piqa": {"acc": "0.7"}}), "not a number",
+         needs="jointrank.evaluate.cli"),
+    Case("compare: BOS windows against standard windows", _compare_bos, "not comparable",
          needs="jointrank.evaluate.cli"),
     Case("compare: garbage JSON", _compare_garbage, "is not valid JSON", needs="jointrank.evaluate.cli"),
     Case("compare: missing file", lambda b, w: ["compare", b.results, w / "nope.json"], "results file not found",

@@ -167,3 +167,32 @@ def test_results_record_the_compression_manifest_through_the_one_reader(tmp_path
     (checkpoint / "jointrank_manifest.json").write_text("{not json")
     with pytest.raises(JointRankError, match="not valid JSON"):
         manifest_if_any(str(checkpoint))
+
+
+def test_eval_cli_window_bos_scores_the_windows_started_with_bos(model_dir, tmp_path, capsys):
+    """`eval --window-bos` reports the perplexity of the same windows each started with BOS (equal to the library
+    call), records it in the results and their Markdown, and compare refuses to set it against a standard run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jointrank.evaluate.perplexity import load_text, perplexity
+
+    data = tmp_path / "data" / "wikitext-2-raw"
+    data.mkdir(parents=True)
+    (data / "wiki.test.raw").write_text(" = Title = \n the cat sat on the mat and the dog ran \n" * 2179)  # 4358 rows
+    common = ["eval", str(model_dir), "--tasks", "wikitext2", "--data-dir", str(tmp_path / "data"), "--seqlen", "16",
+              "--max-windows", "6", "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "plain.json")]) == 0
+    assert main(common + ["--window-bos", "--out", str(tmp_path / "bos.json")]) == 0
+    bos = json.loads((tmp_path / "bos.json").read_text())
+    entry = bos["results"]["wikitext2"]
+    assert entry["window_bos"] is True and bos["settings"]["window_bos"] is True
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    text = load_text("wikitext2", tmp_path / "data")
+    direct = perplexity(model, tokenizer, text, seqlen=16, max_windows=6, progress=False, window_bos=True)
+    assert entry["mean_nll"] == pytest.approx(direct["mean_nll"], rel=1e-6)
+    plain = json.loads((tmp_path / "plain.json").read_text())["results"]["wikitext2"]
+    assert plain["window_bos"] is False and plain["mean_nll"] != pytest.approx(entry["mean_nll"], rel=1e-4)
+    assert "each started with BOS" in (tmp_path / "bos.md").read_text()
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "plain.json"), str(tmp_path / "bos.json")]) == 1
+    assert "not comparable" in capsys.readouterr().err

@@ -328,3 +328,26 @@ def test_write_json_is_atomic_and_keeps_each_files_layout(tmp_path):
     assert experiment.read_text() == json.dumps({"t": [1.0, 2.0], "p": str(tmp_path)}, indent=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "sub", "theirs.json"]  # no temporary left
     assert oct(ours.stat().st_mode & 0o777) == "0o644"
+
+
+def test_quality_bench_compares_on_bos_windows_only_when_both_sides_have_them():
+    """results/quality.md's comparisons: on the windows started with BOS when both points were measured so, else on
+    the standard windows; the best row is ranked on one protocol only (a row measured without BOS never outranks
+    one measured with it by a number from the other protocol)."""
+    from research.bench.quality import BOS, NO_BOS, best_by_nll, nll_key, paired_nll, ppl_ratio
+
+    def point(row, plain, bos=None):
+        out = {"row": row, "perplexity": {NO_BOS: plain}}
+        if bos is not None:
+            out["perplexity"][BOS] = bos
+        return out
+
+    dense = point("dense", [3.0, 3.2], [2.0, 2.2])
+    a = point("a", [3.1, 3.3], [2.5, 2.5])  # better without BOS, worse with it
+    b = point("b", [3.5, 3.5], [2.3, 2.3])
+    old = point("old", [1.0, 1.0])  # measured only without BOS: lowest number, other protocol
+    assert nll_key(a, dense) == BOS and nll_key(old, dense) == NO_BOS
+    assert paired_nll(a, dense) == pytest.approx((0.4, 0.1))
+    assert ppl_ratio(old, dense)[0] == pytest.approx(math.exp(-2.1))
+    assert best_by_nll([a, b, old])["row"] == "b"
+    assert best_by_nll([old, point("old2", [0.5, 0.5])])["row"] == "old2"

@@ -2,6 +2,7 @@
 
     python research/bench/quality.py run [--only ROW,...] [--budgets 0.1,0.2] [--max-minutes 60]   # perplexity points
     python research/bench/quality.py zeroshot --only ROW,... [--budgets 0.1] [--dense]              # + zero-shot
+    python research/bench/quality.py bos --only ROW,... [--budgets 0.1] [--dense]   # + BOS windows, for old points
     python research/bench/quality.py report                     # results/quality.md + quality.png from results/quality.json
 
 Another model or a lighter protocol (the scale study, research/bench/scale.py): global options before the command,
@@ -495,41 +496,100 @@ def same_training(point: dict, rebuilt: dict) -> bool:
         math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(a, b))
 
 
-def cmd_zeroshot(args) -> int:
-    deadline = time.monotonic() + args.max_minutes * 60
-    results = load_results()
+def points_to_rebuild(args, results: dict, missing) -> list[tuple[str, float, dict]]:
+    """The measured points named by --only/--budgets (and dense with --dense) for which missing(point) holds."""
     names = (["dense"] if args.dense else []) + (args.only.split(",") if args.only else [])
     budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else list(BUDGETS)
+    out = []
     for name in names:
         for budget in ([0.0] if name == "dense" else budgets):
             point = next((p for p in results["points"] if p["row"] == name and p["budget"] == budget
                           and "perplexity" in p), None)
-            if point is None or "zeroshot" in point:
-                continue
-            if time.monotonic() > deadline:
-                print("time budget of this piece used up; run again to continue", flush=True)
-                return 3
-            z = run_point(name, budget, zeroshot=True, perplexity=False, fresh_cache=args.fresh_cache)
-            if "error" in z:
-                print(f"{name} @ {budget:.0%}: zero-shot FAILED {z['error']}", flush=True)
-                continue
-            if name != "dense" and z["params_decoder_after"] != point["params_decoder_after"]:
-                raise SystemExit(f"{name} @ {budget}: the rebuilt model differs from the measured one")
-            if name != "dense" and not same_training(point, z):  # e.g. healing code changed since the point ran
-                raise SystemExit(f"{name} @ {budget}: the rebuilt model's distillation losses differ from the "
-                                 f"measured one's, so it is not the model whose perplexity was measured; run the point "
-                                 f"again (quality.py run) or rebuild it with the settings it was made with")
-            point["zeroshot"] = z["zeroshot"]
-            point["zeroshot_peak_rss_gib"] = z["peak_rss_gib"]
-            if name != "dense":  # the rebuild is another timing of compress + heal: keep it beside the first
-                point.setdefault("rebuilds", []).append(
-                    {k: z.get(k) for k in ("compress_heal_seconds", "sampling_seconds", "sampling_from_cache",
-                                           "sampling_matches_cache", "compress_seconds", "heal_seconds",
-                                           "peak_rss_gib_compress", "load_avg_1min_start", "load_avg_1min_built",
-                                           "other_cpu_seconds", "build_wall_seconds", "code_digest",
-                                           "peak_rss_gib_after")})
-            save_results(load_results() | {"points": results["points"]})
-            print(f"{name} @ {budget:.0%}: zero-shot avg {z['zeroshot']['avg']:.4f}", flush=True)
+            if point is not None and missing(point):
+                out.append((name, budget, point))
+    return out
+
+
+def not_same_model(point: dict, rebuilt: dict) -> str | None:
+    """Why a rebuild is not the measured model (another parameter count or other distillation losses), or None."""
+    if point["row"] == "dense":
+        return None
+    if rebuilt["params_decoder_after"] != point["params_decoder_after"]:
+        return "the rebuilt model has another parameter count than the measured one"
+    if not same_training(point, rebuilt):  # e.g. healing code changed since the point ran
+        return ("the rebuilt model's distillation losses differ from the measured one's, so it is not the model "
+                "that was measured; run the point again (quality.py run --again) or rebuild it with the settings "
+                "it was made with")
+    return None
+
+
+def keep_rebuild_timing(point: dict, rebuilt: dict) -> None:
+    """A rebuild is another timing of compress + heal: keep it beside the first."""
+    point.setdefault("rebuilds", []).append(
+        {k: rebuilt.get(k) for k in ("compress_heal_seconds", "sampling_seconds", "sampling_from_cache",
+                                     "sampling_matches_cache", "compress_seconds", "heal_seconds",
+                                     "peak_rss_gib_compress", "load_avg_1min_start", "load_avg_1min_built",
+                                     "other_cpu_seconds", "build_wall_seconds", "code_digest", "peak_rss_gib_after")})
+
+
+def cmd_zeroshot(args) -> int:
+    deadline = time.monotonic() + args.max_minutes * 60
+    results = load_results()
+    for name, budget, point in points_to_rebuild(args, results, lambda p: "zeroshot" not in p):
+        if time.monotonic() > deadline:
+            print("time budget of this piece used up; run again to continue", flush=True)
+            return 3
+        z = run_point(name, budget, zeroshot=True, perplexity=False, fresh_cache=args.fresh_cache)
+        if "error" in z:
+            print(f"{name} @ {budget:.0%}: zero-shot FAILED {z['error']}", flush=True)
+            continue
+        if why := not_same_model(point, z):  # the rest may still be rebuildable: go on with them
+            print(f"{name} @ {budget:.0%}: zero-shot NOT RECORDED: {why}", flush=True)
+            continue
+        point["zeroshot"] = z["zeroshot"]
+        point["zeroshot_peak_rss_gib"] = z["peak_rss_gib"]
+        if name != "dense":
+            keep_rebuild_timing(point, z)
+        save_results(load_results() | {"points": results["points"]})
+        print(f"{name} @ {budget:.0%}: zero-shot avg {z['zeroshot']['avg']:.4f}", flush=True)
+    return 0
+
+
+# a rebuild is the measured model when its perplexity on the same windows agrees to this many nats per window (the
+# build is deterministic; only the order of float sums may differ between runs)
+SAME_NLL_TOL = 1e-3
+
+
+def cmd_bos(args) -> int:
+    """Perplexity on the windows started with BOS for points measured before measure_perplexity recorded it: the
+    point is rebuilt, checked to be the measured model (same parameters, distillation losses and per-window NLL on
+    the old windows), and its BOS windows are added beside the old ones."""
+    deadline = time.monotonic() + args.max_minutes * 60
+    results = load_results()
+    for name, budget, point in points_to_rebuild(args, results, lambda p: "per_window_nll_bos" not in p["perplexity"]):
+        if time.monotonic() > deadline:
+            print("time budget of this piece used up; run again to continue", flush=True)
+            return 3
+        z = run_point(name, budget, zeroshot=False, perplexity=True, fresh_cache=args.fresh_cache)
+        if "error" in z:
+            print(f"{name} @ {budget:.0%}: FAILED {z['error']}", flush=True)
+            continue
+        old, new = point["perplexity"], z["perplexity"]
+        diff = max(abs(a - b) for a, b in zip(old["per_window_nll"], new["per_window_nll"]))
+        why = not_same_model(point, z) or (
+            None if old["windows"] == new["windows"] and diff <= SAME_NLL_TOL else
+            f"the rebuilt model scores the measured windows differently (by up to {diff:.2g} nats), so it is not "
+            f"the measured model; run the point again instead (run --again --only {name} --budgets {budget})")
+        if why:
+            print(f"{name} @ {budget:.0%}: NOT RECORDED: {why}", flush=True)
+            continue
+        old["per_window_nll_bos"], old["perplexity_bos"] = new["per_window_nll_bos"], new["perplexity_bos"]
+        old["bos_added"] = {"max_abs_diff_nll_rebuilt": diff, "code_digest": z.get("code_digest")}
+        if name != "dense":
+            keep_rebuild_timing(point, z)
+        save_results(load_results() | {"points": results["points"]})
+        print(f"{name} @ {budget:.0%}: perplexity {new['perplexity']:.2f} (recorded {old['perplexity']:.2f}), "
+              f"with BOS {new['perplexity_bos']:.2f}", flush=True)
     return 0
 
 
@@ -540,16 +600,43 @@ def _by(results) -> dict:
     return {(p["row"], p["budget"]): p for p in results["points"] if "perplexity" in p}
 
 
-def paired_nll(a: dict, b: dict, key: str = "per_window_nll") -> tuple[float, float]:
-    """Mean per-window NLL of a minus b over the same windows, with its paired standard error. `key`:
-    "per_window_nll_bos" for the same windows started with BOS (measure_perplexity)."""
+BOS, NO_BOS = "per_window_nll_bos", "per_window_nll"
+
+
+def nll_key(*points: dict) -> str:
+    """The windows to compare points on: started with BOS when every one of them was measured so (the protocol that
+    counts: results/heal_zeroshot.md), else the standard windows without it."""
+    return BOS if all(BOS in p["perplexity"] for p in points) else NO_BOS
+
+
+def protocol(key: str) -> str:
+    return "windows with BOS" if key == BOS else "windows without BOS"
+
+
+def paired_nll(a: dict, b: dict, key: str | None = None) -> tuple[float, float]:
+    """Mean per-window NLL of a minus b over the same windows, with its paired standard error; `key` (default
+    nll_key(a, b)): BOS for the windows started with BOS, NO_BOS for the standard ones."""
+    key = key or nll_key(a, b)
     return mean_se([x - y for x, y in zip(a["perplexity"][key], b["perplexity"][key])])
 
 
-def ppl_ratio(point: dict, dense: dict) -> tuple[float, float]:
+def ppl_ratio(point: dict, dense: dict, key: str | None = None) -> tuple[float, float]:
     """Perplexity relative to dense, exp(mean paired ΔNLL), and the standard error of that ratio (delta method)."""
-    d, se = paired_nll(point, dense)
+    d, se = paired_nll(point, dense, key)
     return math.exp(d), math.exp(d) * se
+
+
+def mean_nll(point: dict, key: str) -> float:
+    values = point["perplexity"][key]
+    return sum(values) / len(values)
+
+
+def best_by_nll(points: list[dict]) -> dict | None:
+    """The point of lowest perplexity, ranked on the windows with BOS among the points measured so when any was
+    (rankings never mix the two protocols), else on the standard windows."""
+    with_bos = [p for p in points if BOS in p["perplexity"]]
+    pool, key = (with_bos, BOS) if with_bos else (points, NO_BOS)
+    return min(pool, key=lambda p: mean_nll(p, key)) if pool else None
 
 
 def zs_retention(point: dict, dense: dict) -> tuple[float, float] | None:
@@ -604,7 +691,7 @@ def current_peak(point: dict) -> float:
 def best_no_user_data(by: dict, budget: float, *, zeroshot: bool = False, healed: bool = False) -> dict | None:
     pts = [p for (row, b), p in by.items() if b == budget and row != "dense" and parse_row(row)[1] in NO_USER_DATA
            and (not zeroshot or "zeroshot" in p) and (not healed or parse_row(row)[2] != "none")]
-    return min(pts, key=lambda p: p["perplexity"]["mean_nll"]) if pts else None
+    return best_by_nll(pts)
 
 
 TARGETS = {0.10: (0.988, 1.05), 0.20: (0.97, 1.3), 0.30: (0.934, 2.0)}
@@ -618,9 +705,8 @@ def targets(results: dict) -> list[dict]:
         best = best_no_user_data(by, budget) if dense else None
         # judged on the windows started with BOS (results/heal_zeroshot.md: without it, healing looks like it
         # recovers what it does not); a row measured only the old way is reported but not counted as met
-        bos = best is not None and "per_window_nll_bos" in best["perplexity"] and \
-            "per_window_nll_bos" in dense["perplexity"]
-        measured = math.exp(paired_nll(best, dense, "per_window_nll_bos")[0]) if bos else None
+        bos = best is not None and nll_key(best, dense) == BOS
+        measured = math.exp(paired_nll(best, dense, BOS)[0]) if bos else None
         out.append({"name": f"{budget:.0%} removed, no user data: perplexity / dense (windows started with BOS)",
                     "measured": measured, "target": f"<= {ratio}", "met": measured is not None and measured <= ratio,
                     "row": best["row"] if best else None,
@@ -646,11 +732,11 @@ def targets(results: dict) -> list[dict]:
             d, se = paired_nll(p, twin)
             z = d / se if se > 0 else 0.0
             if worst is None or z > worst[0]:
-                worst = (z, p["row"], d, se)
+                worst = (z, p["row"], protocol(nll_key(p, twin)))
         out.append({"name": f"{budget:.0%}: self-generated calibration within 2 paired SE of C4 (worst pair, in SE)",
                     "measured": worst[0] if worst else None, "target": "<= 2",
                     "met": worst is not None and worst[0] <= 2, "row": worst[1] if worst else None,
-                    "pairs": len(pairs)})
+                    "pairs": len(pairs), "windows": worst[2] if worst else None})
     # time and memory are judged on what a user runs: at each budget, the best healed row without user data (the one
     # the perplexity target names); the slowest and the largest of all healed rows are reported beside them
     timed = [p for (row, b), p in by.items() if row != "dense" and parse_row(row)[2] != "none"]
@@ -685,9 +771,10 @@ def targets(results: dict) -> list[dict]:
     return out
 
 
-def best_against_twin(by: dict, budget: float, prefix: str) -> tuple[float, str] | None:
+def best_against_twin(by: dict, budget: float, prefix: str) -> tuple[float, str, str] | None:
     """The row STRUCTURE/C/H with STRUCTURE starting with `prefix` that beats its twin (the same row without the
-    prefix) by the most paired standard errors of the per-window NLL difference at `budget`: (z, row), or None."""
+    prefix) by the most paired standard errors of the per-window NLL difference at `budget`: (z, row, the windows
+    compared on: protocol()), or None."""
     best = None
     for (row, b), p in by.items():
         if b != budget or row == "dense" or not parse_row(row)[0].startswith(prefix):
@@ -699,8 +786,13 @@ def best_against_twin(by: dict, budget: float, prefix: str) -> tuple[float, str]
         d, se = paired_nll(p, twin)
         z = d / se if se > 0 else 0.0
         if best is None or z < best[0]:
-            best = (z, row)
+            best = (z, row, protocol(nll_key(p, twin)))
     return best
+
+
+def twin_verdicts(per_budget: dict) -> str:
+    return "; ".join(f"{k}: {'not measured' if v is None else f'{v[0]:+.1f} SE ({v[1]}, {v[2]})'}"
+                     for k, v in per_budget.items())
 
 
 def cross_layer_target(by: dict) -> dict:
@@ -708,8 +800,7 @@ def cross_layer_target(by: dict) -> dict:
     for b in (0.2, 0.3):
         found = [x for x in (best_against_twin(by, b, prefix) for prefix in ("xl2-", "xl2down-")) if x]
         per_budget[f"{b:.0%}"] = min(found) if found else None
-    measured = "; ".join(f"{k}: {'not measured' if v is None else f'{v[0]:+.1f} SE ({v[1]})'}"
-                         for k, v in per_budget.items())
+    measured = twin_verdicts(per_budget)
     return {"name": "cross-layer shared bases better than per-layer joint at 20% and 30% (2 paired SE)",
             "measured": measured, "target": "< -2 SE at 20% and 30%",
             "met": all(v is not None and v[0] < -2 for v in per_budget.values())}
@@ -720,8 +811,7 @@ def loss_targets(by: dict) -> list[dict]:
     every budget; cross-layer shared bases against per-layer units (xl2-M/C/H against M/C/H) at 20% and 30%; 20%
     with C4 at most half of global LLM-ROM's perplexity."""
     per_budget = {f"{budget:.0%}": best_against_twin(by, budget, "loss-") for budget in BUDGETS}
-    measured = "; ".join(f"{k}: {'not measured' if v is None else f'{v[0]:+.1f} SE ({v[1]})'}"
-                         for k, v in per_budget.items())
+    measured = twin_verdicts(per_budget)
     out = [{"name": "loss-aware allocation better than global allocation at every budget (paired dNLL, in SE)",
             "measured": measured, "target": "< -2 SE at 10%, 20% and 30%",
             "met": all(v is not None and v[0] < -2 for v in per_budget.values())},
@@ -729,11 +819,12 @@ def loss_targets(by: dict) -> list[dict]:
     base = by.get(("llm_rom/c4/none", 0.2))
     c4 = [p for (row, b), p in by.items() if b == 0.2 and row != "dense" and parse_row(row)[1] == "c4"
           and parse_row(row)[0].startswith("loss-")]
-    best = min(c4, key=lambda p: p["perplexity"]["mean_nll"]) if c4 else None
-    ratio = best["perplexity"]["perplexity"] / base["perplexity"]["perplexity"] if best and base else None
+    best = best_by_nll(c4)
+    ratio = ppl_ratio(best, base)[0] if best and base else None  # exp(mean paired ΔNLL): the ratio of perplexities
     out.append({"name": "20% removed with C4 calibration: perplexity / global LLM-ROM's (llm_rom/c4/none)",
                 "measured": ratio, "target": "<= 0.5", "met": ratio is not None and ratio <= 0.5,
-                "row": best["row"] if best else None})
+                "row": best["row"] if best else None,
+                "windows": protocol(nll_key(best, base)) if best and base else None})
     return out
 
 
@@ -777,6 +868,14 @@ def main(argv=None) -> int:
     zs.add_argument("--fresh-cache", action="store_true",
                     help="sample self-generated text again (timed; checked identical to the cached text)")
     zs.set_defaults(func=cmd_zeroshot)
+    bos = sub.add_parser("bos", help="perplexity on the windows started with BOS for points measured without it "
+                         "(rebuilt and checked to be the measured model)")
+    bos.add_argument("--only", default="")
+    bos.add_argument("--budgets", default=None)
+    bos.add_argument("--dense", action="store_true", help="also the dense model")
+    bos.add_argument("--max-minutes", type=float, default=60.0)
+    bos.add_argument("--fresh-cache", action="store_true", help="sample self-generated text again")
+    bos.set_defaults(func=cmd_bos)
     point = sub.add_parser("point", help="one point in this process (used by run and zeroshot)")
     point.add_argument("name")
     point.add_argument("budget")

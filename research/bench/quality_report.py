@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from research.bench.quality import (BUDGETS, HEALS, STRUCTURES, ZS_TASKS, _by, distill_record, paired_nll, parse_row,
-                                    ppl_ratio, settings, structure_label, zs_retention)
+from research.bench.quality import (BOS, BUDGETS, HEALS, NO_BOS, STRUCTURES, ZS_TASKS, _by, distill_record, nll_key,
+                                    paired_nll, parse_row, ppl_ratio, settings, structure_label, zs_retention)
 
 COMMANDS = [
     "bash research/bench/quality_sweep.sh   # every point below, in the order run (resumable), then the report:",
@@ -39,6 +39,23 @@ def _zs_cell(point, dense) -> str:
     return f"{point['zeroshot']['avg']:.4f} ({100 * r[0]:.1f}% ± {100 * r[1]:.1f})"
 
 
+def _ratio_cell(point, dense, key) -> str:
+    """ppl / dense ± SE on the windows `key` names, or a dash where either was not measured on them."""
+    if not dense or key not in point["perplexity"] or key not in dense["perplexity"]:
+        return "—"
+    ratio, se = ppl_ratio(point, dense, key)
+    return f"{ratio:.3f} ± {se:.3f}"
+
+
+def _ppl(point, key) -> str:
+    """A point's perplexity on the windows `key` names."""
+    return _f(point["perplexity"].get("perplexity_bos" if key == BOS else "perplexity"), 2)
+
+
+def _windows(a, b) -> str:
+    return "BOS" if nll_key(a, b) == BOS else "no BOS"
+
+
 def bos_warning() -> list[str]:
     """The caveat on this file's perplexities, with the numbers results/heal_zeroshot.json measured."""
     from research.experiments.heal_zeroshot import bos_summary
@@ -53,9 +70,12 @@ def bos_warning() -> list[str]:
             f"svd_llm/self/distill and measured it both ways: {b['healed'][0]:.3f}x dense without BOS, "
             f"{b['healed'][1]:.3f}x with it (unhealed: {b['unhealed'][0]:.3f}x and {b['unhealed'][1]:.3f}x). "
             "Distillation mostly taught the model the mid-text starts these windows create; on text started as a "
-            "model sees it, it recovered little, which is what the zero-shot tasks (evaluated with BOS) said. The "
-            "perplexity targets are therefore judged on the windows with BOS (`perplexity_bos`, recorded for points "
-            "measured since), and count as not met for a row not yet measured that way.", ""]
+            "model sees it, it recovered little, which is what the zero-shot tasks (evaluated with BOS) said. "
+            "Every perplexity below is therefore given on the same windows each started with BOS where the point "
+            "was measured so (`perplexity_bos`: every point measured since, and older points rebuilt by "
+            "`quality.py bos`, which checks the rebuild scores the old windows as recorded), and every comparison "
+            "uses those windows when both sides have them (each says which windows it used). The perplexity "
+            "targets count as not met for a row not yet measured with BOS.", ""]
 
 
 def write_report(results: dict, md_path: Path, png_path: Path) -> None:
@@ -73,7 +93,10 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
              f"* Perplexity: WikiText-2 (raw) test, {s['perplexity']['windows']} windows of "
              f"{s['perplexity']['seqlen']} tokens drawn with seed {s['perplexity']['seed']} from all "
              f"{dense['perplexity']['windows_available'] if dense else '?'} windows of the split, the same for every "
-             "row. *ppl / dense* = exp(mean per-window ΔNLL against dense on the same windows), ± its paired "
+             "row, each scored twice: as cut (all but the first start mid-text, without BOS: the GPTQ/SVD-LLM "
+             "papers' protocol) and started with BOS (BOS + the window's first "
+             f"{s['perplexity']['seqlen'] - 1} tokens: text as a model sees it, the one that counts here). "
+             "*ppl / dense* = exp(mean per-window ΔNLL against dense on the same windows), ± its paired "
              "standard error (delta method).",
              f"* Zero-shot (only where listed): {', '.join(ZS_TASKS)}, {s['zeroshot']['limit']} nested seeded "
              "documents each (seed 1234, the same documents for every model); *retention* = average accuracy / "
@@ -115,7 +138,9 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
 
     if dense:
         z = dense.get("zeroshot")
-        lines += [f"Dense: perplexity {dense['perplexity']['perplexity']:.3f}"
+        bos = dense["perplexity"].get("perplexity_bos")
+        lines += [f"Dense: perplexity {_f(bos)} on the windows with BOS, {dense['perplexity']['perplexity']:.3f} "
+                  "without"
                   + (f"; zero-shot average {z['avg']:.4f} ± {z['avg_se']:.4f}" if z else "") + ".", ""]
     for budget in BUDGETS:
         rows = [r for r, _ in _rows_at(by, budget)]
@@ -125,20 +150,19 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
         lines += [f"## {budget:.0%} of the decoder parameters", ""]
         labels = sorted({parse_row(r)[0] for r in rows}, key=list(STRUCTURES).index)
         lines += ["Structures: " + "; ".join(f"`{k}` = {structure_label(k, budget)}" for k in labels) + ".", "",
-                  "| row (structure/calibration/heal) | removed | perplexity | ppl / dense | zero-shot avg "
-                  "(retention) | sampling s | compress s | heal s | compress + heal min | peak RSS GiB | load |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| row (structure/calibration/heal) | removed | perplexity, BOS | ppl / dense, BOS | "
+                  "ppl / dense, no BOS | zero-shot avg (retention) | sampling s | compress s | heal s | "
+                  "compress + heal min | peak RSS GiB | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             p = by[(r, budget)]
-            ratio = ppl_ratio(p, dense) if dense else None
             lines.append(
-                f"| {r} | {100 * p['decoder_reduction']:.2f}% | {p['perplexity']['perplexity']:.2f} | "
-                + (f"{ratio[0]:.3f} ± {ratio[1]:.3f}" if ratio else "—")
-                + f" | {_zs_cell(p, dense)} | {_f(p.get('sampling_seconds'), 0)} | {_f(p['compress_seconds'], 0)} | "
+                f"| {r} | {100 * p['decoder_reduction']:.2f}% | {_f(p['perplexity'].get('perplexity_bos'), 2)} | "
+                f"{_ratio_cell(p, dense, BOS)} | {_ratio_cell(p, dense, NO_BOS)} | {_zs_cell(p, dense)} | {_f(p.get('sampling_seconds'), 0)} | {_f(p['compress_seconds'], 0)} | "
                 f"{_f(p.get('heal_seconds'), 0)} | {_minutes(p['compress_heal_seconds'])} | "
                 f"{p['peak_rss_gib_compress']:.2f} | {p['load_avg_1min']:.1f} |")
         for p in failed:
-            lines.append(f"| {p['row']} | failed: {p['error'][:160]} | | | | | | | | | |")
+            lines.append(f"| {p['row']} | failed: {p['error'][:160]} | | | | | | | | | | |")
         lines.append("")
         lines += (_healing_section(by, budget) + _self_vs_c4_section(by, budget) + _twin_sections(by, budget)
                   + _timing_section(by, budget))
@@ -215,7 +239,7 @@ def _earlier_section(results: dict) -> list[str]:
     out = []
     for p in results["points"]:
         for e in p.get("earlier", []):
-            d, se = paired_nll(p, e)
+            d, se = paired_nll(p, e, NO_BOS)  # earlier measurements were on the standard windows
             head = distill_record(e).get("settings", {}).get("head_dtype", "float32")  # float32 before it was recorded
             new_head = distill_record(p).get("settings", {}).get("head_dtype")
             out.append(f"* {p['row']} @ {p['budget']:.0%}: earlier perplexity {e['perplexity']['perplexity']:.2f} "
@@ -235,8 +259,9 @@ def _healing_section(by, budget) -> list[str]:
         if h == "none" or base is None:
             continue
         d, se = paired_nll(p, base)
-        out.append(f"* {r} vs {base['row']}: Δ NLL {d:+.4f} ± {se:.4f} (perplexity {base['perplexity']['perplexity']:.2f}"
-                   f" → {p['perplexity']['perplexity']:.2f})")
+        key = nll_key(p, base)
+        out.append(f"* {r} vs {base['row']} ({_windows(p, base)}): Δ NLL {d:+.4f} ± {se:.4f} (perplexity "
+                   f"{_ppl(base, key)} → {_ppl(p, key)})")
     return (["What healing buys (paired per window against the same structure and calibration unhealed):", "",
              *out, ""] if out else [])
 
@@ -249,9 +274,10 @@ def _self_vs_c4_section(by, budget) -> list[str]:
         if c != "self" or twin is None:
             continue
         d, se = paired_nll(p, twin)
+        key = nll_key(p, twin)
         verdict = "within 2 SE" if abs(d) <= 2 * se else ("self better" if d < 0 else "C4 better")
-        out.append(f"* {s}/·/{h}: self − C4 Δ NLL {d:+.4f} ± {se:.4f} ({verdict}; perplexity "
-                   f"{twin['perplexity']['perplexity']:.2f} with C4, {p['perplexity']['perplexity']:.2f} self)")
+        out.append(f"* {s}/·/{h} ({_windows(p, twin)}): self − C4 Δ NLL {d:+.4f} ± {se:.4f} ({verdict}; perplexity "
+                   f"{_ppl(twin, key)} with C4, {_ppl(p, key)} self)")
     return (["Self-generated against C4 calibration (same structure and healing, paired per window):", "", *out, ""]
             if out else [])
 
@@ -281,10 +307,11 @@ def _twin_sections(by, budget) -> list[str]:
             if twin is None:
                 continue
             d, se = paired_nll(p, twin)
+            key = nll_key(p, twin)
             verdict = "within 2 SE" if abs(d) <= 2 * se else (f"{ours} better" if d < 0 else f"{theirs} better")
             sections.setdefault(title, []).append(
-                f"* {s[len(prefix):]}/{c}/{h}: {ours} − {theirs} Δ NLL {d:+.4f} ± {se:.4f} ({verdict}; perplexity "
-                f"{twin['perplexity']['perplexity']:.2f} {theirs}, {p['perplexity']['perplexity']:.2f} {ours})")
+                f"* {s[len(prefix):]}/{c}/{h} ({_windows(p, twin)}): {ours} − {theirs} Δ NLL {d:+.4f} ± {se:.4f} "
+                f"({verdict}; perplexity {_ppl(twin, key)} {theirs}, {_ppl(p, key)} {ours})")
     return [line for heading, rows in sections.items() for line in (heading, "", *rows, "")]
 
 
@@ -301,15 +328,19 @@ def _plot(by, dense, png_path: Path) -> None:
     for ax, budget in zip(axes, BUDGETS):
         rows = [r for r, _ in _rows_at(by, budget)]
         for i, r in enumerate(rows):
-            ratio, se = ppl_ratio(by[(r, budget)], dense)
+            p = by[(r, budget)]
+            key = nll_key(p, dense)
+            ratio, se = ppl_ratio(p, dense, key)
             h = parse_row(r)[2]
-            ax.barh(i, ratio, xerr=se, color=colors[h], alpha=0.9 if parse_row(r)[1] != "c4" else 0.45)
+            ax.barh(i, ratio, xerr=se, color=colors[h], alpha=0.9 if parse_row(r)[1] != "c4" else 0.45,
+                    hatch=None if key == BOS else "//", edgecolor="black" if key != BOS else None)
         ax.set_yticks(range(len(rows)))
-        ax.set_yticklabels(rows, fontsize=7)
+        ax.set_yticklabels([r if nll_key(by[(r, budget)], dense) == BOS else f"{r} (no BOS)" for r in rows],
+                           fontsize=7)
         ax.set_xscale("log")
         ax.axvline(1.0, color="black", lw=0.8)
         ax.set_title(f"{budget:.0%} of the decoder removed")
-        ax.set_xlabel("WikiText-2 perplexity / dense (log; pale = C4 calibration)")
+        ax.set_xlabel("WikiText-2 ppl / dense, windows with BOS (log; pale = C4; hatched = no BOS yet)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
     fig.legend(handles, list(colors), loc="lower center", ncol=4, title="healing")
     fig.tight_layout(rect=(0, 0.08, 1, 1))

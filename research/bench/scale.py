@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script: make `research` importable
     sys.path.insert(0, str(REPO))
 
-from research.bench.quality import ZS_TASKS, _by, ppl_ratio, zs_retention  # noqa: E402
+from research.bench.quality import BOS, ZS_TASKS, _by, nll_key, ppl_ratio, zs_retention  # noqa: E402
 
 OUT_MD, OUT_JSON, OUT_PNG = (REPO / "results" / f"scale.{ext}" for ext in ("md", "json", "png"))
 BUDGETS = (0.10, 0.20)
@@ -105,6 +105,7 @@ def collect() -> dict:
                 if p and dense:
                     rec["removed"] = p["decoder_reduction"]
                     rec["ppl_ratio"], rec["ppl_ratio_se"] = ppl_ratio(p, dense)
+                    rec["ppl_windows_bos"] = nll_key(p, dense) == BOS  # else the standard windows, without BOS
                     r = zs_retention(p, dense)
                     if r:
                         rec["retention"], rec["retention_se"] = r
@@ -169,9 +170,11 @@ def cmd_report(args) -> int:
                     continue
                 z = (f"{100 * p['retention']:.1f}% ± {100 * p['retention_se']:.1f}" if "retention" in p
                      else "zero-shot not measured")
-                cells.append(f"ppl {p['ppl_ratio']:.2f}x ± {p['ppl_ratio_se']:.2f}; {z}")
+                cells.append(f"ppl {p['ppl_ratio']:.2f}x ± {p['ppl_ratio_se']:.2f}"
+                             f"{'' if p.get('ppl_windows_bos') else ' (no BOS)'}; {z}")
             lines.append(f"| {setting} | {budget:.0%} | " + " | ".join(cells) + " |")
-    lines += ["", "Each cell: perplexity / dense ± paired SE; zero-shot retention (average accuracy / dense) ± "
+    lines += ["", "Each cell: perplexity / dense ± paired SE, on the windows each started with BOS where both were "
+              "measured so, else on the standard windows (marked no BOS); zero-shot retention (average accuracy / dense) ± "
               "paired SE. Rows: " + "; ".join(f"{s} = `{r[0.10]}` at 10%, `{r[0.20]}` at 20%"
                                                for s, r in SETTINGS.items()) + ".", "",
               "## Verdict", "", *(verdict(data) or ["* No zero-shot points yet."]),

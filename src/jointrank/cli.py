@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--eval-limit", type=int, default=None, help="examples per zero-shot task for --eval")
     compress.add_argument("--eval-max-windows", type=int, default=None,
                           help="perplexity windows for --eval (default: the whole split)")
+    compress.add_argument("--eval-window-bos", action="store_true",
+                          help="start every --eval perplexity window with BOS (see `jointrank eval --window-bos`)")
     compress.add_argument("--data-dir", default=None, help="evaluation data directory (or JOINTRANK_DATA)")
     compress.set_defaults(func=cmd_compress)
 
@@ -433,8 +435,13 @@ def _evaluation_request(args):
     from .pipeline import Evaluation
 
     if not getattr(args, "eval", None):
+        given = [flag for flag, value in (("--eval-limit", args.eval_limit), ("--eval-max-windows",
+                 args.eval_max_windows), ("--eval-window-bos", args.eval_window_bos)) if value]
+        if given:  # a setting of an evaluation nobody asked for is a mistake, not something to ignore
+            raise JointRankError(f"{', '.join(given)} only apply with --eval TASKS")
         return None
-    return Evaluation(args.eval, data_dir=args.data_dir, limit=args.eval_limit, max_windows=args.eval_max_windows)
+    return Evaluation(args.eval, data_dir=args.data_dir, limit=args.eval_limit, max_windows=args.eval_max_windows,
+                      window_bos=args.eval_window_bos)
 
 
 def _check_calibration(args, config, heal_settings) -> None:

@@ -45,6 +45,7 @@ class Evaluation:
     data_dir: str | None = None
     limit: int | None = None
     max_windows: int | None = None
+    window_bos: bool = False  # every perplexity window started with BOS (jointrank.evaluate.perplexity)
 
     def task_list(self) -> list[str]:
         return [t.strip() for t in self.tasks.split(",") if t.strip()]
@@ -231,4 +232,4 @@ def _evaluate(model, tokenizer, evaluation: Evaluation) -> dict:
     except ImportError as exc:
         raise JointRankError(f"--eval needs the eval extra: pip install 'jointrank[eval]' ({exc})") from exc
     return evaluate(model, tokenizer, evaluation.task_list(), data_dir=evaluation.data_dir, limit=evaluation.limit,
-                    max_windows=evaluation.max_windows)
+                    max_windows=evaluation.max_windows, window_bos=evaluation.window_bos)

@@ -42,6 +42,10 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=1234, help="seed of the --limit sample (default 1234)")
     p.add_argument("--seqlen", type=_positive, default=2048, help="perplexity window length in tokens (default 2048)")
     p.add_argument("--max-windows", type=_positive, help="score only the first N perplexity windows")
+    p.add_argument("--window-bos", action="store_true",
+                   help="start every perplexity window with BOS, as text is seen in use (default: the papers' "
+                        "protocol, which starts all but the first window mid-text without it; on Gemma that "
+                        "flatters healed models, results/heal_zeroshot.md)")
     p.add_argument("--batch-size", type=_positive, default=8, help="zero-shot batch size (default 8)")
     p.add_argument("--ppl-batch-size", type=_positive, default=1, help="windows per perplexity forward (default 1)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
@@ -90,7 +94,7 @@ def run_eval(args) -> int:
     results = evaluate(
         model, tokenizer, tasks, data_dir=args.data_dir, limit=args.limit, seqlen=args.seqlen,
         max_windows=args.max_windows, batch_size=args.batch_size, ppl_batch_size=args.ppl_batch_size,
-        seed=args.seed, progress=not args.no_progress, model_spec=args.model,
+        window_bos=args.window_bos, seed=args.seed, progress=not args.no_progress, model_spec=args.model,
         model_dir=source.path if os.path.isdir(source.path) else None,
         command=_command_line(), on_progress=save_partial if args.out else None,
     )

@@ -103,6 +103,7 @@ def render_results(results: dict) -> str:
         rows = []
         for task, e in ppl:
             scope = "full split" if e["windows"] == e["windows_available"] else f"first {e['windows']} of {e['windows_available']} windows"
+            scope += ", each started with BOS" if e.get("window_bos") else ""
             rows.append([task, _fmt(e["perplexity"], 3), _fmt(e["mean_nll"], 5), str(e["seqlen"]), scope,
                          str(e["predicted_tokens"]), f"{e['wall_time_s']:.0f}"])
         lines += ["## Perplexity", "", _table(["text", "perplexity", "mean NLL", "seqlen", "windows", "scored tokens", "wall s"], rows), ""]
@@ -171,6 +172,9 @@ def compare(base: dict, comp: dict, metric: str = "acc") -> dict:
     rows, notes = [], []
     for task in tasks:
         b, c = base["results"][task], comp["results"][task]
+        if task in PERPLEXITY_TASKS and bool(b.get("window_bos")) != bool(c.get("window_bos")):
+            raise JointRankError(f"{task}: one run started every window with BOS (--window-bos) and the other did "
+                                 "not; their perplexities are not comparable: evaluate both the same way")
         bd, cd = _documents(b), _documents(c)
         if bd is not None and cd is not None and bd != cd and b["n_total"] == c["n_total"]:
             common = sorted(set(bd) & set(cd))

@@ -56,6 +56,7 @@ def evaluate(
     max_windows: int | None = None,
     batch_size: int = 8,
     ppl_batch_size: int = 1,
+    window_bos: bool = False,
     seed: int = 1234,
     progress: bool = True,
     model_spec: str | None = None,
@@ -66,7 +67,8 @@ def evaluate(
     """Evaluate MODEL on TASKS; returns the results dict (schema jointrank.eval/1, as written by ``eval --out``).
 
     data_dir: flag value (None falls back to $JOINTRANK_DATA, then the hub when online). limit: seeded sample of
-    documents per zero-shot task. seqlen / max_windows: perplexity windows. model_dir: where to look for a
+    documents per zero-shot task. seqlen / max_windows: perplexity windows; window_bos: each started with the
+    tokenizer's BOS (jointrank.evaluate.perplexity explains why that matters on Gemma). model_dir: where to look for a
     compression manifest. on_progress(partial_results) is called after each task with the results so far
     (``complete`` False until the end), so a long run can be saved as it goes. The model is evaluated as given
     (its dtype and device).
@@ -85,7 +87,7 @@ def evaluate(
     def document(complete: bool) -> dict:
         return _document(model, tasks, results, complete, model_spec=model_spec, model_dir=model_dir, command=command,
                          limit=limit, seed=seed, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size,
-                         ppl_batch_size=ppl_batch_size, root=root, started_utc=started_utc, load_start=load_start,
+                         ppl_batch_size=ppl_batch_size, window_bos=window_bos, root=root, started_utc=started_utc, load_start=load_start,
                          wall=time.perf_counter() - t0)
 
     def done(task: str, entry: dict) -> None:
@@ -97,7 +99,7 @@ def evaluate(
         if task in PERPLEXITY_TASKS:
             text = load_text(task, root)
             entry = perplexity(model, tokenizer, text, seqlen=seqlen, max_windows=max_windows,
-                               batch_size=ppl_batch_size, progress=progress, desc=task)
+                               batch_size=ppl_batch_size, progress=progress, desc=task, window_bos=window_bos)
             done(task, {**entry, "source": f"local:{root}" if root else "hub"})
     zs = [t for t in tasks if t in ZEROSHOT_TASKS]
     if zs:
@@ -107,7 +109,7 @@ def evaluate(
 
 
 def _document(model, tasks, results, complete, *, model_spec, model_dir, command, limit, seed, seqlen, max_windows,
-              batch_size, ppl_batch_size, root, started_utc, load_start, wall) -> dict:
+              batch_size, ppl_batch_size, window_bos, root, started_utc, load_start, wall) -> dict:
     import torch
 
     from .zeroshot import BOOTSTRAP_ITERS
@@ -120,6 +122,7 @@ def _document(model, tasks, results, complete, *, model_spec, model_dir, command
         "manifest": manifest_if_any(model_dir),
         "command": command or shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
         "settings": {"tasks": tasks, "limit": limit, "seed": seed, "seqlen": seqlen, "max_windows": max_windows,
+                     "window_bos": window_bos,
                      "batch_size": batch_size, "ppl_batch_size": ppl_batch_size, "bootstrap_iters": BOOTSTRAP_ITERS,
                      "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                      "data_source": f"local:{root}" if root else "hub"},
