@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -42,7 +41,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from research.bench import quality  # noqa: E402
-from research.common import mean_se, write_json  # noqa: E402
+from research.common import write_json  # noqa: E402
 
 RESULTS = REPO / "results" / "quantize.json"
 OUT_MD, OUT_PNG = REPO / "results" / "quantize.md", REPO / "results" / "quantize.png"
@@ -312,7 +311,7 @@ def cmd_run(args) -> int:
             results.setdefault("superseded", []).extend(stale)
             results["points"] = [p for p in results["points"] if p not in stale]
         if any(p["name"] == name and "perplexity" in p and (not args.zeroshot or "zeroshot" in p)
-               for p in results["points"]):
+               and (not args.bos or quality.BOS in p["perplexity"]) for p in results["points"]):
             continue
         if time.monotonic() > deadline:
             print("time budget of this piece used up; run again to continue", flush=True)
@@ -346,14 +345,24 @@ def decoder_bytes(point: dict) -> int:
     return b.get("low-rank factors", 0) + b.get("dense linear layers", 0)
 
 
-def paired(point: dict, base: dict) -> tuple[float, float]:
-    return mean_se([x - y for x, y in zip(point["perplexity"]["per_window_nll"],
-                                          base["perplexity"]["per_window_nll"])])
+def windows_key(points: dict) -> str:
+    """One protocol for the whole comparison: the windows started with BOS once every point was measured on them
+    (results/heal_zeroshot.md: the standard windows flatter healed rows such as lr10), else the standard ones."""
+    return quality.nll_key(*points.values()) if points else quality.NO_BOS
+
+
+def ppl_of(point: dict, key: str) -> float:
+    return point["perplexity"]["perplexity_bos" if key == quality.BOS else "perplexity"]
+
+
+def paired(point: dict, base: dict, key: str) -> tuple[float, float]:
+    return quality.paired_nll(point, base, key)
 
 
 def frontier_wins(points: dict) -> list[dict]:
     """Each low-rank + quantised point against each quantisation-alone point it could dominate: no more bytes and
     lower perplexity, or fewer bytes and no higher perplexity, beyond 2 paired SE."""
+    key = windows_key(points)
     out = []
     for name, p in points.items():
         if p["row"] is None or p["scheme"] is None:
@@ -361,7 +370,7 @@ def frontier_wins(points: dict) -> list[dict]:
         for qname, q in points.items():
             if q["row"] is not None or q["scheme"] is None:
                 continue
-            d, se = paired(p, q)  # NLL of low rank + quant minus quant alone
+            d, se = paired(p, q, key)  # NLL of low rank + quant minus quant alone
             bytes_ok = decoder_bytes(p) <= decoder_bytes(q)
             better = (d < -2 * se) or (decoder_bytes(p) < decoder_bytes(q) and d <= 2 * se)
             out.append({"low_rank": name, "quant_alone": qname, "dnll": d, "se": se,
@@ -384,7 +393,8 @@ def targets(results: dict) -> list[dict]:
     return [{"name": "a low-rank + quantised setting strictly better than every quantisation-alone point "
                      "(decoder bytes on disk; 2 paired SE)",
              "measured": f"{best}: beats {len(beating[best])} of {len(alone)} ({', '.join(beating[best]) or '-'})"
-             if best else None, "target": f"beats all {len(alone)}", "met": met, "compared_with": alone}]
+             if best else None, "target": f"beats all {len(alone)}", "met": met, "compared_with": alone,
+             "windows": quality.protocol(windows_key(points))}]
 
 
 def quality_dense() -> dict | None:
@@ -413,18 +423,24 @@ def write_report(results: dict) -> None:
              "| setting | decoder removed | scheme | decoder linear MiB | total on disk MiB | in memory MiB | "
              "perplexity | ppl / dense | zero-shot avg (kept ± SE) | quantise s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    key = windows_key(points)
+    if key != quality.BOS:
+        lines[2:2] = ["**Warning: these perplexities are on windows without BOS**, which flatter healed rows on Gemma "
+                      "(every `lr` row here is healed; results/heal_zeroshot.md): the comparisons below move to the "
+                      "windows started with BOS once every point has them (`python research/bench/quantize.py run "
+                      "--bos` measures the points that lack them).", ""]
     for name in SETTINGS:
         p = points.get(name)
         if p is None:
             continue
         ratio = "1" if name == "dense" or dense is None else \
-            f"{math.exp(paired(p, dense)[0]):.3f} ± {math.exp(paired(p, dense)[0]) * paired(p, dense)[1]:.3f}"
+            f"{quality.ppl_ratio(p, dense, key)[0]:.3f} ± {quality.ppl_ratio(p, dense, key)[1]:.3f}"
         kept = quality.zs_retention(p, dense_zs) if dense_zs and "zeroshot" in p else None
         zs = "-" if "zeroshot" not in p else f"{p['zeroshot']['avg']:.4f}" + (
             f" ({kept[0]:.1%} ± {kept[1]:.1%})" if kept and name != "dense" else "")
         lines.append(f"| {name} | {p['decoder_reduction']:.1%} | {p['scheme'] or 'float32'} | "
                      f"{decoder_bytes(p) / 2**20:.1f} | {p['bytes_on_disk']['total'] / 2**20:.1f} | "
-                     f"{p['bytes_in_memory']['total'] / 2**20:.1f} | {p['perplexity']['perplexity']:.2f} | {ratio} | "
+                     f"{p['bytes_in_memory']['total'] / 2**20:.1f} | {ppl_of(p, key):.2f} | {ratio} | "
                      f"{zs} | {p.get('quantize_seconds', 0) + p.get('heal_quantized_seconds', 0):.1f} |")
     if any(p.get("quantized_steps") for p in points.values()):
         lines += ["", f"`+qat`: the low-rank row's float checkpoint healed {QAT_STEPS} more distillation steps with every "
@@ -447,13 +463,13 @@ def write_report(results: dict) -> None:
                          f"{w['dnll']:+.4f} ± {w['se']:.4f} | {'yes' if w['dominates'] else 'no'} |")
     if points:
         front = [n for n, p in points.items() if not any(
-            decoder_bytes(q) <= decoder_bytes(p) and q["perplexity"]["mean_nll"] < p["perplexity"]["mean_nll"]
+            decoder_bytes(q) <= decoder_bytes(p) and quality.mean_nll(q, key) < quality.mean_nll(p, key)
             for m, q in points.items() if m != n)]
         front.sort(key=lambda n: decoder_bytes(points[n]))
         lines += ["", "## The quality/bytes frontier", "",
                   "Settings no other setting beats on both decoder bytes and perplexity (point estimates), from "
                   "fewest bytes: " + ", ".join(f"{n} ({decoder_bytes(points[n]) / 2**20:.1f} MiB, "
-                                               f"{points[n]['perplexity']['perplexity']:.2f})" for n in front) + ".",
+                                               f"{ppl_of(points[n], key):.2f})" for n in front) + ".",
                   "", "Read with the model's origin in mind: the Gemma-3-270M weights jointrank ships come from a "
                   "Q4_K_M GGUF file, i.e. they already sit on a 4-bit grid with one scale and minimum per 32 "
                   "weights. Requantising them in groups of 32 (`int4-g32`) nearly finds that grid again, so "
@@ -499,14 +515,15 @@ def _plot(points: dict, dense: dict | None) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for scheme, marker in ((None, "o"), ("int8", "s"), ("int4", "^"), ("int4-g32", "v")):
-        pts = [(decoder_bytes(p) / 2**20, p["perplexity"]["perplexity"], n) for n, p in points.items()
+        pts = [(decoder_bytes(p) / 2**20, ppl_of(p, windows_key(points)), n) for n, p in points.items()
                if p["scheme"] == scheme]
         if pts:
             ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], marker=marker, label=scheme or "float32")
             for x, y, n in pts:
                 ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("decoder linear layers + factors, MiB on disk")
-    ax.set_ylabel("WikiText-2 perplexity (32 windows)")
+    ax.set_ylabel("WikiText-2 perplexity (32 windows, "
+                  + ("each started with BOS)" if windows_key(points) == quality.BOS else "standard: no BOS)"))
     ax.set_yscale("log")
     ax.set_title("Gemma-3-270M: quality against bytes")
     ax.legend()
@@ -530,6 +547,8 @@ def main(argv=None) -> int:
     run.add_argument("--max-minutes", type=float, default=120.0, help="start no new point after this long")
     run.add_argument("--zeroshot", action="store_true", help="also zero-shot accuracy (seven tasks, paired per "
                      "document against dense); measured points without it are measured again")
+    run.add_argument("--bos", action="store_true", help="measure again the points measured before perplexity was "
+                     "also taken on the windows started with BOS")
     run.set_defaults(func=cmd_run)
     point = sub.add_parser("point", help="one setting in this process (what run calls)")
     point.add_argument("name", choices=list(SETTINGS))
