@@ -169,6 +169,14 @@ def test_results_record_the_compression_manifest_through_the_one_reader(tmp_path
         manifest_if_any(str(checkpoint))
 
 
+def wikitext_dir(tmp_path):
+    """A stand-in WikiText-2 test split (the row count the loader checks) under tmp_path/data."""
+    data = tmp_path / "data" / "wikitext-2-raw"
+    data.mkdir(parents=True)
+    (data / "wiki.test.raw").write_text(" = Title = \n the cat sat on the mat and the dog ran \n" * 2179)  # 4358 rows
+    return tmp_path / "data"
+
+
 def test_eval_cli_window_bos_scores_the_windows_started_with_bos(model_dir, tmp_path, capsys):
     """`eval --window-bos` reports the perplexity of the same windows each started with BOS (equal to the library
     call), records it in the results and their Markdown, and compare refuses to set it against a standard run."""
@@ -176,9 +184,7 @@ def test_eval_cli_window_bos_scores_the_windows_started_with_bos(model_dir, tmp_
 
     from jointrank.evaluate.perplexity import load_text, perplexity
 
-    data = tmp_path / "data" / "wikitext-2-raw"
-    data.mkdir(parents=True)
-    (data / "wiki.test.raw").write_text(" = Title = \n the cat sat on the mat and the dog ran \n" * 2179)  # 4358 rows
+    wikitext_dir(tmp_path)
     common = ["eval", str(model_dir), "--tasks", "wikitext2", "--data-dir", str(tmp_path / "data"), "--seqlen", "16",
               "--max-windows", "6", "--no-progress"]
     assert main(common + ["--out", str(tmp_path / "plain.json")]) == 0
@@ -196,3 +202,24 @@ def test_eval_cli_window_bos_scores_the_windows_started_with_bos(model_dir, tmp_
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "plain.json"), str(tmp_path / "bos.json")]) == 1
     assert "not comparable" in capsys.readouterr().err
+
+
+def test_compress_eval_window_bos_measures_before_and_after_on_bos_windows(model_dir, tmp_path):
+    """compress --eval wikitext2 --eval-window-bos: the before/after perplexities in the manifest are on the windows
+    started with BOS, the dense one equal to the library call on the dense model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import jointrank
+    from jointrank.evaluate.perplexity import load_text, perplexity
+
+    data = wikitext_dir(tmp_path)
+    out = tmp_path / "ck"
+    assert main(["compress", str(model_dir), "--qk", "joint", "--ratio", "0.5", "--out", str(out), "--eval",
+                 "wikitext2", "--eval-window-bos", "--eval-max-windows", "3", "--data-dir", str(data)]) == 0
+    evaluation = jointrank.read_manifest(out)["evaluation"]
+    before, after = (evaluation[k]["results"]["wikitext2"] for k in ("before", "after"))
+    assert before["window_bos"] is True and after["window_bos"] is True and before["windows"] == 3
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    direct = perplexity(model, tokenizer, load_text("wikitext2", data), seqlen=2048, max_windows=3, progress=False,
+                        window_bos=True)
+    assert before["mean_nll"] == pytest.approx(direct["mean_nll"], rel=1e-6)
