@@ -95,10 +95,10 @@ STRUCTURES = {
 # structure -> (layers sharing a basis, the groups that share or None for all); others share nothing
 SHARED = {"xl2-svd_llm": (2, None), "xl2down-svd_llm": (2, ["down"])}
 CALIBRATIONS = ("none", "c4", "self")
-HEALS = ("none", "refit", "distill", "refit+distill", "distill-lr1e-5")
+HEALS = ("none", "refit", "distill", "refit+distill", "distill-lr3e-5", "distill-lr1e-5")
 # a heal name -> (the tool's healing kind, distillation learning rate): the recorded recipe's lr 1e-4 lowers perplexity
-# on windows started with BOS far less than 1e-5 does (results/heal_zeroshot.md)
-HEAL_RECIPES = {"distill-lr1e-5": ("distill", 1e-5)}
+# on windows started with BOS far less than 3e-5 or 1e-5 do (results/heal_zeroshot.md)
+HEAL_RECIPES = {"distill-lr3e-5": ("distill", 3e-5), "distill-lr1e-5": ("distill", 1e-5)}
 
 
 def heal_recipe(heal: str) -> tuple[str, float]:
