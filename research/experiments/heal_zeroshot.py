@@ -36,6 +36,7 @@ TASKS = ("hellaswag", "arc_easy")
 VARIANTS = {
     # quality.md's lr: step 0 is the unhealed model, step 32 one pass over the windows (step 100 is the recorded row)
     "lr1e-4": ({"steps": 32, "lr": 1e-4}, (0, 32)),
+    # lower learning rates: does the recorded recipe's lr 1e-4 overshoot on text as a model sees it (with BOS)?
     "lr3e-5": ({"steps": 100, "lr": 3e-5}, (32, 100)),
     # the training KL of the recorded recipe falls in 3 steps and then only wanders (0.41, 0.32, 0.17, ... last ten
     # 0.18-0.48): is lr 1e-4 too high to make progress on text as a model sees it?
