@@ -214,6 +214,24 @@ def bos_summary(path: Path = OUT.with_suffix(".json")) -> dict | None:
     return out
 
 
+def best_on_bos(results: dict) -> list[str]:
+    """The recipe and step of lowest perplexity on the windows started with BOS (the ones that count), against the
+    unhealed model on the same windows, paired per window."""
+    dense = results.get(POSITIONS, {}).get("dense", {}).get("nll_by_position_bos")
+    unhealed = results.get(POSITIONS, {}).get("0", {}).get("nll_by_position_bos")
+    points = [(name, step, whole_window_nll(p["nll_by_position_bos"])) for name, steps in results.items()
+              if name != POSITIONS for step, p in steps.items() if "nll_by_position_bos" in p]
+    if not (dense and unhealed and points):
+        return []
+    name, step, best = min(points, key=lambda x: sum(x[2]))
+    d_dense, d_unhealed = paired(whole_window_nll(dense), best), paired(whole_window_nll(unhealed), best)
+    return ["", f"Lowest perplexity on the windows started with BOS: {name} at step {step}, "
+                f"{math.exp(d_dense[0]):.3f}x dense (ΔNLL {d_dense[0]:+.3f} ± {d_dense[1]:.3f}); against the "
+                f"unhealed model ΔNLL {d_unhealed[0]:+.3f} ± {d_unhealed[1]:.3f}, i.e. "
+                f"{-d_unhealed[0] / paired(whole_window_nll(dense), whole_window_nll(unhealed))[0]:.0%} of the "
+                "unhealed model's gap to dense closed."]
+
+
 def load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -309,6 +327,7 @@ def cmd_report(args) -> int:
     missing = [f"{n}@{s}" for n, s in planned if s not in results.get(n, {})]
     if missing:
         lines += ["", f"Not measured yet: {', '.join(missing)}."]
+    lines += best_on_bos(results)
     for key, title in (("nll_by_position", "as quality.md cuts them (all but the first start mid-text, without BOS)"),
                        ("nll_by_position_bos", "each started with BOS ([BOS] + its first 511 tokens)")):
         base = results.get(POSITIONS, {}).get("dense", {}).get(key)
