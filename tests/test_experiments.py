@@ -351,3 +351,31 @@ def test_quality_bench_compares_on_bos_windows_only_when_both_sides_have_them():
     assert ppl_ratio(old, dense)[0] == pytest.approx(math.exp(-2.1))
     assert best_by_nll([a, b, old])["row"] == "b"
     assert best_by_nll([old, point("old2", [0.5, 0.5])])["row"] == "old2"
+
+
+def test_quality_bos_keeps_bos_windows_only_from_a_rebuild_that_scores_the_old_windows_as_recorded(tmp_path,
+                                                                                                     monkeypatch):
+    """quality.py bos: a rebuilt point's BOS windows are added when it scores every recorded window within 1e-3
+    nats, and refused (the record untouched) when it does not or has another parameter count."""
+    import argparse
+
+    from research.bench import quality as Q
+
+    def point(budget, nll, params=100):
+        return {"row": "svd_llm/self/none", "budget": budget, "params_decoder_after": params,
+                "perplexity": {"per_window_nll": nll, "windows": [0, 1], "perplexity": math.exp(sum(nll) / 2)}}
+
+    recorded = {0.1: point(0.1, [3.0, 3.2]), 0.2: point(0.2, [4.0, 4.2]), 0.3: point(0.3, [5.0, 5.2])}
+    rebuilt = {0.1: point(0.1, [3.0004, 3.2]), 0.2: point(0.2, [4.0, 4.25]), 0.3: point(0.3, [5.0, 5.2], params=90)}
+    for p in rebuilt.values():
+        p["perplexity"].update(per_window_nll_bos=[2.0, 2.1], perplexity_bos=math.exp(2.05))
+    monkeypatch.setattr(Q, "P", Q.Protocol(results=tmp_path / "q.json"))
+    (tmp_path / "q.json").write_text(json.dumps({"points": list(recorded.values())}))
+    monkeypatch.setattr(Q, "run_point", lambda name, budget, **kw: json.loads(json.dumps(rebuilt[budget])))
+    args = argparse.Namespace(only="svd_llm/self/none", budgets="0.1,0.2,0.3", dense=False, max_minutes=60,
+                              fresh_cache=False)
+    assert Q.cmd_bos(args) == 0
+    saved = {p["budget"]: p["perplexity"] for p in json.loads((tmp_path / "q.json").read_text())["points"]}
+    assert saved[0.1]["per_window_nll_bos"] == [2.0, 2.1] and saved[0.1]["per_window_nll"] == [3.0, 3.2]
+    assert saved[0.1]["bos_added"]["max_abs_diff_nll_rebuilt"] == pytest.approx(4e-4)
+    assert "per_window_nll_bos" not in saved[0.2] and "per_window_nll_bos" not in saved[0.3]

@@ -552,27 +552,40 @@ def keep_rebuild_timing(point: dict, rebuilt: dict) -> None:
                                      "other_cpu_seconds", "build_wall_seconds", "code_digest", "peak_rss_gib_after")})
 
 
-def cmd_zeroshot(args) -> int:
+def rebuild_each(args, missing, measure: dict, record) -> int:
+    """Rebuild every point named by args for which missing(point) holds, measuring what `measure` asks of run_point,
+    and let record(point, rebuilt) add it: it returns the line to print, or None when nothing was kept (then it
+    prints why itself). Returns 3 when the time budget (--max-minutes) ran out, else 0."""
     deadline = time.monotonic() + args.max_minutes * 60
     results = load_results()
-    for name, budget, point in points_to_rebuild(args, results, lambda p: "zeroshot" not in p):
+    for name, budget, point in points_to_rebuild(args, results, missing):
         if time.monotonic() > deadline:
             print("time budget of this piece used up; run again to continue", flush=True)
             return 3
-        z = run_point(name, budget, zeroshot=True, perplexity=False, fresh_cache=args.fresh_cache)
+        z = run_point(name, budget, fresh_cache=args.fresh_cache, **measure)
         if "error" in z:
-            print(f"{name} @ {budget:.0%}: zero-shot FAILED {z['error']}", flush=True)
+            print(f"{name} @ {budget:.0%}: FAILED {z['error']}", flush=True)
             continue
-        if why := not_same_model(point, z):  # the rest may still be rebuildable: go on with them
-            print(f"{name} @ {budget:.0%}: zero-shot NOT RECORDED: {why}", flush=True)
+        line = record(point, z)
+        if line is None:  # the rest may still be rebuildable: go on with them
             continue
-        point["zeroshot"] = z["zeroshot"]
-        point["zeroshot_peak_rss_gib"] = z["peak_rss_gib"]
         if name != "dense":
             keep_rebuild_timing(point, z)
         save_results(load_results() | {"points": results["points"]})
-        print(f"{name} @ {budget:.0%}: zero-shot avg {z['zeroshot']['avg']:.4f}", flush=True)
+        print(f"{name} @ {budget:.0%}: {line}", flush=True)
     return 0
+
+
+def cmd_zeroshot(args) -> int:
+    def record(point, z):
+        if why := not_same_model(point, z):
+            print(f"{point['row']} @ {point['budget']:.0%}: zero-shot NOT RECORDED: {why}", flush=True)
+            return None
+        point["zeroshot"] = z["zeroshot"]
+        point["zeroshot_peak_rss_gib"] = z["peak_rss_gib"]
+        return f"zero-shot avg {z['zeroshot']['avg']:.4f}"
+
+    return rebuild_each(args, lambda p: "zeroshot" not in p, {"zeroshot": True, "perplexity": False}, record)
 
 
 # a rebuild is the measured model when its perplexity on the same windows agrees to this many nats per window (the
@@ -584,16 +597,7 @@ def cmd_bos(args) -> int:
     """Perplexity on the windows started with BOS for points measured before measure_perplexity recorded it: the
     point is rebuilt, checked to be the measured model (the same parameter count, and every measured window scored
     within SAME_NLL_TOL of the record), and its BOS windows are added beside the old ones."""
-    deadline = time.monotonic() + args.max_minutes * 60
-    results = load_results()
-    for name, budget, point in points_to_rebuild(args, results, lambda p: "per_window_nll_bos" not in p["perplexity"]):
-        if time.monotonic() > deadline:
-            print("time budget of this piece used up; run again to continue", flush=True)
-            return 3
-        z = run_point(name, budget, zeroshot=False, perplexity=True, fresh_cache=args.fresh_cache)
-        if "error" in z:
-            print(f"{name} @ {budget:.0%}: FAILED {z['error']}", flush=True)
-            continue
+    def record(point, z):
         old, new = point["perplexity"], z["perplexity"]
         diff = max(abs(a - b) for a, b in zip(old["per_window_nll"], new["per_window_nll"]))
         # the windows decide, not the losses: a distillation whose float rounding changed since (e.g. how the KL is
@@ -602,19 +606,19 @@ def cmd_bos(args) -> int:
         why = not_same_model(point, z, losses=False) or (
             None if old["windows"] == new["windows"] and diff <= SAME_NLL_TOL else
             f"the rebuilt model scores the measured windows differently (by up to {diff:.2g} nats), so it is not "
-            f"the measured model; run the point again instead (run --again --only {name} --budgets {budget})")
+            f"the measured model; run the point again instead (run --again --only {point['row']} --budgets "
+            f"{point['budget']})")
         if why:
-            print(f"{name} @ {budget:.0%}: NOT RECORDED: {why}", flush=True)
-            continue
+            print(f"{point['row']} @ {point['budget']:.0%}: NOT RECORDED: {why}", flush=True)
+            return None
         old["per_window_nll_bos"], old["perplexity_bos"] = new["per_window_nll_bos"], new["perplexity_bos"]
         old["bos_added"] = {"max_abs_diff_nll_rebuilt": diff, "code_digest": z.get("code_digest"),
                             "distill_losses_max_rel_diff": losses_gap(point, z)}
-        if name != "dense":
-            keep_rebuild_timing(point, z)
-        save_results(load_results() | {"points": results["points"]})
-        print(f"{name} @ {budget:.0%}: perplexity {new['perplexity']:.2f} (recorded {old['perplexity']:.2f}), "
-              f"with BOS {new['perplexity_bos']:.2f}", flush=True)
-    return 0
+        return (f"perplexity {new['perplexity']:.2f} (recorded {old['perplexity']:.2f}), "
+                f"with BOS {new['perplexity_bos']:.2f}")
+
+    return rebuild_each(args, lambda p: "per_window_nll_bos" not in p["perplexity"],
+                        {"zeroshot": False, "perplexity": True}, record)
 
 
 # ------------------------------------------------------------------------------------------------------ report
