@@ -95,15 +95,17 @@ STRUCTURES = {
 # structure -> (layers sharing a basis, the groups that share or None for all); others share nothing
 SHARED = {"xl2-svd_llm": (2, None), "xl2down-svd_llm": (2, ["down"])}
 CALIBRATIONS = ("none", "c4", "self")
-HEALS = ("none", "refit", "distill", "refit+distill", "distill-lr3e-5", "distill-lr1e-5")
-# a heal name -> (the tool's healing kind, distillation learning rate): the recorded recipe's lr 1e-4 lowers perplexity
-# on windows started with BOS far less than 3e-5 or 1e-5 do (results/heal_zeroshot.md)
-HEAL_RECIPES = {"distill-lr3e-5": ("distill", 3e-5), "distill-lr1e-5": ("distill", 1e-5)}
+HEALS = ("none", "refit", "distill", "refit+distill", "distill-lr3e-5", "distill32-lr3e-5", "distill-lr1e-5")
+# a heal name -> (the tool's healing kind, distillation learning rate, steps): the recorded recipe's lr 1e-4 lowers
+# perplexity on windows started with BOS far less than 3e-5 or 1e-5 do, and at 3e-5 all of it comes in the first 32
+# steps (results/heal_zeroshot.md)
+HEAL_RECIPES = {"distill-lr3e-5": ("distill", 3e-5, HEAL_STEPS), "distill32-lr3e-5": ("distill", 3e-5, 32),
+                "distill-lr1e-5": ("distill", 1e-5, HEAL_STEPS)}
 
 
-def heal_recipe(heal: str) -> tuple[str, float]:
-    """(healing kind for jointrank.heal, distillation lr) of a row's heal name."""
-    return HEAL_RECIPES.get(heal, (heal, HEAL_LR))
+def heal_recipe(heal: str) -> tuple[str, float, int]:
+    """(healing kind for jointrank.heal, distillation lr, distillation steps) of a row's heal name."""
+    return HEAL_RECIPES.get(heal, (heal, HEAL_LR, HEAL_STEPS))
 
 
 def row_name(structure: str, calibration: str, heal: str) -> str:
@@ -299,7 +301,7 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     structure, cal_kind, heal_name = parse_row(name)
-    heal, heal_lr = heal_recipe(heal_name)
+    heal, heal_lr, heal_steps = heal_recipe(heal_name)
     busy0, own0 = busy_cpu_seconds(), own_cpu_seconds()
     t0 = time.perf_counter()
     model, tokenizer, _ = load_model(P.model)
@@ -353,7 +355,7 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
     if heal != "none":
         t = time.perf_counter()
         precision = {"head_dtype": P.head_dtype} if P.head_dtype else {}
-        distill = DistillSettings(steps=HEAL_STEPS, lr=heal_lr, **precision)
+        distill = DistillSettings(steps=heal_steps, lr=heal_lr, **precision)
         report = heal_(model, teacher, calibration, heal, distill,
                        progress=progress, release_teacher=True)
         facts["heal_seconds"] = time.perf_counter() - t
@@ -428,7 +430,7 @@ def settings() -> dict:
                             "self": "sampled from the dense model: temperature 1, top-p 0.95, seed 0, bfloat16, "
                                     "windows of 512 starting with BOS"},
             "heal": {"distill_steps": HEAL_STEPS, "lr": HEAL_LR, "window_tokens": 512,
-                     "recipes": {k: {"kind": v[0], "lr": v[1]} for k, v in HEAL_RECIPES.items()}}}
+                     "recipes": {k: {"kind": v[0], "lr": v[1], "steps": v[2]} for k, v in HEAL_RECIPES.items()}}}
 
 
 def save_results(results: dict) -> None:

@@ -108,7 +108,7 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
              f"dense layer's outputs, layer by layer, on the calibration windows; `distill` = "
              f"{s['heal']['distill_steps']} Adam steps (lr {s['heal']['lr']}) of one 512-token calibration window "
              "each on KL(dense ‖ compressed) over full next-token distributions, all factors trained, nothing else; "
-             "`refit+distill` = both; `distill-lr3e-5` and `distill-lr1e-5` = `distill` at lr 3e-5 and 1e-5. The LM head's matmuls in distillation run in the precision each point records "
+             "`refit+distill` = both; `distill-lr3e-5` and `distill-lr1e-5` = `distill` at lr 3e-5 and 1e-5; `distill32-lr3e-5` = 32 steps at lr 3e-5. The LM head's matmuls in distillation run in the precision each point records "
              "(`heal.distill.settings.head_dtype`: bfloat16 since it became the default, float32 before; "
              "results/distill_precision.md compares them).",
              "* Time: compress + heal = calibration (for `self`: sampling the text, as measured when its cache was "
@@ -325,7 +325,7 @@ def _plot(by, dense, png_path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(BUDGETS), figsize=(5 * len(BUDGETS), 4.8), sharey=True)
     colors = {"none": "#999999", "refit": "#1f77b4", "distill": "#ff7f0e", "refit+distill": "#2ca02c",
-              "distill-lr3e-5": "#9467bd", "distill-lr1e-5": "#d62728"}
+              "distill-lr3e-5": "#9467bd", "distill32-lr3e-5": "#8c564b", "distill-lr1e-5": "#d62728"}
     for ax, budget in zip(axes, BUDGETS):
         rows = [r for r, _ in _rows_at(by, budget)]
         for i, r in enumerate(rows):
