@@ -656,6 +656,11 @@ def ppl_ratio(point: dict, dense: dict, key: str | None = None) -> tuple[float, 
     return math.exp(d), math.exp(d) * se
 
 
+def perplexity_on(point: dict, key: str) -> float | None:
+    """A point's perplexity on the windows `key` names (None where it was not measured on them)."""
+    return point["perplexity"].get("perplexity_bos" if key == BOS else "perplexity")
+
+
 def mean_nll(point: dict, key: str) -> float:
     values = point["perplexity"][key]
     return sum(values) / len(values)

@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 
 from research.bench.quality import (BOS, BUDGETS, HEALS, NO_BOS, STRUCTURES, ZS_TASKS, _by, distill_record, nll_key,
-                                    paired_nll, parse_row, ppl_ratio, settings, structure_label, zs_retention)
+                                    paired_nll, parse_row, perplexity_on, ppl_ratio, settings, structure_label,
+                                    zs_retention)
 
 COMMANDS = [
     "bash research/bench/quality_sweep.sh   # every point below, in the order run (resumable), then the report:",
@@ -48,8 +49,7 @@ def _ratio_cell(point, dense, key) -> str:
 
 
 def _ppl(point, key) -> str:
-    """A point's perplexity on the windows `key` names."""
-    return _f(point["perplexity"].get("perplexity_bos" if key == BOS else "perplexity"), 2)
+    return _f(perplexity_on(point, key), 2)
 
 
 def _windows(a, b) -> str:
@@ -108,7 +108,9 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
              f"dense layer's outputs, layer by layer, on the calibration windows; `distill` = "
              f"{s['heal']['distill_steps']} Adam steps (lr {s['heal']['lr']}) of one 512-token calibration window "
              "each on KL(dense ‖ compressed) over full next-token distributions, all factors trained, nothing else; "
-             "`refit+distill` = both; `distill-lr3e-5` and `distill-lr1e-5` = `distill` at lr 3e-5 and 1e-5; `distill32-lr3e-5` = 32 steps at lr 3e-5. The LM head's matmuls in distillation run in the precision each point records "
+             "`refit+distill` = both; `distill-lr3e-5` and `distill-lr1e-5` = `distill` at lr 3e-5 and 1e-5; "
+             "`distill32-lr3e-5` = 32 steps at lr 3e-5. The LM head's matmuls in distillation run in the precision "
+             "each point records "
              "(`heal.distill.settings.head_dtype`: bfloat16 since it became the default, float32 before; "
              "results/distill_precision.md compares them).",
              "* Time: compress + heal = calibration (for `self`: sampling the text, as measured when its cache was "
@@ -157,8 +159,9 @@ def write_report(results: dict, md_path: Path, png_path: Path) -> None:
         for r in rows:
             p = by[(r, budget)]
             lines.append(
-                f"| {r} | {100 * p['decoder_reduction']:.2f}% | {_f(p['perplexity'].get('perplexity_bos'), 2)} | "
-                f"{_ratio_cell(p, dense, BOS)} | {_ratio_cell(p, dense, NO_BOS)} | {_zs_cell(p, dense)} | {_f(p.get('sampling_seconds'), 0)} | {_f(p['compress_seconds'], 0)} | "
+                f"| {r} | {100 * p['decoder_reduction']:.2f}% | {_ppl(p, BOS)} | {_ratio_cell(p, dense, BOS)} | "
+                f"{_ratio_cell(p, dense, NO_BOS)} | {_zs_cell(p, dense)} | {_f(p.get('sampling_seconds'), 0)} | "
+                f"{_f(p['compress_seconds'], 0)} | "
                 f"{_f(p.get('heal_seconds'), 0)} | {_minutes(p['compress_heal_seconds'])} | "
                 f"{p['peak_rss_gib_compress']:.2f} | {p['load_avg_1min']:.1f} |")
         for p in failed:
@@ -276,8 +279,8 @@ def _self_vs_c4_section(by, budget) -> list[str]:
         d, se = paired_nll(p, twin)
         key = nll_key(p, twin)
         verdict = "within 2 SE" if abs(d) <= 2 * se else ("self better" if d < 0 else "C4 better")
-        out.append(f"* {s}/·/{h} ({_windows(p, twin)}): self − C4 Δ NLL {d:+.4f} ± {se:.4f} ({verdict}; perplexity "
-                   f"{_ppl(twin, key)} with C4, {_ppl(p, key)} self)")
+        out.append(f"* {s}/·/{h} ({_windows(p, twin)}): self − C4 Δ NLL {d:+.4f} ± {se:.4f} ({verdict}; "
+                   f"perplexity {_ppl(twin, key)} with C4, {_ppl(p, key)} self)")
     return (["Self-generated against C4 calibration (same structure and healing, paired per window):", "", *out, ""]
             if out else [])
 

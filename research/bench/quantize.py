@@ -351,14 +351,6 @@ def windows_key(points: dict) -> str:
     return quality.nll_key(*points.values()) if points else quality.NO_BOS
 
 
-def ppl_of(point: dict, key: str) -> float:
-    return point["perplexity"]["perplexity_bos" if key == quality.BOS else "perplexity"]
-
-
-def paired(point: dict, base: dict, key: str) -> tuple[float, float]:
-    return quality.paired_nll(point, base, key)
-
-
 def frontier_wins(points: dict) -> list[dict]:
     """Each low-rank + quantised point against each quantisation-alone point it could dominate: no more bytes and
     lower perplexity, or fewer bytes and no higher perplexity, beyond 2 paired SE."""
@@ -370,7 +362,7 @@ def frontier_wins(points: dict) -> list[dict]:
         for qname, q in points.items():
             if q["row"] is not None or q["scheme"] is None:
                 continue
-            d, se = paired(p, q, key)  # NLL of low rank + quant minus quant alone
+            d, se = quality.paired_nll(p, q, key)  # NLL of low rank + quant minus quant alone
             bytes_ok = decoder_bytes(p) <= decoder_bytes(q)
             better = (d < -2 * se) or (decoder_bytes(p) < decoder_bytes(q) and d <= 2 * se)
             out.append({"low_rank": name, "quant_alone": qname, "dnll": d, "se": se,
@@ -440,7 +432,7 @@ def write_report(results: dict) -> None:
             f" ({kept[0]:.1%} ± {kept[1]:.1%})" if kept and name != "dense" else "")
         lines.append(f"| {name} | {p['decoder_reduction']:.1%} | {p['scheme'] or 'float32'} | "
                      f"{decoder_bytes(p) / 2**20:.1f} | {p['bytes_on_disk']['total'] / 2**20:.1f} | "
-                     f"{p['bytes_in_memory']['total'] / 2**20:.1f} | {ppl_of(p, key):.2f} | {ratio} | "
+                     f"{p['bytes_in_memory']['total'] / 2**20:.1f} | {quality.perplexity_on(p, key):.2f} | {ratio} | "
                      f"{zs} | {p.get('quantize_seconds', 0) + p.get('heal_quantized_seconds', 0):.1f} |")
     if any(p.get("quantized_steps") for p in points.values()):
         lines += ["", f"`+qat`: the low-rank row's float checkpoint healed {QAT_STEPS} more distillation steps with every "
@@ -469,7 +461,7 @@ def write_report(results: dict) -> None:
         lines += ["", "## The quality/bytes frontier", "",
                   "Settings no other setting beats on both decoder bytes and perplexity (point estimates), from "
                   "fewest bytes: " + ", ".join(f"{n} ({decoder_bytes(points[n]) / 2**20:.1f} MiB, "
-                                               f"{ppl_of(points[n], key):.2f})" for n in front) + ".",
+                                               f"{quality.perplexity_on(points[n], key):.2f})" for n in front) + ".",
                   "", "Read with the model's origin in mind: the Gemma-3-270M weights jointrank ships come from a "
                   "Q4_K_M GGUF file, i.e. they already sit on a 4-bit grid with one scale and minimum per 32 "
                   "weights. Requantising them in groups of 32 (`int4-g32`) nearly finds that grid again, so "
@@ -515,7 +507,7 @@ def _plot(points: dict, dense: dict | None) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for scheme, marker in ((None, "o"), ("int8", "s"), ("int4", "^"), ("int4-g32", "v")):
-        pts = [(decoder_bytes(p) / 2**20, ppl_of(p, windows_key(points)), n) for n, p in points.items()
+        pts = [(decoder_bytes(p) / 2**20, quality.perplexity_on(p, windows_key(points)), n) for n, p in points.items()
                if p["scheme"] == scheme]
         if pts:
             ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], marker=marker, label=scheme or "float32")

@@ -54,7 +54,8 @@ VARIANTS = {
 }
 PERPLEXITY_ONLY = {"lr1e-4x3"}
 DISTILL_TEXT = {"c4-lr1e-4": "c4", "c4x100-lr1e-4": "c4"}
-DISTILL_WINDOWS = {"c4x100-lr1e-4": 100, "selfx100-lr1e-4": 100}  # variant -> windows of 512 to distil on (CAL_TOKENS / 512 otherwise)
+# variant -> windows of 512 to distil on (CAL_TOKENS / 512 otherwise)
+DISTILL_WINDOWS = {"c4x100-lr1e-4": 100, "selfx100-lr1e-4": 100}
 # WikiText-2 NLL by position in the window (tokens predicted at positions [a, b)): zero-shot prompts are short, the
 # distillation windows and the perplexity windows long. "positions" measures dense (before compressing) and step 0.
 BUCKETS = ((0, 32), (32, 128), (128, 511))
@@ -283,15 +284,14 @@ def cmd_report(args) -> int:
              "|---|---|---|---|---|---|" + "---|---|" * len(tasks) + "---|"]
     unhealed = refs["unhealed (svd_llm/self/none)"]
     # dense on the windows with BOS, as the probe measured it (quality.json's dense may predate BOS windows)
-    dense_positions = results.get(POSITIONS, {}).get("dense")
-    if dense_positions and "nll_by_position_bos" not in dense_positions:
-        dense_positions = None
+    dense_positions = results.get(POSITIONS, {}).get("dense", {})
+    dense_bos = whole_window_nll(dense_positions["nll_by_position_bos"]) if "nll_by_position_bos" in dense_positions \
+        else None
 
     def row(label, step, point):
         d_nll = paired(dense["perplexity"]["per_window_nll"], point["perplexity"]["per_window_nll"])
         cells = [label, str(step), f"{point['perplexity']['perplexity'] / dense['perplexity']['perplexity']:.3f}",
                  f"{d_nll[0]:+.4f} ± {d_nll[1]:.4f}"]
-        dense_bos = whole_window_nll(dense_positions["nll_by_position_bos"]) if dense_positions else None
         bos = (whole_window_nll(point["nll_by_position_bos"]) if "nll_by_position_bos" in point
                else point["perplexity"].get("per_window_nll_bos"))
         if dense_bos and bos:
@@ -336,7 +336,8 @@ def cmd_report(args) -> int:
         whole = whole_window_nll(base)
         lines += ["", f"## WikiText-2 NLL by position: windows {title}", "",
                   "Mean next-token NLL of the tokens predicted at positions [a, b) of the 32 windows, as the difference "
-                  "from dense ± its paired SE (per window); the last column is the whole window as perplexity / dense.",
+                  "from dense ± its paired SE (per window); the last column is the whole window as perplexity / "
+                  "dense.",
                   "", "| model | " + " | ".join(f"positions {a}-{b}" for a, b in BUCKETS) + " | whole window |",
                   "|---|" + "---|" * (len(BUCKETS) + 1)]
         dense_mean = [sum(w[i] for w in base) / len(base) for i in range(len(BUCKETS))]
