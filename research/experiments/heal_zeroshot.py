@@ -51,11 +51,17 @@ VARIANTS = {
     "lr1e-4x3": ({"steps": 100, "lr": 1e-4}, (100,)),
     # and with no user data: 100 distinct self-generated windows (sampled like the compression's 32, more of them)
     "selfx100-lr1e-4": ({"steps": 100, "lr": 1e-4}, (100,)),
+    # What bounds healing at lr 3e-5 (all its gain on BOS windows came in the first 32 steps, over 32 windows)?
+    # The amount of distinct text: the same 100 steps on 100 distinct self-generated windows, one pass ...
+    "selfx100-lr3e-5": ({"steps": 100, "lr": 3e-5}, (32, 100)),
+    # ... or the kind of text: 100 windows of WikiText-2 *validation* text, the register of the test windows (user
+    # data, and in-domain: a ceiling for what distillation text can do here, not a recipe without user data)
+    "wikivalid-lr3e-5": ({"steps": 100, "lr": 3e-5}, (32, 100)),
 }
-PERPLEXITY_ONLY = {"lr1e-4x3"}
-DISTILL_TEXT = {"c4-lr1e-4": "c4", "c4x100-lr1e-4": "c4"}
+PERPLEXITY_ONLY = {"lr1e-4x3", "selfx100-lr3e-5", "wikivalid-lr3e-5"}
+DISTILL_TEXT = {"c4-lr1e-4": "c4", "c4x100-lr1e-4": "c4", "wikivalid-lr3e-5": "wikitext-valid"}
 # variant -> windows of 512 to distil on (CAL_TOKENS / 512 otherwise)
-DISTILL_WINDOWS = {"c4x100-lr1e-4": 100, "selfx100-lr1e-4": 100}
+DISTILL_WINDOWS = {"c4x100-lr1e-4": 100, "selfx100-lr1e-4": 100, "selfx100-lr3e-5": 100, "wikivalid-lr3e-5": 100}
 # WikiText-2 NLL by position in the window (tokens predicted at positions [a, b)): zero-shot prompts are short, the
 # distillation windows and the perplexity windows long. "positions" measures dense (before compressing) and step 0.
 BUCKETS = ((0, 32), (32, 128), (128, 511))
@@ -121,10 +127,12 @@ def child(variant: str, tasks: list[str], results_path: Path) -> None:
     calibration = self_calibration(model, tokenizer, Q.CAL_TOKENS, cache_dir=Q.CACHE, progress=False)
     ids = calibration.input_ids
     tokens = DISTILL_WINDOWS.get(variant, Q.CAL_TOKENS // Q.SEQLEN) * Q.SEQLEN
-    if DISTILL_TEXT.get(variant) == "c4":
+    if variant in DISTILL_TEXT:
         from jointrank.methods.calibration import load_text
 
-        ids = load_text(Q.C4_FILE, tokenizer, tokens=tokens, seqlen=Q.SEQLEN, seed=0).input_ids
+        texts = {"c4": Q.C4_FILE, "wikitext-valid": Q.DATA / "wikitext-2-raw" / "wiki.valid.raw"}
+        text = texts[DISTILL_TEXT[variant]]
+        ids = load_text(text, tokenizer, tokens=tokens, seqlen=Q.SEQLEN, seed=0).input_ids
     elif tokens != Q.CAL_TOKENS:  # sampled from the dense model, before it is compressed
         ids = self_calibration(model, tokenizer, tokens, cache_dir=Q.CACHE, progress=False).input_ids
     if variant == POSITIONS:
