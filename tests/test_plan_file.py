@@ -50,6 +50,9 @@ def test_loss_aware_allocation_reaches_streaming_through_a_plan(model_dir, tmp_p
                         "0.2", "--scope", "decoder", "--allocation", "loss", "--calibration", "self:64",
                         "--no-estimate", "--json", plan_file], capsys)
     assert code == 0, err
+    assert "--allocation loss plans from the loss measured on calibration text: sampling 64 tokens first" in err
+    cached = sorted((tmp_path / "cache").rglob("selfgen-*"))
+    assert len(cached) == 1  # cached where compress --calibration self:64 finds it
     code, _, err = run(["compress", model_dir, "--plan", plan_file, "--stream", "--out", tmp_path / "o"], capsys)
     assert code == 0, err
     plan = json.loads(plan_file.read_text())

@@ -336,9 +336,16 @@ def cmd_plan(args) -> int:
     model, tokenizer, _ = load_model(args.model)
     windows = None
     if config.allocation == "loss":  # the plan is measured on the calibration text
+        from .methods.selfgen import parse_spec
         from .pipeline import calibration_windows
 
-        windows = calibration_windows(_calibration_request(args), model, tokenizer)
+        request = _calibration_request(args)
+        # say why a plan takes minutes here (sampling, then a backward pass), before the progress bars start
+        what = "sampling" if parse_spec(request.text) is not None else "reading"
+        print(f"--allocation loss plans from the loss measured on calibration text: {what} "
+              f"{request.token_count()} tokens first (self-generated text is cached: compress reuses it)",
+              file=sys.stderr)
+        windows = calibration_windows(request, model, tokenizer)
     plan = plan_for(model, config, calibration=windows)
     _print_plan(plan)
     if not args.no_estimate:
