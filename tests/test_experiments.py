@@ -379,3 +379,40 @@ def test_quality_bos_keeps_bos_windows_only_from_a_rebuild_that_scores_the_old_w
     assert saved[0.1]["per_window_nll_bos"] == [2.0, 2.1] and saved[0.1]["per_window_nll"] == [3.0, 3.2]
     assert saved[0.1]["bos_added"]["max_abs_diff_nll_rebuilt"] == pytest.approx(4e-4)
     assert "per_window_nll_bos" not in saved[0.2] and "per_window_nll_bos" not in saved[0.3]
+
+
+@pytest.mark.parametrize("row,budget", [("svd_llm/self/distill-lr3e-5", 0.1), ("loss-svd_llm/self/none", 0.1),
+                                        ("loss-llm_rom/self/distill32-lr3e-5", 0.2), ("xl2down-svd_llm/c4/refit", 0.3),
+                                        ("llm_rom/self/refit+distill", 0.2)])
+def test_compress_flags_of_a_quality_row_build_its_config_calibration_and_healing(row, budget):
+    """README quotes these flags for the rows it reports: parsed by the CLI they must be the row as the bench built it."""
+    from jointrank.cli import _calibration_request, _heal_settings, build_parser, config_from_args
+    from research.bench import quality as Q
+
+    args = build_parser().parse_args(["compress", "gemma-3-270m", *Q.compress_flags(row, budget), "--out", "x"])
+    structure, calibration, heal = Q.parse_row(row)
+    assert config_from_args(args) == Q.config_for(structure, budget)
+    request = _calibration_request(args)
+    assert request.token_count() == Q.CAL_TOKENS
+    assert request.text == ("self" if calibration == "self" else str(Q.C4_FILE))
+    kind, lr, steps = Q.heal_recipe(heal)
+    assert args.heal == kind
+    settings = _heal_settings(args)
+    if "distill" in kind:
+        assert (settings.steps, settings.lr) == (steps, lr)
+
+
+def test_readme_table_is_regenerated_between_its_markers_only(tmp_path):
+    from research.bench import quality_report as R
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{R.README_START}\nold table\n{R.README_END}\noutro\n")
+    results = {"points": [], "settings": {}}
+    assert R.write_readme_table(results, readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{R.README_END}\noutro\n") and "old table" not in text
+    assert text.count("not measured yet") == 4 * len(R.README_ROWS)
+    assert R.write_readme_table(results, readme) and readme.read_text() == text  # idempotent
+    (tmp_path / "other.md").write_text("no markers\n")
+    assert not R.write_readme_table(results, tmp_path / "other.md")
+    assert (tmp_path / "other.md").read_text() == "no markers\n"

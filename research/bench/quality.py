@@ -157,6 +157,39 @@ def prior_for(structure: str, budget: float) -> str | None:
     return STRUCTURES[structure][3]
 
 
+def compress_flags(row: str, budget: float) -> list[str]:
+    """The `jointrank compress` flags that build `row` at `budget` as build() does: the same config, calibration and
+    distillation settings (tests/test_experiments.py parses them through the CLI). README's table quotes them."""
+    structure, calibration, heal = parse_row(row)
+    rules, method, allocation, _ = STRUCTURES[structure]
+    if rules is not ALL:  # the preset rows are the paper's, not a setting to recommend
+        raise ValueError(f"{structure} rows are built from a preset: no compress flags")
+    flags = ["--target", f"{budget:g}", "--scope", "decoder"]
+    for group, rule in ALL.items():
+        flags += [f"--{group.replace('_', '-')}", rule]
+    flags += ["--method", method, "--allocation", allocation]
+    prior = prior_for(structure, budget)
+    if allocation == "global" and prior not in (None, "flat"):
+        flags += ["--allocation-prior", prior]
+    share_layers, share_groups = SHARED.get(structure, (1, None))
+    if share_layers > 1:
+        flags += ["--share-layers", str(share_layers)] + (["--share-groups", ",".join(share_groups)]
+                                                           if share_groups else [])
+    if calibration != "none":
+        flags += ["--calibration", "self" if calibration == "self" else str(C4_FILE),
+                  "--calibration-tokens", str(CAL_TOKENS)]
+    kind, lr, steps = heal_recipe(heal)
+    if kind != "none":
+        from jointrank.heal import DistillSettings
+
+        flags += ["--heal", kind]
+        if "distill" in kind and steps != DistillSettings.steps:
+            flags += ["--heal-steps", str(steps)]
+        if "distill" in kind and lr != DistillSettings.lr:
+            flags += ["--heal-lr", f"{lr:g}"]
+    return flags
+
+
 def structure_label(structure: str, budget: float) -> str:
     c = config_for(structure, budget)
     if structure == "paper":
@@ -864,12 +897,14 @@ def loss_targets(by: dict) -> list[dict]:
 
 
 def cmd_report(args) -> int:
-    from research.bench.quality_report import write_report
+    from research.bench.quality_report import write_readme_table, write_report
 
     results = load_results()
     save_results(results)  # the JSON's targets are recomputed with the report, from the same points
     write_report(results, OUT_MD, OUT_PNG)
     print(f"wrote {OUT_MD.relative_to(REPO)} and {OUT_PNG.relative_to(REPO)}")
+    if P.results == Protocol().results and write_readme_table(results, REPO / "README.md"):  # Gemma's, not scale's
+        print("wrote README.md's table of recommended settings")
     return 0
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from research.bench.quality import (BOS, BUDGETS, HEALS, NO_BOS, STRUCTURES, ZS_TASKS, _by, distill_record, nll_key,
-                                    paired_nll, parse_row, perplexity_on, ppl_ratio, settings, structure_label,
-                                    zs_retention)
+from research.bench.quality import (BOS, BUDGETS, HEALS, NO_BOS, STRUCTURES, ZS_TASKS, _by, compress_flags,
+                                    distill_record, nll_key, paired_nll, parse_row, perplexity_on, ppl_ratio,
+                                    settings, structure_label, zs_retention)
 
 COMMANDS = [
     "bash research/bench/quality_sweep.sh   # every point below, in the order run (resumable), then the report:",
@@ -350,3 +350,61 @@ def _plot(by, dense, png_path: Path) -> None:
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
+
+
+# The settings README.md's table shows (row, budget), the demo's first: what a user can run without user data
+README_ROWS = [("svd_llm/self/distill-lr3e-5", 0.10), ("loss-svd_llm/self/none", 0.10),
+               ("loss-svd_llm/self/distill-lr3e-5", 0.10), ("loss-llm_rom/self/distill-lr3e-5", 0.20),
+               ("loss-llm_rom/self/distill-lr3e-5", 0.30)]
+README_START, README_END = "<!-- quality.py report: start -->", "<!-- quality.py report: end -->"
+
+
+def _flag_pairs(flags: list[str]) -> dict[str, str]:
+    return dict(zip(flags[::2], flags[1::2]))
+
+
+def _flags_beyond_demo(row: str, budget: float) -> str:
+    """The flags of `row` that differ from the demo's (README_ROWS[0]), as the user would change them."""
+    from jointrank.heal import DistillSettings
+
+    demo, own = _flag_pairs(compress_flags(*README_ROWS[0])), _flag_pairs(compress_flags(row, budget))
+    defaults = {"--heal": "none", "--heal-steps": str(DistillSettings.steps), "--heal-lr": f"{DistillSettings.lr:g}"}
+    changed = {k: v for k, v in own.items() if demo.get(k) != v}
+    changed.update({k: defaults[k] for k in demo if k not in own and k in defaults})
+    return " ".join(f"`{k} {v}`" for k, v in changed.items()) or "(the demo)"
+
+
+def readme_table(results: dict) -> list[str]:
+    """README.md's table of what the recommended settings cost, from the same points as results/quality.md."""
+    by = _by(results)
+    dense = by.get(("dense", 0.0))
+    lines = ["| decoder removed | flags changed from the demo | perplexity / dense (BOS windows) | "
+             "zero-shot accuracy kept | compress + heal, min | peak RSS, GiB | row in results/quality.md |",
+             "|---|---|---|---|---|---|---|"]
+    for row, budget in README_ROWS:
+        p = by.get((row, budget))
+        cells = ["not measured yet"] * 4
+        if p is not None and dense is not None:
+            on_bos = BOS in p["perplexity"] and BOS in dense["perplexity"]
+            ratio = "{:.2f}x ± {:.2f}".format(*ppl_ratio(p, dense, BOS)) if on_bos else "not measured yet"
+            kept = zs_retention(p, dense)
+            cells = [ratio, f"{100 * kept[0]:.1f}% ± {100 * kept[1]:.1f}" if kept else "not measured yet",
+                     _minutes(p["compress_heal_seconds"]) + (" (machine shared)" if p["load_avg_1min"] > 2.5 else ""),
+                     f"{p['peak_rss_gib_compress']:.2f}"]
+        lines.append(f"| {budget:.0%} | {_flags_beyond_demo(row, budget)} | " + " | ".join(cells)
+                     + f" | `{row}` |")
+    if dense is not None and BOS in dense["perplexity"] and dense.get("zeroshot"):
+        lines += ["", f"Dense Gemma-3-270M: perplexity {perplexity_on(dense, BOS):.2f} on the same windows, zero-shot "
+                      f"average accuracy {dense['zeroshot']['avg']:.4f} over {len(ZS_TASKS)} tasks."]
+    return lines
+
+
+def write_readme_table(results: dict, readme: Path) -> bool:
+    """Replace the table between README_START and README_END in `readme`; False if the markers are not there."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(head + README_START + "\n" + "\n".join(readme_table(results)) + "\n" + README_END + tail)
+    return True
