@@ -385,7 +385,7 @@ def test_quality_bos_keeps_bos_windows_only_from_a_rebuild_that_scores_the_old_w
                                         ("loss-llm_rom/self/distill32-lr3e-5", 0.2), ("xl2down-svd_llm/c4/refit", 0.3),
                                         ("llm_rom/self/refit+distill", 0.2)])
 def test_compress_flags_of_a_quality_row_build_its_config_calibration_and_healing(row, budget):
-    """README quotes these flags for the rows it reports: parsed by the CLI they must be the row as the bench built it."""
+    """README quotes these flags for the rows it reports: parsed by the CLI, they are the row the bench built."""
     from jointrank.cli import _calibration_request, _heal_settings, build_parser, config_from_args
     from research.bench import quality as Q
 
