@@ -416,3 +416,17 @@ def test_readme_table_is_regenerated_between_its_markers_only(tmp_path):
     (tmp_path / "other.md").write_text("no markers\n")
     assert not R.write_readme_table(results, tmp_path / "other.md")
     assert (tmp_path / "other.md").read_text() == "no markers\n"
+
+
+def test_quantize_bench_leaves_out_points_of_an_earlier_low_rank_row():
+    from research.bench import quantize as Qz
+
+    row = Qz.SETTINGS["lr10+int8"][0]
+    points = [{"name": "int8", "row": None, "scheme": "int8", "perplexity": {}},
+              {"name": "lr10+int8", "row": row, "scheme": "int8", "perplexity": {}},
+              {"name": "lr10+int8+qat", "row": "svd_llm/self/refit", "scheme": "int8", "quantized_steps": Qz.QAT_STEPS,
+               "perplexity": {}},
+              {"name": "lr10+int4", "row": row, "scheme": "int4", "quantized_steps": 5, "perplexity": {}},
+              {"name": "gone", "row": None, "scheme": "int2", "perplexity": {}}]
+    assert sorted(Qz.current_points({"points": points})) == ["int8", "lr10+int8"]
+    assert [p["name"] for p in points if Qz.is_stale(p)] == ["lr10+int8+qat", "lr10+int4", "gone"]
