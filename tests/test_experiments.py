@@ -353,6 +353,25 @@ def test_quality_bench_compares_on_bos_windows_only_when_both_sides_have_them():
     assert best_by_nll([old, point("old2", [0.5, 0.5])])["row"] == "old2"
 
 
+def test_twin_verdicts_are_decided_on_bos_windows_when_any_pair_has_them():
+    """A loss-aware row against its global twin: a pair compared on BOS windows decides over a pair compared only
+    without BOS, even when the latter shows the larger win; without any BOS pair, the BOS-less one stands in."""
+    from research.bench.quality import BOS, NO_BOS, best_against_twin
+
+    def point(plain, bos=None):
+        return {"perplexity": {NO_BOS: plain, **({BOS: bos} if bos is not None else {})}}
+
+    by = {("llm_rom/c4/none", 0.2): point([3.0, 3.2, 3.1], [2.0, 2.2, 2.1]),
+          ("loss-llm_rom/c4/none", 0.2): point([2.9, 3.0, 3.0], [1.9, 2.1, 2.1]),
+          ("llm_rom/self/refit+distill", 0.2): point([3.0, 3.0, 3.0]),
+          ("loss-llm_rom/self/refit+distill", 0.2): point([2.0, 2.1, 2.0])}
+    z, row, windows = best_against_twin(by, 0.2, "loss-")
+    assert (row, windows) == ("loss-llm_rom/c4/none", "windows with BOS") and z < 0
+    del by[("loss-llm_rom/c4/none", 0.2)]
+    assert best_against_twin(by, 0.2, "loss-")[1:] == ("loss-llm_rom/self/refit+distill", "windows without BOS")
+    assert best_against_twin(by, 0.3, "loss-") is None
+
+
 def test_quality_bos_keeps_bos_windows_only_from_a_rebuild_that_scores_the_old_windows_as_recorded(tmp_path,
                                                                                                      monkeypatch):
     """quality.py bos: a rebuilt point's BOS windows are added when it scores every recorded window within 1e-3

@@ -842,8 +842,9 @@ def targets(results: dict) -> list[dict]:
 def best_against_twin(by: dict, budget: float, prefix: str) -> tuple[float, str, str] | None:
     """The row STRUCTURE/C/H with STRUCTURE starting with `prefix` that beats its twin (the same row without the
     prefix) by the most paired standard errors of the per-window NLL difference at `budget`: (z, row, the windows
-    compared on: protocol()), or None."""
-    best = None
+    compared on: protocol()), or None. Pairs compared on windows started with BOS (text as a model sees it) decide
+    whenever there is one; pairs measured only without BOS stand in where there is none."""
+    found = []
     for (row, b), p in by.items():
         if b != budget or row == "dense" or not parse_row(row)[0].startswith(prefix):
             continue
@@ -852,10 +853,10 @@ def best_against_twin(by: dict, budget: float, prefix: str) -> tuple[float, str,
         if twin is None:
             continue
         d, se = paired_nll(p, twin)
-        z = d / se if se > 0 else 0.0
-        if best is None or z < best[0]:
-            best = (z, row, protocol(nll_key(p, twin)))
-    return best
+        found.append((d / se if se > 0 else 0.0, row, nll_key(p, twin)))
+    on_bos = [x for x in found if x[2] == BOS]
+    best = min(on_bos or found, default=None)
+    return None if best is None else (best[0], best[1], protocol(best[2]))
 
 
 def twin_verdicts(per_budget: dict) -> str:
