@@ -449,3 +449,19 @@ def test_quantize_bench_leaves_out_points_of_an_earlier_low_rank_row():
               {"name": "gone", "row": None, "scheme": "int2", "perplexity": {}}]
     assert sorted(Qz.current_points({"points": points})) == ["int8", "lr10+int8"]
     assert [p["name"] for p in points if Qz.is_stale(p)] == ["lr10+int8+qat", "lr10+int4", "gone"]
+
+
+def test_heal_probe_names_its_best_recipe_without_user_data_apart_from_user_text():
+    """A recipe distilled on user text (here WikiText-2 validation) never stands as the best no-user-data recipe."""
+    from research.experiments.heal_zeroshot import POSITIONS, best_on_bos
+
+    def point(*bucket_nll):
+        return {"nll_by_position_bos": [list(bucket_nll), [x + 0.1 for x in bucket_nll]]}
+
+    results = {POSITIONS: {"dense": point(2.0, 2.0, 2.0), "0": point(3.0, 3.0, 3.0)},
+               "lr3e-5": {"100": point(2.6, 2.5, 2.5)}, "wikivalid-lr3e-5": {"100": point(2.2, 2.1, 2.1)}}
+    lines = [x for x in best_on_bos(results) if x]
+    assert lines[0].startswith("Lowest perplexity on the windows started with BOS, without user data: lr3e-5 ")
+    assert lines[1].startswith("Lowest perplexity on the windows started with BOS, distilled on user text: wikivalid")
+    del results["wikivalid-lr3e-5"]
+    assert len([x for x in best_on_bos(results) if x]) == 1

@@ -225,16 +225,24 @@ def bos_summary(path: Path = OUT.with_suffix(".json")) -> dict | None:
 
 def best_on_bos(results: dict) -> list[str]:
     """The recipe and step of lowest perplexity on the windows started with BOS (the ones that count), against the
-    unhealed model on the same windows, paired per window."""
+    unhealed model on the same windows, paired per window: among the recipes without user data (self-generated
+    text), and separately among those distilled on user text (C4, WikiText-2 validation), which no user has."""
     dense = results.get(POSITIONS, {}).get("dense", {}).get("nll_by_position_bos")
     unhealed = results.get(POSITIONS, {}).get("0", {}).get("nll_by_position_bos")
-    points = [(name, step, whole_window_nll(p["nll_by_position_bos"])) for name, steps in results.items()
-              if name != POSITIONS for step, p in steps.items() if "nll_by_position_bos" in p]
-    if not (dense and unhealed and points):
-        return []
-    name, step, best = min(points, key=lambda x: sum(x[2]))
+    lines = []
+    for user_text, label in ((False, "without user data"), (True, "distilled on user text")):
+        points = [(name, step, whole_window_nll(p["nll_by_position_bos"])) for name, steps in results.items()
+                  if name != POSITIONS and (name in DISTILL_TEXT) == user_text
+                  for step, p in steps.items() if "nll_by_position_bos" in p]
+        if dense and unhealed and points:
+            lines += _best_line(label, dense, unhealed, min(points, key=lambda x: sum(x[2])))
+    return lines
+
+
+def _best_line(label: str, dense, unhealed, best_point) -> list[str]:
+    name, step, best = best_point
     d_dense, d_unhealed = paired(whole_window_nll(dense), best), paired(whole_window_nll(unhealed), best)
-    return ["", f"Lowest perplexity on the windows started with BOS: {name} at step {step}, "
+    return ["", f"Lowest perplexity on the windows started with BOS, {label}: {name} at step {step}, "
                 f"{math.exp(d_dense[0]):.3f}x dense (ΔNLL {d_dense[0]:+.3f} ± {d_dense[1]:.3f}); against the "
                 f"unhealed model ΔNLL {d_unhealed[0]:+.3f} ± {d_unhealed[1]:.3f}, i.e. "
                 f"{-d_unhealed[0] / paired(whole_window_nll(dense), whole_window_nll(unhealed))[0]:.0%} of the "
