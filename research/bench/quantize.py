@@ -48,11 +48,11 @@ OUT_MD, OUT_PNG = REPO / "results" / "quantize.md", REPO / "results" / "quantize
 BUILT = quality.CACHE / "quantize"  # float low-rank checkpoints, built once per row (gitignored)
 
 # name -> (quality.py row or None for dense, budget, scheme or None for float, quantisation-aware healing steps)
-# the best healed rows without user data at each budget (results/quality.md) when measured: self-generated text,
-# distillation at lr 1e-4. To move to the lr 3e-5 rows (lr 1e-4 healed mostly BOS-less windows:
-# results/heal_zeroshot.md), change them here and `run`: points of the old rows are set aside and measured again.
-LOW_RANK = {0.10: "svd_llm/self/distill", 0.20: "loss-llm_rom/self/distill",
-            0.30: "loss-llm_rom/self/distill"}
+# the best healed rows without user data at each budget (results/quality.md): self-generated text, distillation at
+# lr 3e-5 (the tool's default; lr 1e-4 healed mostly BOS-less window starts: results/heal_zeroshot.md). Points
+# measured for older rows are set aside under `superseded` by `run` and measured again.
+LOW_RANK = {0.10: "svd_llm/self/distill-lr3e-5", 0.20: "loss-llm_rom/self/distill-lr3e-5",
+            0.30: "loss-llm_rom/self/distill-lr3e-5"}
 QAT_STEPS = 32  # "+qat": distillation steps seen through the scheme (heal.DistillSettings.quantized_steps)
 SCHEME_NAMES = ("int8", "int4", "int4-g32")
 SETTINGS: dict[str, tuple[str | None, float, str | None, int]] = {
@@ -125,12 +125,12 @@ def heal_quantized(model, row: str, scheme: str, steps: int) -> dict:
     from jointrank.quantize import fake_quantize_
     from jointrank.sources import load_model
 
-    _, cal_kind, _ = quality.parse_row(row)
+    _, cal_kind, heal = quality.parse_row(row)
     dense, tokenizer, _ = load_model(quality.P.model)
     calibration = (self_calibration(dense, tokenizer, quality.CAL_TOKENS, cache_dir=quality.CACHE, progress=False)
                    if cal_kind == "self" else load_text(quality.C4_FILE, tokenizer, tokens=quality.CAL_TOKENS,
                                                         seqlen=512, seed=0))
-    settings = DistillSettings(steps=steps, lr=quality.HEAL_LR,
+    settings = DistillSettings(steps=steps, lr=quality.heal_recipe(heal)[1],  # the row's own learning rate
                                **({"head_dtype": quality.P.head_dtype} if quality.P.head_dtype else {}))
     states = teacher_states(dense, calibration.input_ids, progress=False)
     del dense
