@@ -465,3 +465,20 @@ def test_heal_probe_names_its_best_recipe_without_user_data_apart_from_user_text
     assert lines[1].startswith("Lowest perplexity on the windows started with BOS, distilled on user text: wikivalid")
     del results["wikivalid-lr3e-5"]
     assert len([x for x in best_on_bos(results) if x]) == 1
+
+
+def test_scale_targets_judge_retention_at_ten_percent_and_carry_the_decode_target():
+    from research.bench import scale
+
+    data = {"points": [
+        {"model": "a", "setting": "s", "budget": 0.10, "retention": 0.99, "retention_se": 0.02},
+        {"model": "b", "setting": "s", "budget": 0.10, "retention": 0.95, "retention_se": 0.02},
+        {"model": "c", "setting": "s", "budget": 0.10},  # not measured yet: no verdict of success
+        {"model": "a", "setting": "s", "budget": 0.20, "retention": 0.90, "retention_se": 0.02}]}
+    speed = {"targets": [{"dtype": "bfloat16", "model": "joint@20%", "target": "decode >= 1.15x dense",
+                          "value": 0.98, "met": False},
+                         {"dtype": "bfloat16", "model": "joint@20%", "target": "prefill >= 1.00x dense",
+                          "value": 1.2, "met": True}]}
+    got = scale.targets(data, speed)
+    assert [(t["measured"], t["met"]) for t in got] == [(0.99, True), (0.95, False), (None, False), (0.98, False)]
+    assert all({"name", "measured", "target", "met"} <= set(t) for t in got)
