@@ -200,8 +200,8 @@ def cmd_report(args) -> int:
                              f"{'' if p.get('ppl_windows_bos') else ' (no BOS)'}; {z}")
             lines.append(f"| {setting} | {budget:.0%} | " + " | ".join(cells) + " |")
     lines += ["", "Each cell: perplexity / dense ± paired SE, on the windows each started with BOS where both were "
-              "measured so, else on the standard windows (marked no BOS); zero-shot retention (average accuracy / dense) ± "
-              "paired SE. Rows: " + "; ".join(f"{s} = `{r[0.10]}` at 10%, `{r[0.20]}` at 20%"
+              "measured so, else on the standard windows (marked no BOS); zero-shot retention (average accuracy / "
+              "dense) ± paired SE. Rows: " + "; ".join(f"{s} = `{r[0.10]}` at 10%, `{r[0.20]}` at 20%"
                                                for s, r in SETTINGS.items()) + ".", "",
               "## Verdict", "", *(verdict(data) or ["* No zero-shot points yet."]),
               *(f"* {t['name']}: {t['measured']:.3f}x, {'met' if t['met'] else '**not met**'} ({t['source']})"
