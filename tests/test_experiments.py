@@ -482,3 +482,29 @@ def test_scale_targets_judge_retention_at_ten_percent_and_carry_the_decode_targe
     got = scale.targets(data, speed)
     assert [(t["measured"], t["met"]) for t in got] == [(0.99, True), (0.95, False), (None, False), (0.98, False)]
     assert all({"name", "measured", "target", "met"} <= set(t) for t in got)
+
+
+def test_decode_profile_counts_every_decoder_matmul_weight_once_and_times_inside_the_layers():
+    import torch.nn as nn
+
+    from conftest import tiny_model
+    from jointrank import compress_
+    from jointrank.architectures import decoder_layers
+    from jointrank.modules import LowRankLinear, SharedBasis
+    from jointrank.plan import GroupRule, JointRankConfig
+    from research.bench.inference_speed import decode_shares, linear_kinds
+
+    model = tiny_model("llama")
+    compress_(model, JointRankConfig(rules={"qk": GroupRule("joint"), "gate_up": GroupRule("joint"),
+                                            "v": GroupRule("separate")}, ratio=0.5), progress=False)
+    _, layers = decoder_layers(model)
+    matmul_params = {id(p): p.nbytes for m in layers.modules() if isinstance(m, (nn.Linear, SharedBasis))
+                     for p in m.parameters(recurse=False)}
+    kinds = linear_kinds(layers)
+    assert set(kinds) == {"dense linear", "low-rank"}
+    assert sum(b for v in kinds.values() for _, b in v) == sum(matmul_params.values())  # each weight once
+    assert len(kinds["low-rank"]) == sum(isinstance(m, LowRankLinear) for m in layers.modules())
+    prompt = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    shares = decode_shares(model.eval(), prompt, 4)
+    inside = sum(k["seconds"] for k in shares["kinds"].values())
+    assert 0 < inside <= shares["layers_s"] <= shares["total_s"]

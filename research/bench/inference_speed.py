@@ -108,23 +108,52 @@ def time_generate(model, prompt, new_tokens: int) -> float:
     return elapsed
 
 
+def linear_kinds(layers) -> dict[str, list]:
+    """The decoder layers' matmul modules by kind, each with the weight bytes one token reads through it:
+    "dense linear" (nn.Linear left whole), "low-rank" (LowRankLinear: its output factor, its own basis, and a
+    shared basis counted once, at the first member that projects through it)."""
+    import torch.nn as nn
+
+    from jointrank.modules import LowRankLinear
+
+    lowrank = [m for m in layers.modules() if isinstance(m, LowRankLinear)]
+    inside = {id(c) for m in lowrank for c in m.modules()}
+    kinds = {"dense linear": [(m, sum(t.nbytes for t in m.parameters())) for m in layers.modules()
+                              if isinstance(m, nn.Linear) and id(m) not in inside], "low-rank": []}
+    counted = set()
+    for m in lowrank:
+        nbytes = sum(t.nbytes for t in m.parameters())  # out factor (+ bias) (+ own basis)
+        if m.shared_basis is not None and id(m.shared_basis) not in counted:
+            counted.add(id(m.shared_basis))
+            nbytes += sum(t.nbytes for t in m.shared_basis.parameters())
+        kinds["low-rank"].append((m, nbytes))
+    return {k: v for k, v in kinds.items() if v}
+
+
 def decode_shares(model, prompt, new_tokens: int) -> dict:
-    """Seconds spent in the decoder layers and in the lm_head during one generate(), measured with hooks."""
+    """Seconds spent in the decoder layers and in the lm_head during one generate(), measured with hooks; inside
+    the layers, seconds and weight bytes per token of each kind of matmul module (linear_kinds), so a factorised
+    layer that runs below its share of the bytes shows as a lower GB/s than the dense layers'."""
     from jointrank.architectures import decoder_layers
 
     _, layers = decoder_layers(model)
-    spent = {"layers": 0.0, "lm_head": 0.0}
+    kinds = linear_kinds(layers)
+    spent = {"layers": 0.0, "lm_head": 0.0, **{k: 0.0 for k in kinds}}
     marks = {}
 
-    def pre(key):
-        return lambda *a, **k: marks.__setitem__(key, time.perf_counter())
+    def pre(key, mark):
+        return lambda *a, **k: marks.__setitem__(mark, time.perf_counter())
 
-    def post(key):
-        return lambda *a, **k: spent.__setitem__(key, spent[key] + time.perf_counter() - marks[key])
+    def post(key, mark):
+        return lambda *a, **k: spent.__setitem__(key, spent[key] + time.perf_counter() - marks[mark])
 
-    handles = [layers[0].register_forward_pre_hook(pre("layers")), layers[-1].register_forward_hook(post("layers")),
-               model.lm_head.register_forward_pre_hook(pre("lm_head")),
-               model.lm_head.register_forward_hook(post("lm_head"))]
+    handles = [layers[0].register_forward_pre_hook(pre("layers", "layers")),
+               layers[-1].register_forward_hook(post("layers", "layers")),
+               model.lm_head.register_forward_pre_hook(pre("lm_head", "lm_head")),
+               model.lm_head.register_forward_hook(post("lm_head", "lm_head"))]
+    for kind, modules in kinds.items():
+        for m, _ in modules:
+            handles += [m.register_forward_pre_hook(pre(kind, id(m))), m.register_forward_hook(post(kind, id(m)))]
     try:
         total = time_generate(model, prompt, new_tokens)
     finally:
@@ -132,7 +161,9 @@ def decode_shares(model, prompt, new_tokens: int) -> dict:
             h.remove()
     return {"total_s": total, "layers_s": spent["layers"], "lm_head_s": spent["lm_head"],
             "layers_share": spent["layers"] / total, "lm_head_share": spent["lm_head"] / total,
-            "other_share": 1 - (spent["layers"] + spent["lm_head"]) / total}
+            "other_share": 1 - (spent["layers"] + spent["lm_head"]) / total,
+            "kinds": {k: {"seconds": spent[k], "weight_bytes": sum(b for _, b in v), "modules": len(v)}
+                      for k, v in kinds.items()}}
 
 
 # ----------------------------------------------------------------------------------------------- building models
@@ -411,6 +442,19 @@ def markdown(results: dict) -> str:
                              f"{s['layers_s'] * 1000 / a['decode_tokens']:.1f}"])
     lines += [format_table(["dtype", "model", "lm_head", "decoder layers", "other (embedding, norm, generate)",
                             "lm_head ms/token", "layers ms/token"], rows, markdown=True), ""]
+    rows = []
+    for dtype in a["dtypes"]:
+        for name, t in results["timing"][dtype].items():
+            for kind, k in ((t["decode_shares"] or {}).get("kinds") or {}).items():
+                per_token = k["seconds"] / a["decode_tokens"]
+                rows.append([dtype, name, kind, str(k["modules"]), f"{k['weight_bytes'] / 2**20:.0f}",
+                             f"{per_token * 1000:.1f}", f"{k['weight_bytes'] / per_token / 1e9:.1f}"])
+    if rows:
+        lines += ["Inside the decoder layers, by kind of matmul module (hooks on each; the prompt's forward pass is "
+                  "one of the steps): a factorised layer that runs below its share of the bytes reads its weights "
+                  "at fewer GB/s than the dense layers do.", "",
+                  format_table(["dtype", "model", "modules", "count", "weight MiB", "ms/token", "GB/s"], rows,
+                               markdown=True), ""]
     lines += ["What a decode speedup can be at most, two ways: *bytes* = (decoder + lm_head weights) before / after, "
               "the speedup if decode time were proportional to the weights read per token; *measured shares* = "
               "1 / (1 - s + s·p), the speedup if the decoder layers' measured share s of dense decode time shrank "
