@@ -481,10 +481,11 @@ def write_report(results: dict) -> None:
                                                f"{quality.perplexity_on(points[n], key):.2f})" for n in front) + ".",
                   "", "Read with the model's origin in mind: the Gemma-3-270M weights jointrank ships come from a "
                   "Q4_K_M GGUF file, i.e. they already sit on a 4-bit grid with one scale and minimum per 32 "
-                  "weights. Requantising them in groups of 32 (`int4-g32`) nearly finds that grid again, so "
-                  "quantisation alone is unusually cheap here, while groups of 128 (`int4`) straddle four of the "
-                  "original blocks. Low-rank factors are not on any grid, so they pay each scheme's full rounding "
-                  "error. A model distributed in 16-bit would not give quantisation alone this head start."]
+                  "weights. Groups of 32 (`int4-g32`) match those blocks (though HQQ's fitted scales need not "
+                  "find the original grid: how near they come is not measured here), while groups of 128 (`int4`) "
+                  "straddle four of them; int8 is lossless on such weights. Low-rank factors are not on any grid, "
+                  "so they pay each scheme's full rounding error. A model distributed in 16-bit may give "
+                  "quantisation alone less of a head start."]
     speed = results.get("speed")
     if speed:
         st = speed["settings"]
