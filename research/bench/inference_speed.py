@@ -118,14 +118,14 @@ def linear_kinds(layers) -> dict[str, list]:
 
     lowrank = [m for m in layers.modules() if isinstance(m, LowRankLinear)]
     inside = {id(c) for m in lowrank for c in m.modules()}
-    kinds = {"dense linear": [(m, sum(t.nbytes for t in m.parameters())) for m in layers.modules()
+    kinds = {"dense linear": [(m, weight_bytes(m)) for m in layers.modules()
                               if isinstance(m, nn.Linear) and id(m) not in inside], "low-rank": []}
     counted = set()
     for m in lowrank:
-        nbytes = sum(t.nbytes for t in m.parameters())  # out factor (+ bias) (+ own basis)
+        nbytes = weight_bytes(m)  # out factor (+ bias) (+ own basis); a shared basis is not a submodule
         if m.shared_basis is not None and id(m.shared_basis) not in counted:
             counted.add(id(m.shared_basis))
-            nbytes += sum(t.nbytes for t in m.shared_basis.parameters())
+            nbytes += weight_bytes(m.shared_basis)
         kinds["low-rank"].append((m, nbytes))
     return {k: v for k, v in kinds.items() if v}
 
@@ -141,19 +141,19 @@ def decode_shares(model, prompt, new_tokens: int) -> dict:
     spent = {"layers": 0.0, "lm_head": 0.0, **{k: 0.0 for k in kinds}}
     marks = {}
 
-    def pre(key, mark):
+    def pre(mark):
         return lambda *a, **k: marks.__setitem__(mark, time.perf_counter())
 
     def post(key, mark):
         return lambda *a, **k: spent.__setitem__(key, spent[key] + time.perf_counter() - marks[mark])
 
-    handles = [layers[0].register_forward_pre_hook(pre("layers", "layers")),
+    handles = [layers[0].register_forward_pre_hook(pre("layers")),
                layers[-1].register_forward_hook(post("layers", "layers")),
-               model.lm_head.register_forward_pre_hook(pre("lm_head", "lm_head")),
+               model.lm_head.register_forward_pre_hook(pre("lm_head")),
                model.lm_head.register_forward_hook(post("lm_head", "lm_head"))]
     for kind, modules in kinds.items():
         for m, _ in modules:
-            handles += [m.register_forward_pre_hook(pre(kind, id(m))), m.register_forward_hook(post(kind, id(m)))]
+            handles += [m.register_forward_pre_hook(pre(id(m))), m.register_forward_hook(post(kind, id(m)))]
     try:
         total = time_generate(model, prompt, new_tokens)
     finally:
