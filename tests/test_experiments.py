@@ -451,6 +451,31 @@ def test_quantize_bench_leaves_out_points_of_an_earlier_low_rank_row():
     assert [p["name"] for p in points if Qz.is_stale(p)] == ["lr10+int8+qat", "lr10+int4", "gone"]
 
 
+def test_quantize_bench_zeroshot_run_measures_only_points_without_it_and_never_dense_twice(monkeypatch):
+    """`run --zeroshot` measures again the points lacking zero-shot, but not dense while results/quality.json holds
+    dense's zero-shot (the same model, tasks and documents)."""
+    import argparse
+
+    from research.bench import quantize as Qz
+
+    row = Qz.SETTINGS["lr10+int8"][0]
+    stored = {"points": [{"name": "dense", "row": None, "scheme": None, "perplexity": {}},
+                         {"name": "int8", "row": None, "scheme": "int8", "perplexity": {}, "zeroshot": {}},
+                         {"name": "lr10+int8", "row": row, "scheme": "int8", "perplexity": {}}]}
+    measured = []
+    monkeypatch.setattr(Qz, "load_results", lambda: stored)
+    monkeypatch.setattr(Qz, "save", lambda results: None)
+    monkeypatch.setattr(Qz, "run_point", lambda name, zeroshot=False: measured.append((name, zeroshot)) or {
+        "name": name, "error": "not run in a test"})
+    args = argparse.Namespace(only="int8,lr10+int8", max_minutes=60.0, zeroshot=True, bos=False)
+    monkeypatch.setattr(Qz, "quality_dense", lambda: {"row": "dense", "zeroshot": {}})
+    assert Qz.cmd_run(args) == 0 and measured == [("lr10+int8", True)]
+    measured.clear()
+    monkeypatch.setattr(Qz, "quality_dense", lambda: None)  # no dense zero-shot anywhere: dense is measured too
+    stored["points"] = stored["points"][:2] + [{"name": "lr10+int8", "row": row, "scheme": "int8", "perplexity": {}}]
+    assert Qz.cmd_run(args) == 0 and measured == [("dense", True), ("lr10+int8", True)]
+
+
 def test_heal_probe_names_its_best_recipe_without_user_data_apart_from_user_text():
     """A recipe distilled on user text (here WikiText-2 validation) never stands as the best no-user-data recipe."""
     from research.experiments.heal_zeroshot import POSITIONS, best_on_bos
