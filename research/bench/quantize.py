@@ -404,6 +404,14 @@ def targets(results: dict) -> list[dict]:
              "windows": quality.protocol(windows_key(points))}]
 
 
+def frontier(points: dict, key: str) -> list[str]:
+    """The settings no other setting beats on both decoder bytes and mean NLL (point estimates), fewest bytes first."""
+    front = [n for n, p in points.items() if not any(
+        decoder_bytes(q) <= decoder_bytes(p) and quality.mean_nll(q, key) < quality.mean_nll(p, key)
+        for m, q in points.items() if m != n)]
+    return sorted(front, key=lambda n: decoder_bytes(points[n]))
+
+
 def quality_dense() -> dict | None:
     """Dense Gemma-3-270M's zero-shot from results/quality.json: the same model, tasks, documents and seed as this
     bench's, so a point here pairs with it document by document (saves measuring dense twice)."""
@@ -477,10 +485,7 @@ def write_report(results: dict) -> None:
                          f"{w['dnll']:+.4f} ± {w['se']:.4f} | {f'{zs[0]:.3f} ± {zs[1]:.3f}' if zs else '-'} | "
                          f"{'yes' if w['dominates'] else 'no'} |")
     if points:
-        front = [n for n, p in points.items() if not any(
-            decoder_bytes(q) <= decoder_bytes(p) and quality.mean_nll(q, key) < quality.mean_nll(p, key)
-            for m, q in points.items() if m != n)]
-        front.sort(key=lambda n: decoder_bytes(points[n]))
+        front = frontier(points, key)
         lines += ["", "## The quality/bytes frontier", "",
                   "Settings no other setting beats on both decoder bytes and perplexity (point estimates), from "
                   "fewest bytes: " + ", ".join(f"{n} ({decoder_bytes(points[n]) / 2**20:.1f} MiB, "
@@ -529,14 +534,23 @@ def _plot(points: dict, dense: dict | None) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    key = windows_key(points)
+    front = frontier(points, key)
+
+    def xy(n):
+        return decoder_bytes(points[n]) / 2**20, quality.perplexity_on(points[n], key)
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.step(*zip(*map(xy, front)), where="post", color="grey", linestyle="--", linewidth=1,
+            label="frontier (fewer bytes or lower perplexity)")
     for scheme, marker in ((None, "o"), ("int8", "s"), ("int4", "^"), ("int4-g32", "v")):
-        pts = [(decoder_bytes(p) / 2**20, quality.perplexity_on(p, windows_key(points)), n) for n, p in points.items()
-               if p["scheme"] == scheme]
-        if pts:
-            ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], marker=marker, label=scheme or "float32")
-            for x, y, n in pts:
-                ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        names = [n for n, p in points.items() if p["scheme"] == scheme]
+        if names:
+            ax.scatter(*zip(*map(xy, names)), marker=marker, label=scheme or "float32")
+            # labels for the frontier, quantisation alone and the float rows; the rest are in results/quantize.md
+            for n in names:
+                if n in front or points[n]["row"] is None or scheme is None:
+                    ax.annotate(n, xy(n), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("decoder linear layers + factors, MiB on disk")
     ax.set_ylabel("WikiText-2 perplexity (32 windows, "
                   + ("each started with BOS)" if windows_key(points) == quality.BOS else "standard: no BOS)"))
