@@ -450,6 +450,8 @@ def write_report(results: dict) -> None:
             continue
         ratio = "1" if name == "dense" or dense is None else \
             f"{quality.ppl_ratio(p, dense, key)[0]:.3f} ± {quality.ppl_ratio(p, dense, key)[1]:.3f}"
+        if name == "dense" and dense_zs:  # measured here or, the same model and documents, in results/quality.json
+            p = {**p, "zeroshot": dense_zs["zeroshot"]}
         kept = quality.zs_retention(p, dense_zs) if dense_zs and "zeroshot" in p else None
         zs = "-" if "zeroshot" not in p else f"{p['zeroshot']['avg']:.4f}" + (
             f" ({kept[0]:.1%} ± {kept[1]:.1%})" if kept and name != "dense" else "")
