@@ -476,6 +476,30 @@ def test_quantize_bench_zeroshot_run_measures_only_points_without_it_and_never_d
     assert Qz.cmd_run(args) == 0 and measured == [("dense", True), ("lr10+int8", True)]
 
 
+def test_quantize_target_needs_one_low_rank_point_beating_every_quantisation_alone_point():
+    """Met only by a point that dominates each quantisation-alone point (no more bytes and lower NLL beyond 2 paired
+    SE, or fewer bytes and NLL not higher beyond 2 SE); otherwise the nearest pair at no more bytes is named."""
+    from research.bench import quantize as Qz
+
+    row = Qz.SETTINGS["lr10+int8"][0]
+
+    def point(name, mib, nll, low_rank=True):
+        windows = [nll + 0.01 * ((i * round(mib)) % 5) for i in range(8)]  # paired differences that vary
+        return {"name": name, "row": row if low_rank else None, "scheme": "int8",
+                "perplexity": {"per_window_nll": windows, "per_window_nll_bos": windows},
+                "bytes_on_disk": {"dense linear layers": mib * 2**20}}
+
+    alone = [point("int8", 96, 3.0, False), point("int4", 54, 3.4, False)]
+    beats_one = point("lr10+int8", 50, 3.3)  # beats int4 (fewer bytes, lower NLL), not int8 (lower NLL)
+    got = Qz.targets({"points": alone + [beats_one]})[0]
+    assert not got["met"] and got["measured"].startswith("lr10+int8: beats 1 of 2 (int4)")
+    got = Qz.targets({"points": alone + [point("lr10+int8", 50, 2.9)]})[0]
+    assert got["met"] and got["measured"].startswith("lr10+int8: beats 2 of 2")
+    got = Qz.targets({"points": alone + [point("lr10+int8", 90, 3.5)]})[0]
+    assert not got["met"] and got["measured"].startswith("none of 1 low-rank + quantised settings beats any of the 2")
+    assert "nearest at no more bytes: lr10+int8 against int8, dNLL +0.4" in got["measured"]  # 3.5 - 3.0, noise
+
+
 def test_heal_probe_names_its_best_recipe_without_user_data_apart_from_user_text():
     """A recipe distilled on user text (here WikiText-2 validation) never stands as the best no-user-data recipe."""
     from research.experiments.heal_zeroshot import POSITIONS, best_on_bos
