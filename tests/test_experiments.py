@@ -490,7 +490,7 @@ def test_quantize_target_needs_one_low_rank_point_beating_every_quantisation_alo
                 "bytes_on_disk": {"dense linear layers": mib * 2**20}}
 
     alone = [point("int8", 96, 3.0, False), point("int4", 54, 3.4, False)]
-    beats_one = point("lr10+int8", 50, 3.3)  # beats int4 (fewer bytes, lower NLL), not int8 (lower NLL)
+    beats_one = point("lr10+int8", 50, 3.3)  # beats int4 (fewer bytes, lower NLL), not int8 (whose NLL is lower)
     got = Qz.targets({"points": alone + [beats_one]})[0]
     assert not got["met"] and got["measured"].startswith("lr10+int8: beats 1 of 2 (int4)")
     got = Qz.targets({"points": alone + [point("lr10+int8", 50, 2.9)]})[0]
@@ -498,6 +498,16 @@ def test_quantize_target_needs_one_low_rank_point_beating_every_quantisation_alo
     got = Qz.targets({"points": alone + [point("lr10+int8", 90, 3.5)]})[0]
     assert not got["met"] and got["measured"].startswith("none of 1 low-rank + quantised settings beats any of the 2")
     assert "nearest at no more bytes: lr10+int8 against int8, dNLL +0.4" in got["measured"]  # 3.5 - 3.0, noise
+
+
+def test_quantize_report_before_any_point_lists_every_setting_as_not_measured(tmp_path, monkeypatch):
+    from research.bench import quantize as Qz
+
+    monkeypatch.setattr(Qz, "OUT_MD", tmp_path / "quantize.md")
+    monkeypatch.setattr(Qz, "OUT_PNG", tmp_path / "quantize.png")
+    Qz.write_report({"points": []})
+    assert f"Not measured yet: {', '.join(Qz.SETTINGS)}." in (tmp_path / "quantize.md").read_text()
+    assert "## The quality/bytes frontier" not in (tmp_path / "quantize.md").read_text()
 
 
 def test_heal_probe_names_its_best_recipe_without_user_data_apart_from_user_text():

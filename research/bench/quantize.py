@@ -494,8 +494,8 @@ def write_report(results: dict) -> None:
             lines.append(f"| {w['low_rank']} | {w['quant_alone']} | {w['bytes_ratio']:.3f} | "
                          f"{w['dnll']:+.4f} ± {w['se']:.4f} | {f'{zs[0]:.3f} ± {zs[1]:.3f}' if zs else '-'} | "
                          f"{'yes' if w['dominates'] else 'no'} |")
+    front = frontier(points, key)
     if points:
-        front = frontier(points, key)
         lines += ["", "## The quality/bytes frontier", "",
                   "Settings no other setting beats on both decoder bytes and perplexity (point estimates), from "
                   "fewest bytes: " + ", ".join(f"{n} ({decoder_bytes(points[n]) / 2**20:.1f} MiB, "
@@ -533,10 +533,10 @@ def write_report(results: dict) -> None:
         lines.append(f"- {t['name']}: {t['measured'] or 'none'} ({'met' if t['met'] else 'not met'})")
     lines.append("")
     OUT_MD.write_text("\n".join(lines))
-    _plot(points, dense)
+    _plot(points, key, front)
 
 
-def _plot(points: dict, dense: dict | None) -> None:
+def _plot(points: dict, key: str, front: list[str]) -> None:
     try:
         import matplotlib
 
@@ -544,15 +544,14 @@ def _plot(points: dict, dense: dict | None) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    key = windows_key(points)
-    front = frontier(points, key)
 
     def xy(n):
         return decoder_bytes(points[n]) / 2**20, quality.perplexity_on(points[n], key)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.step(*zip(*map(xy, front)), where="post", color="grey", linestyle="--", linewidth=1,
-            label="frontier (fewer bytes or lower perplexity)")
+    if front:  # none before any point is measured
+        ax.step(*zip(*map(xy, front)), where="post", color="grey", linestyle="--", linewidth=1,
+                label="frontier (fewer bytes or lower perplexity)")
     for scheme, marker in ((None, "o"), ("int8", "s"), ("int4", "^"), ("int4-g32", "v")):
         names = [n for n, p in points.items() if p["scheme"] == scheme]
         if names:
@@ -563,7 +562,7 @@ def _plot(points: dict, dense: dict | None) -> None:
                     ax.annotate(n, xy(n), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("decoder linear layers + factors, MiB on disk")
     ax.set_ylabel("WikiText-2 perplexity (32 windows, "
-                  + ("each started with BOS)" if windows_key(points) == quality.BOS else "standard: no BOS)"))
+                  + ("each started with BOS)" if key == quality.BOS else "standard: no BOS)"))
     ax.set_yscale("log")
     ax.set_title("Gemma-3-270M: quality against bytes")
     ax.legend()
