@@ -543,6 +543,21 @@ def test_scale_targets_judge_retention_at_ten_percent_and_carry_the_decode_targe
     assert all({"name", "measured", "target", "met"} <= set(t) for t in got)
 
 
+def test_scale_run_measures_only_the_settings_asked_for_and_refuses_unknown_ones(monkeypatch):
+    from research.bench import scale
+
+    calls = []
+    monkeypatch.setattr(scale.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert scale.main(["run", "--models", "smollm2-135m", "--settings", "paper,free"]) == 0
+    asked = {(c[c.index("--budgets") + 1], c[c.index("--only") + 1]) for c in calls}
+    assert asked == {("0.1", "paper/none/none,best-free/none/none"), ("0.2", "paper/none/none,best-free/none/none")}
+    assert {c[c.index("--model") + 1] for c in calls} == {"smollm2-135m"}
+    calls.clear()
+    with pytest.raises(SystemExit, match="unknown setting 'best': one of paper, free, self, c4"):
+        scale.main(["run", "--settings", "paper,best"])
+    assert calls == []  # refused before anything ran
+
+
 def test_decode_profile_counts_every_decoder_matmul_weight_once_and_times_inside_the_layers():
     import torch.nn as nn
 

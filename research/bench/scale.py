@@ -44,15 +44,17 @@ MODELS = {
 # setting -> the quality.py row at each budget (the best rows of results/quality.md on Gemma-3-270M, on windows
 # started with BOS: distillation alone beat refit + distill at 10%, 20% and 30%; loss-aware allocation beat global
 # allocation at every budget, healed at 10% by 10.6 paired SE)
-SETTINGS = {
-    "paper (svd, data-free)": {0.10: "paper/none/none", 0.20: "paper/none/none"},
-    "best data-free": {0.10: "best-free/none/none", 0.20: "best-free/none/none"},
+_SETTINGS = [  # (key for --settings, label, the row at each budget)
+    ("paper", "paper (svd, data-free)", {0.10: "paper/none/none", 0.20: "paper/none/none"}),
+    ("free", "best data-free", {0.10: "best-free/none/none", 0.20: "best-free/none/none"}),
     # healed at lr 3e-5: on Gemma-3-270M lr 1e-4 mostly healed windows without BOS (results/heal_zeroshot.md)
-    "best without user data (self-generated, healed)": {0.10: "loss-svd_llm/self/distill-lr3e-5",
-                                                         0.20: "loss-llm_rom/self/distill-lr3e-5"},
-    "best with user data (C4, healed)": {0.10: "loss-svd_llm/c4/distill-lr3e-5",
-                                         0.20: "loss-llm_rom/c4/distill-lr3e-5"},
-}
+    ("self", "best without user data (self-generated, healed)", {0.10: "loss-svd_llm/self/distill-lr3e-5",
+                                                                0.20: "loss-llm_rom/self/distill-lr3e-5"}),
+    ("c4", "best with user data (C4, healed)", {0.10: "loss-svd_llm/c4/distill-lr3e-5",
+                                                0.20: "loss-llm_rom/c4/distill-lr3e-5"}),
+]
+SETTINGS = {label: rows_at for _, label, rows_at in _SETTINGS}
+SETTING_KEYS = {key: label for key, label, _ in _SETTINGS}
 
 
 def quality_cmd(model: str) -> list[str]:
@@ -67,13 +69,18 @@ def cmd_run(args) -> int:
     for model in models:
         if model not in MODELS:
             raise SystemExit(f"unknown model {model!r}: one of {', '.join(MODELS)}")
+    keys = args.settings.split(",") if args.settings else list(SETTING_KEYS)
+    for key in keys:
+        if key not in SETTING_KEYS:
+            raise SystemExit(f"unknown setting {key!r}: one of {', '.join(SETTING_KEYS)}")
+    for model in models:
         MODELS[model][1].parent.mkdir(parents=True, exist_ok=True)
         # perplexity and zero-shot of new points first; then zero-shot for points measured before it was asked for
         # (Gemma's, from quality.json) and for the dense baseline; then the windows started with BOS for points
         # measured before quality.py scored them (rebuilt and checked to be the measured model)
         for command in (["run", "--zeroshot"], ["zeroshot", "--dense"], ["bos", "--dense"]):
             for budget in BUDGETS:
-                rows = ",".join(rows_at[budget] for rows_at in SETTINGS.values())
+                rows = ",".join(SETTINGS[SETTING_KEYS[key]][budget] for key in keys)
                 code = subprocess.call(quality_cmd(model) + command + ["--budgets", str(budget), "--only", rows,
                                                                        "--max-minutes", str(args.max_minutes)])
                 if code:
@@ -98,15 +105,12 @@ def collect() -> dict:
         by = _by(results)
         dense = by.get(("dense", 0.0))
         sizes = params_of(by)
-        out["models"][model] = {
-            "results": str(path.relative_to(REPO)), "options": options,
-            "params_total": sizes[0] if sizes else None, "params_decoder": sizes[1] if sizes else None,
-            "dense_perplexity": dense["perplexity"]["perplexity"] if dense else None,
-            "dense_zeroshot": dense["zeroshot"]["avg"] if dense and dense.get("zeroshot") else None}
+        study = [dense]
         for setting, rows_at in SETTINGS.items():
             for budget in BUDGETS:
                 p = by.get((rows_at[budget], budget))
                 rec = {"model": model, "setting": setting, "budget": budget, "row": rows_at[budget]}
+                study.append(p)
                 if p and dense:
                     rec["removed"] = p["decoder_reduction"]
                     rec["ppl_ratio"], rec["ppl_ratio_se"] = ppl_ratio(p, dense)
@@ -115,7 +119,22 @@ def collect() -> dict:
                     if r:
                         rec["retention"], rec["retention_se"] = r
                 out["points"].append(rec)
+        # what a point costs on this model, measured: building it (compress + heal) with its perplexity, and its
+        # zero-shot, apart (zero-shot is often added by a later command)
+        built = [p.get("build_wall_seconds", 0.0) + p["perplexity"]["seconds"] for p in study if p]
+        zeroshot = [p["zeroshot"]["seconds"] for p in study if p and p.get("zeroshot")]
+        out["models"][model] = {
+            "results": str(path.relative_to(REPO)), "options": options,
+            "params_total": sizes[0] if sizes else None, "params_decoder": sizes[1] if sizes else None,
+            "dense_perplexity": dense["perplexity"]["perplexity"] if dense else None,
+            "dense_zeroshot": dense["zeroshot"]["avg"] if dense and dense.get("zeroshot") else None,
+            "minutes_build_perplexity": _median(built) / 60 if built else None,
+            "minutes_zeroshot": _median(zeroshot) / 60 if zeroshot else None}
     return out
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 def verdict(data: dict) -> list[str]:
@@ -179,13 +198,15 @@ def cmd_report(args) -> int:
              "documents, paired per document. Exceptions per model are in the table. The models are instruct or "
              "coder models except Gemma-3-270M (base): only ratios against each model's own dense baseline are "
              "compared, never absolute numbers across models.", "",
-             "| model | parameters | decoder share | protocol | dense perplexity | dense zero-shot |",
-             "|---|---|---|---|---|---|"]
+             "| model | parameters | decoder share | protocol | dense perplexity | dense zero-shot | minutes per point "
+             "(median measured: build + perplexity; zero-shot) |",
+             "|---|---|---|---|---|---|---|"]
     for model, m in data["models"].items():
         share = m["params_decoder"] / m["params_total"] if m["params_total"] else None
         lines.append(f"| {model} | {_f(m['params_total'], ',')} | {_f(share, '.0%')} | "
                      f"{' '.join(m['options']) or 'full (32 windows, 250 documents, float32)'} | "
-                     f"{_f(m['dense_perplexity'], '.3f')} | {_f(m['dense_zeroshot'], '.4f')} |")
+                     f"{_f(m['dense_perplexity'], '.3f')} | {_f(m['dense_zeroshot'], '.4f')} | "
+                     f"{_f(m['minutes_build_perplexity'], '.1f')}; {_f(m['minutes_zeroshot'], '.1f')} |")
     lines += ["", "## Results", "", "| setting | budget | " + " | ".join(data["models"]) + " |",
               "|---|---|" + "---|" * len(data["models"])]
     for setting in SETTINGS:
@@ -214,7 +235,8 @@ def cmd_report(args) -> int:
     if missing:
         lines += ["## Not measured yet", "", f"{len(missing)} of {len(data['points'])} model × setting × budget "
                   "points: " + ", ".join(f"{p['model']} {p['row']} @ {p['budget']:.0%}" for p in missing) + ".",
-                  "`python research/bench/scale.py run` continues where it stopped.", ""]
+                  "`python research/bench/scale.py run` continues where it stopped; `--settings paper,free` measures "
+                  "the data-free points (no calibration, no healing) on every model before the healed ones.", ""]
     OUT_MD.write_text("\n".join(lines) + "\n")
     _plot(data)
     print(f"wrote {OUT_MD.relative_to(REPO)}, {OUT_JSON.name} and {OUT_PNG.name}")
@@ -258,6 +280,9 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="measure, model by model (resumable)")
     run.add_argument("--models", default="", help=f"comma-separated, default all: {','.join(MODELS)}")
+    run.add_argument("--settings", default="", help="comma-separated, default all: "
+                     + ", ".join(f"{key} ({label})" for key, label in SETTING_KEYS.items())
+                     + "; e.g. the cheap data-free points on every model first: --settings paper,free")
     run.add_argument("--max-minutes", type=float, default=600.0, help="start no new point after this long")
     run.set_defaults(func=cmd_run)
     sub.add_parser("report").set_defaults(func=cmd_report)
