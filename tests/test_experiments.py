@@ -558,6 +558,44 @@ def test_scale_run_measures_only_the_settings_asked_for_and_refuses_unknown_ones
     assert calls == []  # refused before anything ran
 
 
+def test_speed_bench_layouts_are_timed_on_the_same_model_and_put_back_exactly(tokens):
+    import torch
+    import torch.nn as nn
+
+    from conftest import tiny_model
+    from jointrank import compress_
+    from jointrank.modules import LowRankLinear
+    from jointrank.plan import GroupRule, JointRankConfig
+    from research.bench.inference_speed import layout, targets
+
+    model = tiny_model("llama")
+    compress_(model, JointRankConfig(rules={"gate_up": GroupRule("joint")}, ratio=0.5), progress=False)
+    factors = [m.out.weight for m in model.modules() if isinstance(m, LowRankLinear)]
+    dense = [m.weight for m in model.model.layers.modules() if isinstance(m, nn.Linear)
+             and all(m.weight is not f for f in factors)]
+    column = lambda w: w.stride() == (1, w.shape[0])  # noqa: E731
+    with torch.no_grad():
+        before = model(tokens).logits
+        with layout(model, "row"):
+            assert not any(column(w) for w in factors)
+        assert all(column(w) for w in factors) and not any(column(w) for w in dense)
+        with layout(model, "column"):
+            assert all(column(w) for w in dense + factors)
+        assert all(column(w) for w in factors) and not any(column(w) for w in dense)
+        assert torch.equal(model(tokens).logits, before)
+    # the decode target is also judged against dense given the same layout, so the layout is not credited to
+    # compression
+    results = {"params": {"dense": {"params_total": 10}, "joint@20%": {"params_total": 8}},
+               "ratios": {"float32": {"dense": {"decode": 1.0, "prefill_b1": 1.0},
+                                      "dense column-major": {"decode": 1.2},
+                                      "joint@20%": {"decode": 1.5, "prefill_b1": 1.3},
+                                      "joint@20% row-major": {"decode": 1.1}}}}
+    got = {t["target"]: t for t in targets(results)}
+    assert got["decode >= 1.15x dense"]["measured"] == 1.5 and got["decode >= 1.15x dense"]["met"]
+    fair = got["decode >= 1.15x dense, same layout"]
+    assert fair["measured"] == pytest.approx(1.25) and fair["met"] and len(got) == 3  # + prefill; no row-major entry
+
+
 def test_decode_profile_counts_every_decoder_matmul_weight_once_and_times_inside_the_layers():
     import torch.nn as nn
 

@@ -204,3 +204,44 @@ def test_plan_table_shows_modelled_cost():
     e = plan.factorised[0]
     cost = unit_cost(e.d_outs, e.d_in, e.rank)
     assert "MACs/token vs dense" in text and f"{cost.factorised_macs / cost.dense_macs:.2f}x" in text
+
+
+def _column_major(module: LowRankLinear) -> bool:
+    w = module.out.weight
+    return w.stride() == (1, w.shape[0])
+
+
+def test_output_factors_are_column_major_only_in_float32_on_cpu_with_the_same_logits_and_saved_bytes(tokens, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import jointrank
+
+    model = tiny_model("llama")
+    result = compress_(model, JOINT, progress=False)
+    low_rank = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    assert low_rank and all(_column_major(m) for m in low_rank)  # compressed in float32 on a CPU
+    with torch.no_grad():
+        column = model(tokens).logits
+        LowRankLinear.column_major = False
+        try:
+            jointrank.modules.relayout_(model)
+            assert not any(_column_major(m) for m in low_rank)
+            row = model(tokens).logits
+            row_dir = jointrank.save(model, None, tmp_path / "row", result, source="tiny")
+        finally:
+            LowRankLinear.column_major = True
+        jointrank.modules.relayout_(model)
+        torch.testing.assert_close(column, row, rtol=1e-5, atol=1e-5)  # same values, another summation order
+        out = jointrank.save(model, None, tmp_path / "column", result, source="tiny")
+        saved, saved_row = load_file(str(out / "model.safetensors")), load_file(str(row_dir / "model.safetensors"))
+        assert saved.keys() == saved_row.keys() and all(torch.equal(saved[k], saved_row[k]) for k in saved)
+        # transformers assigns the stored (row-major) tensors when loading: the load hook lays them out again
+        reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert all(_column_major(m) for m in reloaded.modules() if isinstance(m, LowRankLinear))
+        torch.testing.assert_close(reloaded(tokens).logits, column, rtol=0, atol=0)
+        # bfloat16 decodes faster row-major: .to() lays every factor out again
+        model.to(torch.bfloat16)
+        assert not any(_column_major(m) for m in low_rank)
+        model.to(torch.float32)  # (transformers refuses .float() on a model with a quantization_config)
+        assert all(_column_major(m) for m in low_rank)

@@ -58,6 +58,12 @@ class JointRankHfQuantizer(HfQuantizer):
         verify_on_load(model, checkpoint_files, self.quantization_config.units)
         return model
 
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        from .modules import relayout_
+
+        relayout_(model)  # loading assigns the stored (row-major) tensors
+        return model
+
     def is_serializable(self, **kwargs):
         return True
 

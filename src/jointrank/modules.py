@@ -122,6 +122,29 @@ class LowRankLinear(nn.Module):
         shared = self.shared_basis
         return shared.weight if shared is not None else self.basis.weight
 
+    def _apply(self, fn, recurse=True):  # .to(dtype or device), .float(), ...: keep the layout right for the result
+        module = super()._apply(fn, recurse)
+        self.relayout_()
+        return module
+
+    @torch.no_grad()
+    def relayout_(self) -> None:
+        """Store the output factor A (d_out, k) column-major on a CPU in float32, row-major otherwise.
+
+        Same values, same shape, same state-dict bytes (saving makes tensors contiguous); only the memory order
+        changes, and with it the kernel a one-token matmul takes. Decoding one token at a time on a CPU, a tall
+        float32 factor read column-major ran faster, while in bfloat16 the column-major order was slower: hence by
+        dtype (research/bench/inference_speed.py `--layouts` measures both orders on a whole model).
+        """
+        weight = self.out._parameters.get("weight")
+        if weight is None or weight.dim() != 2 or min(weight.shape) < 2:
+            return
+        column = weight.device.type == "cpu" and weight.dtype == torch.float32 and LowRankLinear.column_major
+        if column != (weight.stride() == (1, weight.shape[0])):
+            weight.data = weight.data.t().contiguous().t() if column else weight.data.contiguous()
+
+    column_major = True  # class-wide switch for the layout above (benchmarks compare both)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shared = self.shared_basis
         hidden = shared.project(x) if shared is not None else self.basis(x)
@@ -157,7 +180,16 @@ def install_unit(model: nn.Module, members: tuple[str, ...] | list[str], rank: i
         parent_name, attr = name.rsplit(".", 1)
         new = LowRankLinear(old.in_features, old.out_features, rank, old.bias is not None, shared_basis=basis,
                             **factory)
+        new.relayout_()  # factors copied in later keep this layout (copy_ writes in place)
         setattr(model.get_submodule(parent_name), attr, new)
+
+
+def relayout_(model: nn.Module) -> None:
+    """Every low-rank layer's output factor in the layout its device and dtype decode fastest with (see
+    LowRankLinear.relayout_); for weights that arrived by assignment rather than copy (transformers' loading)."""
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            module.relayout_()
 
 
 @torch.no_grad()

@@ -211,6 +211,7 @@ def _quanto_view(spec: WeightSpec, d_out: int, d_in: int, data, scale, shift=Non
 def fit_grid(weight: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(scale, zero point or None) the scheme stores `weight` with: absmax per channel (8 bits), HQQ per group (4)."""
     quanto = _quanto()
+    weight = weight.contiguous()  # a low-rank output factor may be held column-major (LowRankLinear.relayout_)
     if spec.bits == 8:
         return quanto.AbsmaxOptimizer()(weight, quanto.qint8, axis=spec.axis), None
     scale, shift = quanto.HqqOptimizer()(weight, quanto.qint4, axis=spec.axis, group_size=spec.group_size)
@@ -220,6 +221,7 @@ def fit_grid(weight: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torc
 def _on_grid(weight: torch.Tensor, spec: WeightSpec, grid: tuple):
     """optimum-quanto's quantised tensor of `weight` on a given grid (rounding only, no fitting)."""
     quanto = _quanto()
+    weight = weight.contiguous()
     scale, shift = grid
     if spec.bits == 8:
         return quanto.quantize_weight(weight, quanto.qint8, axis=spec.axis, scale=scale, optimized=False)
