@@ -543,6 +543,20 @@ def test_scale_targets_judge_retention_at_ten_percent_and_carry_the_decode_targe
     assert all({"name", "measured", "target", "met"} <= set(t) for t in got)
 
 
+@pytest.mark.parametrize("arch,prior", [("gemma3_text", "residual"), ("llama", "flat"), ("qwen2", "flat")])
+def test_best_free_takes_the_residual_prior_only_where_the_model_has_post_block_norms(arch, prior):
+    from conftest import tiny_model
+    from jointrank import plan_for
+    from research.bench.quality import config_for_model
+
+    model = tiny_model(arch)
+    config = config_for_model("best-free", 0.2, model)
+    assert config.allocation_prior == prior
+    plan = plan_for(model, config)  # the residual prior would raise on llama and qwen2
+    assert 1 - plan.params_decoder_after / plan.params_decoder_before == pytest.approx(0.2, abs=0.02)
+    assert config_for_model("best-free", 0.1, model).allocation_prior == "flat"
+
+
 def test_scale_run_measures_only_the_settings_asked_for_and_refuses_unknown_ones(monkeypatch):
     from research.bench import scale
 

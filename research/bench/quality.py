@@ -151,6 +151,17 @@ def config_for(structure: str, budget: float):
                            share_layers=share_layers, share_groups=share_groups)
 
 
+def config_for_model(structure: str, budget: float, model):
+    """config_for, fitted to the model: the residual prior reads the norms after each block (Gemma-2/3), so on other
+    families (the scale study's Llama and Qwen2 models) best-free at 20-30% takes the same allocation with the flat
+    prior."""
+    config = config_for(structure, budget)
+    if config.allocation_prior == "residual" and not any(n.endswith("post_feedforward_layernorm.weight")
+                                                         for n, _ in model.named_parameters()):
+        config.allocation_prior = "flat"
+    return config
+
+
 def prior_for(structure: str, budget: float) -> str | None:
     if structure == "best-free":
         return "flat" if budget <= 0.10 else "residual"
@@ -342,7 +353,9 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
     # the peak RSS after each phase (only ever rises) and each phase's own peak: which phase sets the peak
     PEAKS.end("load")
     facts["peak_rss_gib_after"], facts["peak_rss_gib_in"] = PEAKS.after, PEAKS.own
-    config = config_for(structure, budget)
+    config = config_for_model(structure, budget, model)
+    if config.allocation_prior != config_for(structure, budget).allocation_prior:
+        facts["allocation_prior"] = f"{config.allocation_prior} (the residual prior needs post-block norms)"
     calibration = None
     t = time.perf_counter()
     if cal_kind == "c4":

@@ -226,7 +226,9 @@ def cmd_report(args) -> int:
     lines += ["", "Each cell: perplexity / dense ± paired SE, on the windows each started with BOS where both were "
               "measured so, else on the standard windows (marked no BOS); zero-shot retention (average accuracy / "
               "dense) ± paired SE. Rows: " + "; ".join(f"{s} = `{r[0.10]}` at 10%, `{r[0.20]}` at 20%"
-                                               for s, r in SETTINGS.items()) + ".", "",
+                                               for s, r in SETTINGS.items()) + ". `best-free` at 20% allocates "
+              "globally with the residual prior on Gemma-3-270M and with the flat prior on the others (the residual "
+              "prior reads norms after each block, which the Llama and Qwen2 families lack).", "",
               "## Verdict", "", *(verdict(data) or ["* No zero-shot points yet."]),
               *(f"* {t['name']}: {t['measured']:.3f}x, {'met' if t['met'] else '**not met**'} ({t['source']})"
                 for t in data["targets"] if "source" in t),
