@@ -557,6 +557,22 @@ def test_best_free_takes_the_residual_prior_only_where_the_model_has_post_block_
     assert config_for_model("best-free", 0.1, model).allocation_prior == "flat"
 
 
+def test_scale_extrapolation_solves_a_power_law_for_the_papers_loss_and_says_when_it_cannot():
+    from research.bench import scale
+
+    models = {"a": {"params_total": 10**8}, "b": {"params_total": 10**9}, "c": {"params_total": 10**10},
+              "d": {"params_total": None}}
+    # loss = 0.24 * (N / 1e8)^-0.5 exactly: 24% at 1e8, 7.6% at 1e9, 2.4% at 1e10; 1.2% at 4e10
+    pts = [{"model": m, "retention": 1 - 0.24 * (models[m]["params_total"] / 1e8) ** -0.5, "retention_se": 0.01}
+           for m in "abc"]
+    text = scale.extrapolation({"models": models}, pts)
+    assert "loss ∝ N^-0.50" in text and "about 4e+10 parameters" in text
+    assert "before 3 models" in scale.extrapolation({"models": models}, pts[:2] + [{"model": "d", "retention": 0.9, "retention_se": 0.01}])
+    rising = [dict(p, retention=1 - 0.01 * i) for i, p in enumerate(pts, 1)]
+    assert "does not fall with size" in scale.extrapolation({"models": models}, rising)
+    assert "lost nothing" in scale.extrapolation({"models": models}, pts[:2] + [dict(pts[2], retention=1.01)])
+
+
 def test_scale_run_measures_only_the_settings_asked_for_and_refuses_unknown_ones(monkeypatch):
     from research.bench import scale
 
