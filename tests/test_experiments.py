@@ -567,7 +567,8 @@ def test_scale_extrapolation_solves_a_power_law_for_the_papers_loss_and_says_whe
            for m in "abc"]
     text = scale.extrapolation({"models": models}, pts)
     assert "loss ∝ N^-0.50" in text and "about 4e+10 parameters" in text
-    assert "before 3 models" in scale.extrapolation({"models": models}, pts[:2] + [{"model": "d", "retention": 0.9, "retention_se": 0.01}])
+    unsized = {"model": "d", "retention": 0.9, "retention_se": 0.01}  # no parameter count: not fitted
+    assert "before 3 models" in scale.extrapolation({"models": models}, pts[:2] + [unsized])
     rising = [dict(p, retention=1 - 0.01 * i) for i, p in enumerate(pts, 1)]
     assert "does not fall with size" in scale.extrapolation({"models": models}, rising)
     assert "lost nothing" in scale.extrapolation({"models": models}, pts[:2] + [dict(pts[2], retention=1.01)])
