@@ -574,6 +574,18 @@ def test_scale_extrapolation_solves_a_power_law_for_the_papers_loss_and_says_whe
     assert "lost nothing" in scale.extrapolation({"models": models}, pts[:2] + [dict(pts[2], retention=1.01)])
 
 
+def test_scale_above_chance_is_zero_for_guessing_and_one_for_dense():
+    from research.bench import scale
+    from research.common import CHANCE
+
+    chance = sum(CHANCE[t] for t in scale.ZS_TASKS) / len(scale.ZS_TASKS)
+    dense = {"zeroshot": {"avg": 0.5}}
+    assert scale.above_chance((1.0, 0.02), dense) == pytest.approx((1.0, 0.02 * 0.5 / (0.5 - chance)))
+    assert scale.above_chance((chance / 0.5, 0.02), dense)[0] == pytest.approx(0.0, abs=1e-12)
+    kept, _ = scale.above_chance((0.9, 0.02), dense)  # 10% of the accuracy lost is far more of what beats guessing
+    assert kept == pytest.approx((0.45 - chance) / (0.5 - chance)) and kept < 0.9
+
+
 def test_scale_run_measures_only_the_settings_asked_for_and_refuses_unknown_ones(monkeypatch):
     from research.bench import scale
 

@@ -24,6 +24,7 @@ if str(REPO) not in sys.path:  # run as a script: make `research` importable
     sys.path.insert(0, str(REPO))
 
 from research.bench.quality import BOS, ZS_TASKS, _by, nll_key, ppl_ratio, zs_retention  # noqa: E402
+from research.common import CHANCE  # noqa: E402
 
 OUT_MD, OUT_JSON, OUT_PNG = (REPO / "results" / f"scale.{ext}" for ext in ("md", "json", "png"))
 BUDGETS = (0.10, 0.20)
@@ -119,6 +120,7 @@ def collect() -> dict:
                     r = zs_retention(p, dense)
                     if r:
                         rec["retention"], rec["retention_se"] = r
+                        rec["above_chance"], rec["above_chance_se"] = above_chance(r, dense)
                 out["points"].append(rec)
         # what a point costs on this model, measured: building it (compress + heal) with its perplexity, and its
         # zero-shot, apart (zero-shot is often added by a later command)
@@ -136,6 +138,16 @@ def collect() -> dict:
 
 def _median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
+
+
+def above_chance(retention: tuple[float, float], dense: dict) -> tuple[float, float]:
+    """What share of dense's accuracy *above guessing* a point keeps: (acc - chance) / (dense - chance), the chance
+    level being the average of the tasks' (1/choices). A small model scores near chance, so its plain retention
+    (acc / dense) looks high even when the compressed model only guesses (SmolLM2-135M: 0.43 dense, chance 0.36)."""
+    chance = sum(CHANCE[t] for t in ZS_TASKS) / len(ZS_TASKS)
+    dense_avg = dense["zeroshot"]["avg"]
+    ratio, se = retention
+    return (ratio * dense_avg - chance) / (dense_avg - chance), se * dense_avg / (dense_avg - chance)
 
 
 def verdict(data: dict) -> list[str]:
@@ -248,14 +260,17 @@ def cmd_report(args) -> int:
                 if "ppl_ratio" not in p:
                     cells.append("not measured")
                     continue
-                z = (f"{100 * p['retention']:.1f}% ± {100 * p['retention_se']:.1f}" if "retention" in p
+                z = (f"{100 * p['retention']:.1f}% ± {100 * p['retention_se']:.1f} ({100 * p['above_chance']:.0f}% "
+                     f"± {100 * p['above_chance_se']:.0f} above chance)" if "retention" in p
                      else "zero-shot not measured")
                 cells.append(f"ppl {p['ppl_ratio']:.2f}x ± {p['ppl_ratio_se']:.2f}"
                              f"{'' if p.get('ppl_windows_bos') else ' (no BOS)'}; {z}")
             lines.append(f"| {setting} | {budget:.0%} | " + " | ".join(cells) + " |")
     lines += ["", "Each cell: perplexity / dense ± paired SE, on the windows each started with BOS where both were "
               "measured so, else on the standard windows (marked no BOS); zero-shot retention (average accuracy / "
-              "dense) ± paired SE. Rows: " + "; ".join(f"{s} = `{r[0.10]}` at 10%, `{r[0.20]}` at 20%"
+              "dense) ± paired SE, and in brackets the share of dense's accuracy above guessing kept, (accuracy - "
+              "chance) / (dense - chance), chance being the tasks' average 1/choices: near 0% the compressed model "
+              "only guesses. Rows: " + "; ".join(f"{s} = `{r[0.10]}` at 10%, `{r[0.20]}` at 20%"
                                                for s, r in SETTINGS.items()) + ". `best-free` at 20% allocates "
               "globally with the residual prior on Gemma-3-270M and with the flat prior on the others (the residual "
               "prior reads norms after each block, which the Llama and Qwen2 families lack).", "",
