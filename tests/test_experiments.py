@@ -550,11 +550,30 @@ def test_best_free_takes_the_residual_prior_only_where_the_model_has_post_block_
     from research.bench.quality import config_for_model
 
     model = tiny_model(arch)
-    config = config_for_model("best-free", 0.2, model)
-    assert config.allocation_prior == prior
+    config, changed = config_for_model("best-free", 0.2, model)
+    assert config.allocation_prior == prior and (changed is None) == (prior == "residual")
     plan = plan_for(model, config)  # the residual prior would raise on llama and qwen2
     assert 1 - plan.params_decoder_after / plan.params_decoder_before == pytest.approx(0.2, abs=0.02)
-    assert config_for_model("best-free", 0.1, model).allocation_prior == "flat"
+    assert config_for_model("best-free", 0.1, model)[1] is None
+
+
+@pytest.mark.parametrize("structure", ["paper", "best-free"])
+def test_the_papers_ten_percent_structure_gives_way_to_its_twenty_percent_one_where_it_cannot_reach_the_budget(
+        structure):
+    from conftest import tiny_model
+    from jointrank import JointRankError, plan_for
+    from research.bench.quality import config_for, config_for_model
+
+    # grouped-query attention beside a wide MLP (Qwen2.5-Coder's shape): Q and K hold too little to remove 10%
+    model = tiny_model("llama", intermediate_size=1024, num_key_value_heads=1)
+    with pytest.raises(JointRankError, match="cannot remove 10.0%"):
+        plan_for(model, config_for(structure, 0.1))
+    config, changed = config_for_model(structure, 0.1, model)
+    assert "structure (the 10% one cannot remove 10% of this decoder)" in changed
+    assert config.rules == config_for(structure, 0.2).rules and config.target == 0.1
+    plan = plan_for(model, config)
+    assert 1 - plan.params_decoder_after / plan.params_decoder_before == pytest.approx(0.1, abs=0.01)
+    assert config_for_model(structure, 0.1, tiny_model("llama"))[1] is None  # reachable: the paper's own
 
 
 def test_scale_extrapolation_solves_a_power_law_for_the_papers_loss_and_says_when_it_cannot():
@@ -584,6 +603,20 @@ def test_scale_above_chance_is_zero_for_guessing_and_one_for_dense():
     assert scale.above_chance((chance / 0.5, 0.02), dense)[0] == pytest.approx(0.0, abs=1e-12)
     kept, _ = scale.above_chance((0.9, 0.02), dense)  # 10% of the accuracy lost is far more of what beats guessing
     assert kept == pytest.approx((0.45 - chance) / (0.5 - chance)) and kept < 0.9
+
+
+def test_scale_report_shows_a_failed_point_with_its_error_instead_of_failing(monkeypatch, tmp_path):
+    import json
+
+    from research.bench import scale
+
+    dense = {"row": "dense", "budget": 0.0, "perplexity": {"perplexity": 20.0, "per_window_nll": [3.0, 3.0],
+                                                            "windows": [0, 1], "seconds": 10.0}}
+    failed = {"row": "paper/none/none", "budget": 0.1, "error": "Traceback ...\nJointRankError: cannot remove 10.0%"}
+    (tmp_path / "m.json").write_text(json.dumps({"points": [dense, failed]}))
+    monkeypatch.setattr(scale, "MODELS", {"m": ([], tmp_path / "m.json")})
+    rec = next(p for p in scale.collect()["points"] if p["row"] == "paper/none/none" and p["budget"] == 0.1)
+    assert rec["error"] == "JointRankError: cannot remove 10.0%" and "ppl_ratio" not in rec
 
 
 def test_scale_run_measures_only_the_settings_asked_for_and_refuses_unknown_ones(monkeypatch):

@@ -104,7 +104,8 @@ def collect() -> dict:
     out = {"models": {}, "points": []}
     for model, (options, path) in MODELS.items():
         results = json.loads(path.read_text()) if path.is_file() else {"points": []}
-        by = _by(results)
+        by = _by(results)  # the measured points
+        failures = {(p["row"], p["budget"]): p for p in results["points"] if "perplexity" not in p}
         dense = by.get(("dense", 0.0))
         sizes = params_of(by)
         study = [dense]
@@ -112,6 +113,9 @@ def collect() -> dict:
             for budget in BUDGETS:
                 p = by.get((rows_at[budget], budget))
                 rec = {"model": model, "setting": setting, "budget": budget, "row": rows_at[budget]}
+                failed = failures.get((rows_at[budget], budget))  # on record with its error; `run` tries again
+                if p is None and failed is not None:
+                    rec["error"] = failed.get("error", "no perplexity").strip().splitlines()[-1][-200:]
                 study.append(p)
                 if p and dense:
                     rec["removed"] = p["decoder_reduction"]
@@ -127,7 +131,7 @@ def collect() -> dict:
         built = [p.get("build_wall_seconds", 0.0) + p["perplexity"]["seconds"] for p in study if p]
         zeroshot = [p["zeroshot"]["seconds"] for p in study if p and p.get("zeroshot")]
         out["models"][model] = {
-            "results": str(path.relative_to(REPO)), "options": options,
+            "results": str(path.relative_to(REPO) if path.is_relative_to(REPO) else path), "options": options,
             "params_total": sizes[0] if sizes else None, "params_decoder": sizes[1] if sizes else None,
             "dense_perplexity": dense["perplexity"]["perplexity"] if dense else None,
             "dense_zeroshot": dense["zeroshot"]["avg"] if dense and dense.get("zeroshot") else None,
@@ -258,7 +262,7 @@ def cmd_report(args) -> int:
                 p = next(q for q in data["points"] if q["model"] == model and q["setting"] == setting
                          and q["budget"] == budget)
                 if "ppl_ratio" not in p:
-                    cells.append("not measured")
+                    cells.append(f"failed ({p['error']})" if "error" in p else "not measured")
                     continue
                 z = (f"{100 * p['retention']:.1f}% ± {100 * p['retention_se']:.1f} ({100 * p['above_chance']:.0f}% "
                      f"± {100 * p['above_chance_se']:.0f} above chance)" if "retention" in p
@@ -273,7 +277,10 @@ def cmd_report(args) -> int:
               "only guesses. Rows: " + "; ".join(f"{s} = `{r[0.10]}` at 10%, `{r[0.20]}` at 20%"
                                                for s, r in SETTINGS.items()) + ". `best-free` at 20% allocates "
               "globally with the residual prior on Gemma-3-270M and with the flat prior on the others (the residual "
-              "prior reads norms after each block, which the Llama and Qwen2 families lack).", "",
+              "prior reads norms after each block, which the Llama and Qwen2 families lack). Where the paper's 10% "
+              "structure (separate Q and K) cannot remove 10% of the decoder (the Qwen2.5-Coder models: grouped-query "
+              "attention beside a wide MLP), `paper` and `best-free` at 10% use their 20% structure (paper-20; all "
+              "groups, balanced) at the 10% target; each point records what was changed (`config_changed`).", "",
               "## Verdict", "", *(verdict(data) or ["* No zero-shot points yet."]),
               *(f"* {t['name']}: {t['measured']:.3f}x, {'met' if t['met'] else '**not met**'} ({t['source']})"
                 for t in data["targets"] if "source" in t),
