@@ -26,7 +26,7 @@ def write(results: Path = Path("results")) -> Path:
             sections.append(fn(exp))
         except (KeyError, ValueError, TypeError, ZeroDivisionError) as exc:  # an old or partial file: say so
             sections.append(f"## {fn.__name__.strip('_')}\n\n**could not be rendered**: {type(exc).__name__}: {exc}\n")
-    sections.insert(1, _summary(sections[1:], _models(exp)))
+    sections.insert(1, _summary(sections[1:], _models(exp), _scale_verdicts(results / "scale.json")))
     path = results / "REPORT.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".md.tmp")
@@ -53,14 +53,25 @@ def _models(exp: Path) -> list[str]:
     return sorted(found)
 
 
-def _summary(sections: list[str], models: list[str] | None = None) -> str:
+def _scale_verdicts(path: Path) -> list[str]:
+    """The scale study's verdict lines as results/scale.json recorded them (written by scale.py report)."""
+    try:
+        return list(json.loads(path.read_text()).get("verdict") or [])
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def _summary(sections: list[str], models: list[str] | None = None, scale: list[str] | None = None) -> str:
     """The verdict lines of every section, gathered at the top (copied from the sections, never retyped)."""
     out = ["## Summary of verdicts", ""]
     if models:
         out += [f"Every verdict below holds for the model the experiments ran on: {', '.join(models)}. Small models "
                 "degrade more than large ones at the same reduction (SliceGPT, arXiv 2401.15024); the scale study "
-                "(`research/bench/scale.py`, results/scale.md when run) measures the paper's settings on three more "
+                "(`research/bench/scale.py`, results/scale.md) measures the paper's settings on three more "
                 "models, 135M to 1.5B parameters.", ""]
+    if scale:
+        out += ["What the scale study says so far (copied from results/scale.json; its cells, with the share of "
+                "accuracy above guessing, are in results/scale.md):", "", *scale, ""]
     for text in sections:
         lines = text.splitlines()
         title = next((l[3:] for l in lines if l.startswith("## ")), "?")
