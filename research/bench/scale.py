@@ -1,6 +1,7 @@
 """Scale study: what 10% and 20% of the decoder cost on four real models, 135M to 1.5B parameters.
 
-    python research/bench/scale.py run [--models smollm2-135m,...] [--max-minutes 60]   # resumable, model by model
+    python research/bench/scale.py run [--models smollm2-135m,...] [--settings paper,free] [--max-minutes 60]
+        # resumable, model by model; --settings paper,free: the cheap data-free points first
     python research/bench/scale.py report     # results/scale.md + scale.json + scale.png from the per-model JSONs
 
 Each model is measured by research/bench/quality.py with that model's protocol (global options forwarded to every
