@@ -308,8 +308,9 @@ def _plot(data: dict) -> None:
     except ImportError:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for setting in SETTINGS:
+    for i, setting in enumerate(SETTINGS):
         for budget, style in zip(BUDGETS, ("-o", "--s")):
+            color = f"C{i}"  # one colour per setting on both panels (the legend is drawn on one), style per budget
             pts = [(data["models"][p["model"]]["params_total"], p) for p in data["points"]
                    if p["setting"] == setting and p["budget"] == budget and "ppl_ratio" in p]
             pts.sort(key=lambda x: x[0])
@@ -319,12 +320,21 @@ def _plot(data: dict) -> None:
             zs = [(n, p) for n, p in pts if "retention" in p]
             if zs:
                 axes[0].errorbar([n for n, _ in zs], [100 * p["retention"] for _, p in zs],
-                                 yerr=[200 * p["retention_se"] for _, p in zs], fmt=style, capsize=3, label=label)
+                                 yerr=[200 * p["retention_se"] for _, p in zs], fmt=style, color=color, capsize=3,
+                                 label=label)
             axes[1].errorbar([n for n, _ in pts], [p["ppl_ratio"] for _, p in pts],
-                             yerr=[2 * p["ppl_ratio_se"] for _, p in pts], fmt=style, capsize=3, label=label)
+                             yerr=[2 * p["ppl_ratio_se"] for _, p in pts], fmt=style, color=color, capsize=3,
+                             label=label)
     axes[0].axhline(100 * PAPER_CLAIM, color="grey", lw=0.8, ls=":")
     axes[0].set(xscale="log", xlabel="parameters (dense)", ylabel="zero-shot retention, % of dense (± 2 SE)")
     axes[1].set(xscale="log", yscale="log", xlabel="parameters (dense)", ylabel="perplexity / dense (± 2 SE)")
+    # one tick per model at its size, the same range on both panels whether or not a model is measured yet
+    sizes = {m: v["params_total"] for m, v in data["models"].items() if v["params_total"]}
+    if sizes:
+        for ax in axes:
+            ax.minorticks_off()
+            ax.set_xticks(list(sizes.values()), [f"{m}\n{n / 1e6:,.0f}M" for m, n in sizes.items()], fontsize=7)
+            ax.set_xlim(min(sizes.values()) / 1.3, max(sizes.values()) * 1.3)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(OUT_PNG, dpi=120)
