@@ -135,3 +135,25 @@ def test_shared_projection_is_computed_once_per_forward(tokens):
     finally:
         torch.nn.functional.linear = original
     assert sum(1 for s in calls if s == basis.shape) == 3 * 2  # qk and gate_up: once per group per layer
+
+
+def test_a_reloaded_checkpoint_fine_tunes_with_the_transformers_trainer(tmp_path):
+    """A jointrank checkpoint is flagged as quantised (so that loading rebuilds its modules); the Trainer refuses a
+    "purely quantized" model unless its quantizer says it trains. Two real steps: every factor moves, loss finite."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    model = tiny_model("llama")
+    result = jointrank.compress_(model, JointRankConfig(rules=ALL_GROUPS, ratio=0.5), progress=False)
+    out = jointrank.save(model, None, tmp_path / "ck", result, source="tiny")
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.is_quantized  # what made the Trainer refuse it
+    before = {n: p.detach().clone() for n, p in reloaded.named_parameters() if ".out." in n or "basis" in n}
+    ids = torch.randint(0, reloaded.config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(output_dir=str(tmp_path / "train"), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
+    trainer = Trainer(model=reloaded, args=args, train_dataset=data)
+    losses = trainer.train()
+    assert torch.isfinite(torch.tensor(losses.training_loss))
+    after = dict(reloaded.named_parameters())
+    assert before and all(not torch.equal(after[n].detach(), w) for n, w in before.items())

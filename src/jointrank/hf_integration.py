@@ -71,6 +71,12 @@ class JointRankHfQuantizer(HfQuantizer):
     def is_trainable(self):
         return True
 
+    @property
+    def is_qat_trainable(self) -> bool:
+        # the factors are ordinary parameters, so the model fine-tunes like a dense one: without this,
+        # transformers' Trainer refuses it as "purely quantized" unless adapters are attached
+        return True
+
 
 def register() -> None:
     # Idempotent: importing jointrank twice (or reloading in a notebook) must not raise "already registered".
