@@ -134,7 +134,8 @@ class LowRankLinear(nn.Module):
         Same values, same shape, same state-dict bytes (saving makes tensors contiguous); only the memory order
         changes, and with it the kernel a one-token matmul takes. Decoding one token at a time on a CPU, a tall
         float32 factor read column-major ran faster, while in bfloat16 the column-major order was slower: hence by
-        dtype (research/bench/inference_speed.py `--layouts` measures both orders on a whole model).
+        dtype (results/matmul_layout.md per matmul; research/bench/inference_speed.py times the whole model both
+        ways in float32).
         """
         weight = self.out._parameters.get("weight")
         if weight is None or weight.dim() != 2 or min(weight.shape) < 2:
