@@ -276,9 +276,9 @@ def time_all(models: dict, args, dtype_name: str, log) -> dict:
         shares = {}
         for v in vs:
             if v["name"] == "dense" or v["target"] == 0.2:
-                with shared_projection(v["share"]), layout(models[v.get("same_model_as", v["name"])], v.get("layout")):
-                    shares[v["name"]] = decode_shares(models[v.get("same_model_as", v["name"])], prompt,
-                                                      args.decode_tokens)
+                model = models[v.get("same_model_as", v["name"])]
+                with shared_projection(v["share"]), layout(model, v.get("layout")):
+                    shares[v["name"]] = decode_shares(model, prompt, args.decode_tokens)
     out = {}
     for v in vs:
         s = samples[v["name"]]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -136,13 +137,9 @@ def collect() -> dict:
             "params_total": sizes[0] if sizes else None, "params_decoder": sizes[1] if sizes else None,
             "dense_perplexity": dense["perplexity"]["perplexity"] if dense else None,
             "dense_zeroshot": dense["zeroshot"]["avg"] if dense and dense.get("zeroshot") else None,
-            "minutes_build_perplexity": _median(built) / 60 if built else None,
-            "minutes_zeroshot": _median(zeroshot) / 60 if zeroshot else None}
+            "minutes_build_perplexity": statistics.median(built) / 60 if built else None,
+            "minutes_zeroshot": statistics.median(zeroshot) / 60 if zeroshot else None}
     return out
-
-
-def _median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
 
 
 def above_chance(retention: tuple[float, float], dense: dict) -> tuple[float, float]:
