@@ -700,3 +700,38 @@ def test_decode_profile_counts_every_decoder_matmul_weight_once_and_times_inside
     shares = decode_shares(model.eval(), prompt, 4)
     inside = sum(k["seconds"] for k in shares["kinds"].values())
     assert 0 < inside <= shares["layers_s"] <= shares["total_s"]
+
+
+def test_scale_compute_needed_scales_healing_by_the_probed_step_time_and_counts_what_it_cannot_estimate():
+    from research.bench import scale
+
+    ref = scale.REFERENCE_MODEL
+    models = {ref: {"dense_zeroshot": 0.5, "minutes": {"data-free": [2.0, 30.0], "healed": [20.0, 15.0]}},
+              "big": {"dense_zeroshot": None, "minutes": {"data-free": [10.0, 40.0], "healed": [None, None]}}}
+    points = [{"model": "big", "row": "paper/none/none", "budget": 0.1},  # not built: build + zero-shot
+              {"model": "big", "row": "paper/none/none", "budget": 0.2, "ppl_ratio": 2.0},  # zero-shot only
+              {"model": "big", "row": "loss-svd_llm/self/distill-lr3e-5", "budget": 0.1},  # healed, none measured
+              {"model": ref, "row": "loss-svd_llm/c4/distill-lr3e-5", "budget": 0.1},  # healed, measured there
+              {"model": ref, "row": "paper/none/none", "budget": 0.1, "ppl_ratio": 2.0, "retention": 0.9}]  # done
+    data = {"models": models, "points": points}
+    probe = {ref: {"seconds_per_step": 5.0, "distill_peak_rss_gib": 3.0},
+             "big": {"seconds_per_step": 15.0, "distill_peak_rss_gib": 20.0}}
+    got = {c["model"]: c for c in scale.compute_needed(data, probe)}
+    assert got[ref]["minutes"] == pytest.approx(20.0 + 30.0) and got[ref]["points"] == 1
+    # dense zero-shot 40 + (10 + 40) + 40 + healed: 10 + (20 - 2) x (15 / 5) + 40
+    assert got["big"]["minutes"] == pytest.approx(40 + 50 + 40 + 10 + 18 * 3 + 40)
+    assert got["big"]["not_estimated"] == 0 and "x3.0" in got["big"]["how"][0]
+    assert got["big"]["distill_peak_rss_gib"] == 20.0
+    unprobed = {c["model"]: c for c in scale.compute_needed(data, {})}["big"]
+    assert unprobed["not_estimated"] == 1 and unprobed["minutes"] == pytest.approx(40 + 50 + 40)
+    assert scale.is_healed("loss-llm_rom/c4/distill-lr3e-5") and not scale.is_healed("best-free/none/none")
+
+
+def test_heal_probe_refuses_an_unknown_model_and_too_few_steps_before_loading_anything(monkeypatch):
+    from research.bench import heal_probe
+
+    monkeypatch.setattr(heal_probe.subprocess, "run", lambda *a, **k: pytest.fail("nothing may run"))
+    with pytest.raises(SystemExit, match="unknown model 'llama-7b': one of gemma-3-270m"):
+        heal_probe.main(["--models", "gemma-3-270m,llama-7b"])
+    with pytest.raises(SystemExit, match="--steps must be at least 2"):
+        heal_probe.main(["--models", "gemma-3-270m", "--steps", "1"])

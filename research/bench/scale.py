@@ -33,6 +33,7 @@ BUDGETS = (0.10, 0.20)
 PAPER_CLAIM = 0.988  # the seed paper: 98.80% of zero-shot accuracy kept at 10% fewer parameters (LLaMA-7B)
 # the issue's decode target on the decoder-dominated model, measured by research/bench/inference_speed.py
 SPEED_JSON = REPO / "results" / "inference_speed_qwen2.5-coder-1.5b.json"
+PROBE_JSON = REPO / "results" / "scale" / "heal_probe.json"  # research/bench/heal_probe.py: distillation step times
 
 # model -> (quality.py global options, results file). The 1.5B model costs ~6x Gemma-3-270M per token on 2 cores:
 # bfloat16 evaluation, 16 windows and 100 documents per task there (bfloat16 changed dense perplexity by 0.1% on
@@ -128,17 +129,71 @@ def collect() -> dict:
                         rec["retention"], rec["retention_se"] = r
                         rec["above_chance"], rec["above_chance_se"] = above_chance(r, dense)
                 out["points"].append(rec)
-        # what a point costs on this model, measured: building it (compress + heal) with its perplexity, and its
-        # zero-shot, apart (zero-shot is often added by a later command)
-        built = [p.get("build_wall_seconds", 0.0) + p["perplexity"]["seconds"] for p in study if p]
-        zeroshot = [p["zeroshot"]["seconds"] for p in study if p and p.get("zeroshot")]
+        # what a point costs on this model, measured apart for data-free and healed points: building it (compress,
+        # and calibrate + heal) with its perplexity, and its zero-shot (often added by a later command). Before any
+        # compressed point, the dense baseline's evaluation stands in for the data-free cost (a lower bound).
+        measured = [p for p in study[1:] if p]
+        free = [p for p in measured if not is_healed(p["row"])] or ([dense] if dense else [])
         out["models"][model] = {
             "results": str(path.relative_to(REPO) if path.is_relative_to(REPO) else path), "options": options,
             "params_total": sizes[0] if sizes else None, "params_decoder": sizes[1] if sizes else None,
             "dense_perplexity": dense["perplexity"]["perplexity"] if dense else None,
             "dense_zeroshot": dense["zeroshot"]["avg"] if dense and dense.get("zeroshot") else None,
-            "minutes_build_perplexity": statistics.median(built) / 60 if built else None,
-            "minutes_zeroshot": statistics.median(zeroshot) / 60 if zeroshot else None}
+            "minutes": {"data-free": _minutes(free), "healed": _minutes([p for p in measured if is_healed(p["row"])])}}
+    return out
+
+
+def is_healed(row: str) -> bool:
+    """A quality.py row is structure/calibration/heal: healed unless its heal part is none."""
+    return row.split("/")[-1] != "none"
+
+
+def _minutes(points: list[dict]) -> list[float | None]:
+    """[build + perplexity, zero-shot]: median minutes over the points that measured each (None: none did)."""
+    built = [p.get("build_wall_seconds", 0.0) + p["perplexity"]["seconds"] for p in points]
+    zeroshot = [p["zeroshot"]["seconds"] for p in points if p.get("zeroshot")]
+    return [statistics.median(built) / 60 if built else None, statistics.median(zeroshot) / 60 if zeroshot else None]
+
+
+REFERENCE_MODEL = "gemma-3-270m"  # where healed points were measured first: the others' estimates scale from it
+
+
+def compute_needed(data: dict, probe: dict) -> list[dict]:
+    """Per model, the minutes the points not measured yet would take, from what was measured there: data-free points
+    at that model's median; healed ones at its own median where one was measured, else at the reference model's
+    extra cost of healing (its healed median minus its data-free median, build + perplexity) scaled by the ratio of
+    the two models' distillation step times (heal_probe.json), on top of this model's data-free cost. Rough by
+    construction (calibration and loss-aware allocation scale with a forward, distillation with a forward and a
+    backward); None where a needed measurement is missing."""
+    ref = data["models"][REFERENCE_MODEL]["minutes"]
+    out = []
+    for model, m in data["models"].items():
+        minutes, how, unknown = 0.0, set(), 0
+        free_build, zs = m["minutes"]["data-free"]
+        todo = [p for p in data["points"] if p["model"] == model and "retention" not in p]
+        if m["dense_zeroshot"] is None:  # dense's zero-shot costs what a point's does
+            if zs is None:
+                unknown += 1
+            else:
+                minutes += zs
+        for p in todo:
+            build = None
+            if "ppl_ratio" in p:
+                build = 0.0  # only its zero-shot is missing
+            elif not is_healed(p["row"]):
+                build = free_build
+            elif m["minutes"]["healed"][0] is not None:
+                build = m["minutes"]["healed"][0]
+            elif model in probe and REFERENCE_MODEL in probe and None not in (ref["healed"][0], free_build):
+                ratio = probe[model]["seconds_per_step"] / probe[REFERENCE_MODEL]["seconds_per_step"]
+                build = free_build + (ref["healed"][0] - ref["data-free"][0]) * ratio
+                how.add(f"healed points scaled from {REFERENCE_MODEL} by distillation step time x{ratio:.1f}")
+            if build is None or zs is None:
+                unknown += 1
+                continue
+            minutes += build + zs
+        out.append({"model": model, "points": len(todo), "minutes": minutes, "not_estimated": unknown,
+                    "how": sorted(how), "distill_peak_rss_gib": probe.get(model, {}).get("distill_peak_rss_gib")})
     return out
 
 
@@ -226,6 +281,7 @@ def cmd_report(args) -> int:
     data = collect()
     data["targets"] = targets(data, json.loads(SPEED_JSON.read_text()) if SPEED_JSON.is_file() else None)
     data["verdict"] = verdict(data)  # results/REPORT.md copies these lines
+    data["compute_needed"] = compute_needed(data, json.loads(PROBE_JSON.read_text()) if PROBE_JSON.is_file() else {})
     write_json(OUT_JSON, data)
     lines = ["# Scale study: what 10% and 20% of the decoder cost, 135M to 1.5B parameters", "",
              "Generated by `python research/bench/scale.py report` from the per-model results that "
@@ -243,15 +299,15 @@ def cmd_report(args) -> int:
              "documents, paired per document. Exceptions per model are in the table. The models are instruct or "
              "coder models except Gemma-3-270M (base): only ratios against each model's own dense baseline are "
              "compared, never absolute numbers across models.", "",
-             "| model | parameters | decoder share | protocol | dense perplexity | dense zero-shot | minutes per point "
-             "(median measured: build + perplexity; zero-shot) |",
+             "| model | parameters | decoder share | protocol | dense perplexity | dense zero-shot | minutes per point, "
+             "measured medians: build + perplexity, + zero-shot |",
              "|---|---|---|---|---|---|---|"]
     for model, m in data["models"].items():
         share = m["params_decoder"] / m["params_total"] if m["params_total"] else None
+        cost = "; ".join(f"{kind} {_f(b, '.1f')} + {_f(z, '.1f')}" for kind, (b, z) in m["minutes"].items())
         lines.append(f"| {model} | {_f(m['params_total'], ',')} | {_f(share, '.0%')} | "
                      f"{' '.join(m['options']) or 'full (32 windows, 250 documents, float32)'} | "
-                     f"{_f(m['dense_perplexity'], '.3f')} | {_f(m['dense_zeroshot'], '.4f')} | "
-                     f"{_f(m['minutes_build_perplexity'], '.1f')}; {_f(m['minutes_zeroshot'], '.1f')} |")
+                     f"{_f(m['dense_perplexity'], '.3f')} | {_f(m['dense_zeroshot'], '.4f')} | {cost} |")
     lines += ["", "## Results", "", "| setting | budget | " + " | ".join(data["models"]) + " |",
               "|---|---|" + "---|" * len(data["models"])]
     for setting in SETTINGS:
@@ -289,7 +345,19 @@ def cmd_report(args) -> int:
         lines += ["## Not measured yet", "", f"{len(missing)} of {len(data['points'])} model × setting × budget "
                   "points: " + ", ".join(f"{p['model']} {p['row']} @ {p['budget']:.0%}" for p in missing) + ".",
                   "`python research/bench/scale.py run` continues where it stopped; `--settings paper,free` measures "
-                  "the data-free points (no calibration, no healing) on every model before the healed ones.", ""]
+                  "the data-free points (no calibration, no healing) on every model before the healed ones.", "",
+                  "### Compute still needed (estimated from what was measured)", "",
+                  "| model | points without zero-shot | estimated minutes | not estimated | distillation peak RSS GiB "
+                  "(heal_probe.json) | how |", "|---|---|---|---|---|---|"]
+        for c in data["compute_needed"]:
+            lines.append(f"| {c['model']} | {c['points']} | {c['minutes']:,.0f} | {c['not_estimated']} | "
+                         f"{_f(c['distill_peak_rss_gib'], '.1f')} | {'; '.join(c['how']) or 'measured medians'} |")
+        lines += ["", f"Total: about {sum(c['minutes'] for c in data['compute_needed']) / 60:,.1f} hours on this "
+                  "machine, one point at a time. Each point at this model's measured medians (table above); before a "
+                  "model has a compressed point its dense evaluation stands in (a lower bound); healed points on a "
+                  f"model with none measured: {REFERENCE_MODEL}'s extra cost of healing scaled by the ratio of "
+                  "distillation step times that `python research/bench/heal_probe.py` measured (a few steps per "
+                  "model), a rough estimate. A point that failed counts as not measured.", ""]
     OUT_MD.write_text("\n".join(lines) + "\n")
     _plot(data)
     print(f"wrote {OUT_MD.relative_to(REPO)}, {OUT_JSON.name} and {OUT_PNG.name}")
