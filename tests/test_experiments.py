@@ -590,11 +590,17 @@ def test_scale_extrapolation_solves_a_power_law_for_the_papers_loss_and_says_whe
            for m in "abc"]
     text = scale.extrapolation({"models": models}, pts)
     assert "loss ∝ N^-0.50" in text and "about 4e+10 parameters" in text
+    at_llama = 0.24 * (scale.PAPER_MODEL_PARAMS / 1e8) ** -0.5  # the fit read at LLaMA-7B's size
+    assert f"predicts a loss of {at_llama:.1%}" in text
     unsized = {"model": "d", "retention": 0.9, "retention_se": 0.01}  # no parameter count: not fitted
     assert "before 3 models" in scale.extrapolation({"models": models}, pts[:2] + [unsized])
     rising = [dict(p, retention=1 - 0.01 * i) for i, p in enumerate(pts, 1)]
     assert "does not fall with size" in scale.extrapolation({"models": models}, rising)
     assert "lost nothing" in scale.extrapolation({"models": models}, pts[:2] + [dict(pts[2], retention=1.01)])
+    # the same fit on the share of accuracy above chance, when asked for
+    above = [{"model": p["model"], "above_chance": p["retention"], "above_chance_se": 0.01} for p in pts]
+    text = scale.extrapolation({"models": models}, above, "above_chance")
+    assert "loss of the share above chance ∝ N^-0.50" in text and "about 4e+10 parameters" in text
 
 
 def test_scale_above_chance_is_zero_for_guessing_and_one_for_dense():
