@@ -635,7 +635,10 @@ def test_scale_run_measures_only_the_settings_asked_for_and_refuses_unknown_ones
     calls = []
     monkeypatch.setattr(scale.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
     assert scale.main(["run", "--models", "smollm2-135m", "--settings", "paper,free"]) == 0
-    asked = {(c[c.index("--budgets") + 1], c[c.index("--only") + 1]) for c in calls}
+    # the dense baseline first (perplexity, then zero-shot), then the points asked for
+    assert [c[c.index("--results") + 2:c.index("--only") + 2] for c in calls[:2]] == [
+        ["run", "--only", ""], ["zeroshot", "--dense", "--only", ""]]
+    asked = {(c[c.index("--budgets") + 1], c[c.index("--only") + 1]) for c in calls[2:]}
     assert asked == {("0.1", "paper/none/none,best-free/none/none"), ("0.2", "paper/none/none,best-free/none/none")}
     assert {c[c.index("--model") + 1] for c in calls} == {"smollm2-135m"}
     calls.clear()

@@ -81,9 +81,16 @@ def cmd_run(args) -> int:
             raise SystemExit(f"unknown setting {key!r}: one of {', '.join(SETTING_KEYS)}")
     for model in models:
         MODELS[model][1].parent.mkdir(parents=True, exist_ok=True)
-        # perplexity and zero-shot of new points first; then zero-shot for points measured before it was asked for
-        # (Gemma's, from quality.json) and for the dense baseline; then the windows started with BOS for points
-        # measured before quality.py scored them (rebuilt and checked to be the measured model)
+        # the dense baseline first, perplexity and zero-shot: every later point's retention reads as soon as it
+        # lands (a stop mid-run leaves readable points, not ones waiting for dense)
+        for command in (["run"], ["zeroshot", "--dense"]):
+            code = subprocess.call(quality_cmd(model) + command + ["--only", "",
+                                                                   "--max-minutes", str(args.max_minutes)])
+            if code:
+                return code
+        # perplexity and zero-shot of new points; then zero-shot for points measured before it was asked for
+        # (Gemma's, from quality.json); then the windows started with BOS for points measured before quality.py
+        # scored them (rebuilt and checked to be the measured model)
         for command in (["run", "--zeroshot"], ["zeroshot", "--dense"], ["bos", "--dense"]):
             for budget in BUDGETS:
                 rows = ",".join(SETTINGS[SETTING_KEYS[key]][budget] for key in keys)
