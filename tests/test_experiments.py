@@ -744,3 +744,17 @@ def test_heal_probe_refuses_an_unknown_model_and_too_few_steps_before_loading_an
         heal_probe.main(["--models", "gemma-3-270m,llama-7b"])
     with pytest.raises(SystemExit, match="--steps must be at least 2"):
         heal_probe.main(["--models", "gemma-3-270m", "--steps", "1"])
+
+
+def test_scale_chance_verdict_separates_guessing_models_from_the_others():
+    from research.bench import scale
+
+    paper = next(iter(scale.SETTINGS))
+    pts = [{"model": "a", "setting": paper, "budget": 0.1, "above_chance": 0.05, "above_chance_se": 0.1},  # guessing
+           {"model": "b", "setting": paper, "budget": 0.1, "above_chance": 0.7, "above_chance_se": 0.06},
+           {"model": "a", "setting": paper, "budget": 0.2, "above_chance": -0.1, "above_chance_se": 0.1},
+           {"model": "b", "setting": "best data-free", "budget": 0.2, "above_chance": 0.5, "above_chance_se": 0.1}]
+    ten, twenty = scale.chance_verdict({"points": pts})
+    assert "chance level (the share above guessing kept within 2 SE of 0) on a; above chance on b (70% ± 6)" in ten
+    assert "does not hold on every model" in ten
+    assert "on a; above chance on none." in twenty  # another setting's point is not the paper's

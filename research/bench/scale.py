@@ -228,6 +228,26 @@ def verdict(data: dict) -> list[str]:
                      f"{', '.join(held) or 'none'} of the {len(pts)} models measured; within 2 SE of it on "
                      f"{', '.join(within) or 'none'}. {extrapolation(data, pts)} "
                      f"{extrapolation(data, pts, 'above_chance')}")
+    return lines + chance_verdict(data)
+
+
+def chance_verdict(data: dict) -> list[str]:
+    """Whether the paper's structure leaves each model guessing: on Gemma-3-270M (REPORT.md's Table 1 analogue) its
+    zero-shot at 10% and 20% is at chance level; a model is *at chance* where the share of accuracy above guessing
+    it keeps is within 2 SE of 0, *above chance* where beyond. Where models differ, the Gemma verdict is Gemma's."""
+    setting = next(iter(SETTINGS))  # the paper's structure
+    lines = []
+    for budget in BUDGETS:
+        pts = [p for p in data["points"] if p["setting"] == setting and p["budget"] == budget and "above_chance" in p]
+        if not pts:
+            continue
+        at = [p["model"] for p in pts if p["above_chance"] - 2 * p["above_chance_se"] <= 0]
+        above = [f"{p['model']} ({100 * p['above_chance']:.0f}% ± {100 * p['above_chance_se']:.0f})"
+                 for p in pts if p["above_chance"] - 2 * p["above_chance_se"] > 0]
+        lines.append(f"* {setting}, {budget:.0%}: zero-shot at chance level (the share above guessing kept within 2 "
+                     f"SE of 0) on {', '.join(at) or 'none'}; above chance on {', '.join(above) or 'none'}"
+                     + (" — the Gemma-3-270M verdict that it leaves the model guessing does not hold on every model."
+                        if at and above else "."))
     return lines
 
 
