@@ -758,3 +758,25 @@ def test_scale_chance_verdict_separates_guessing_models_from_the_others():
     assert "chance level (the share above guessing kept within 2 SE of 0) on a; above chance on b (70% ± 6)" in ten
     assert "does not hold on every model" in ten
     assert "on a; above chance on none." in twenty  # another setting's point is not the paper's
+
+
+def test_quality_keeps_a_points_distillation_state_until_the_point_is_measured(tmp_path, monkeypatch):
+    """A point stopped mid-distillation continues from its saved state; once measured, the state is deleted (a later
+    rebuild distils from the start, as a first build does). States are per model, row, budget and code."""
+    import subprocess
+
+    from research.bench import quality as Q
+
+    monkeypatch.setattr(Q, "CACHE", tmp_path)
+    monkeypatch.setattr(Q, "P", Q.Protocol(model="m", results=tmp_path / "q.json"))
+    row = "loss-svd_llm/self/distill-lr3e-5"
+    state = Q.heal_state_dir(row, 0.1)
+    assert len({state, Q.heal_state_dir(row, 0.2), Q.heal_state_dir("svd_llm/self/distill-lr3e-5", 0.1)}) == 3
+    assert Q.code_digest() in state.name and state.parent.name == "m"
+    state.mkdir(parents=True)
+    killed = subprocess.CompletedProcess([], -9, stdout="", stderr="Killed")
+    monkeypatch.setattr(Q.subprocess, "run", lambda *a, **k: killed)
+    assert "error" in Q.run_point(row, 0.1, zeroshot=False) and state.is_dir()  # kept: the rerun continues there
+    done = subprocess.CompletedProcess([], 0, stdout='POINT {"row": "%s", "budget": 0.1}\n' % row, stderr="")
+    monkeypatch.setattr(Q.subprocess, "run", lambda *a, **k: done)
+    assert Q.run_point(row, 0.1, zeroshot=False)["row"] == row and not state.exists()

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -418,14 +419,18 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
         t = time.perf_counter()
         precision = {"head_dtype": P.head_dtype} if P.head_dtype else {}
         distill = DistillSettings(steps=heal_steps, lr=heal_lr, **precision)
-        report = heal_(model, teacher, calibration, heal, distill,
-                       progress=progress, release_teacher=True)
+        # saved every HEAL_SAVE_EVERY steps: a point stopped mid-distillation (a session's end) continues there, with
+        # the result an uninterrupted run gives; run_point deletes the state once the point is measured
+        report = heal_(model, teacher, calibration, heal, distill, state_dir=heal_state_dir(name, budget),
+                       save_every=HEAL_SAVE_EVERY, progress=progress, release_teacher=True)
         facts["heal_seconds"] = time.perf_counter() - t
         PEAKS.end("heal")
         from jointrank.architectures import count_parameters
 
         facts["params_total_after_heal"] = count_parameters(model)
         facts["heal"] = {k: v for k, v in report.items() if k != "refit"}
+        if report.get("distill", {}).get("resumed_from"):  # its build time covers only the steps after it
+            facts["heal_resumed_from_step"] = report["distill"]["resumed_from"]
         if "refit" in report:
             facts["heal"]["refit"] = {k: v for k, v in report["refit"].items() if k != "units"}
         del teacher
@@ -503,6 +508,15 @@ def save_results(results: dict) -> None:
     write_json(P.results, results)
 
 
+HEAL_SAVE_EVERY = 25  # distillation steps between saved states (Qwen2.5-Coder-1.5B's state is ~12 GB)
+
+
+def heal_state_dir(name: str, budget: float) -> Path:
+    """Where a point's distillation state is kept while it is built: per model, row, budget and code (a state made
+    by other code is never continued)."""
+    return CACHE / "heal_state" / P.model / f"{name.replace('/', '_')}@{budget:g}-{code_digest()}"
+
+
 def run_point(name: str, budget: float, *, zeroshot: bool, perplexity: bool = True,
               fresh_cache: bool = False) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), *P.argv(), "point", name, str(budget)]
@@ -515,6 +529,8 @@ def run_point(name: str, budget: float, *, zeroshot: bool, perplexity: bool = Tr
         return {"row": name, "budget": budget, "error": " | ".join(tail)}
     point = json.loads(lines[-1][len("POINT "):])
     point["process_seconds"] = time.perf_counter() - t
+    if name != "dense":  # measured: a later rebuild distils again from the start, as a first build does
+        shutil.rmtree(heal_state_dir(name, budget), ignore_errors=True)
     return point
 
 

@@ -108,6 +108,7 @@ def float_model(row: str | None, budget: float):
         model, tokenizer, facts, result = quality.build(row, budget, with_result=True)
         jointrank.save(model, tokenizer, built, result, source=quality.P.model)
         facts_file.write_text(json.dumps(facts, indent=2))
+        shutil.rmtree(quality.heal_state_dir(row, budget), ignore_errors=True)  # built and saved: not needed again
         return model, tokenizer, facts, built
     model, tokenizer, _ = load_model(str(built))
     return model, tokenizer, json.loads(facts_file.read_text()), built

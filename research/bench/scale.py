@@ -157,8 +157,10 @@ def is_healed(row: str) -> bool:
 
 
 def _minutes(points: list[dict]) -> list[float | None]:
-    """[build + perplexity, zero-shot]: median minutes over the points that measured each (None: none did)."""
-    built = [p.get("build_wall_seconds", 0.0) + p["perplexity"]["seconds"] for p in points]
+    """[build + perplexity, zero-shot]: median minutes over the points that measured each (None: none did). A point
+    whose distillation resumed from a saved state timed only part of its build: left out of the build median."""
+    built = [p.get("build_wall_seconds", 0.0) + p["perplexity"]["seconds"] for p in points
+             if not p.get("heal_resumed_from_step")]
     zeroshot = [p["zeroshot"]["seconds"] for p in points if p.get("zeroshot")]
     return [statistics.median(built) / 60 if built else None, statistics.median(zeroshot) / 60 if zeroshot else None]
 

@@ -526,8 +526,8 @@ def _load_state(state_dir: Path, key: dict, params, optimizer) -> tuple[int, lis
 
 
 def heal_(student: nn.Module, teacher: "nn.Module | dict", calibration, kind: str,
-          settings: DistillSettings | None = None, *, state_dir: str | Path | None = None, progress: bool = True,
-          release_teacher: bool = False, quantize: str | None = None) -> dict:
+          settings: DistillSettings | None = None, *, state_dir: str | Path | None = None, save_every: int = 10,
+          progress: bool = True, release_teacher: bool = False, quantize: str | None = None) -> dict:
     """Heal `student` in place against `teacher` on `calibration` (methods.calibration.Calibration): kind is one of
     HEAL_KINDS; `teacher` is what healing_reference took from the dense model (a decoder copy, or for distillation
     alone the dense model's states on the calibration windows). Returns what was done, for the manifest: kind,
@@ -559,7 +559,7 @@ def heal_(student: nn.Module, teacher: "nn.Module | dict", calibration, kind: st
             states = teacher_states(teacher, ids, used, progress=progress)
             if release_teacher:
                 release_teacher_(teacher)
-        done = distill_(student, states, ids, settings, state_dir=state_dir, progress=progress)
+        done = distill_(student, states, ids, settings, state_dir=state_dir, save_every=save_every, progress=progress)
         report["distill"] = asdict(done)
         if quantized:
             from .quantize import fake_quantize_
@@ -567,7 +567,8 @@ def heal_(student: nn.Module, teacher: "nn.Module | dict", calibration, kind: st
             fake_quantize_(student, quantize)
             phase = replace(settings, steps=quantized)
             done = distill_(student, states, ids, phase, state_dir=None if state_dir is None
-                            else Path(state_dir) / "quantized", progress=progress, desc="healing: quantised")
+                            else Path(state_dir) / "quantized", save_every=save_every, progress=progress,
+                            desc="healing: quantised")
             report["distill_quantized"] = {"scheme": quantize, **asdict(done)}
     report["seconds"] = time.perf_counter() - started
     return report
