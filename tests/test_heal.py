@@ -352,13 +352,33 @@ def test_plan_estimates_every_phase_it_will_run(model_dir, tmp_path, monkeypatch
     monkeypatch.setenv("JOINTRANK_CACHE", str(tmp_path / "cache"))
     args = ["plan", str(model_dir), "--qk", "joint", "--ratio", "0.5", "--method", "svd_llm"]
     assert main(args + ["--calibration", "self:64", "--heal", "refit+distill", "--heal-steps", "5"]) == 0
-    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("estimated time")][0]
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if ln.startswith("estimated time")][0]
+    assert "healing trains" in out and "GiB to the compressed model's memory" in out
     for phase in ("sampling", "statistics", "factorisation", "refit", "distillation"):
         assert phase in line
     assert not (tmp_path / "cache").exists()  # planning samples a few steps to time them, and caches nothing
     assert main(args[:4] + ["--ratio", "0.5"]) == 0  # data-free, no healing: only the factorisation is estimated
-    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("estimated time")][0]
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if ln.startswith("estimated time")][0]
     assert "factorisation" in line and "sampling" not in line and "distillation" not in line
+    assert "healing trains" not in out
+
+
+@pytest.mark.parametrize("arch,share_layers", [("llama", 1), ("qwen2", 1), ("gemma3_text", 1), ("llama", 2)])
+def test_plan_counts_the_factors_distillation_trains_and_their_optimiser_memory(arch, share_layers):
+    """distillation_memory's count, from the plan alone, is the number of parameters heal trains (a basis shared
+    across layers once); Adam adds two moments and a gradient per parameter."""
+    from jointrank import plan_for
+    from jointrank.estimate import distillation_memory
+
+    model = tiny_model(arch, num_hidden_layers=4)
+    plan = plan_for(model, JointRankConfig(rules=ALL, ratio=0.4, share_layers=share_layers))
+    assert max(e.span for e in plan.factorised) == share_layers
+    jointrank.compress_(model, plan, progress=False)
+    trainable, extra = distillation_memory(plan)
+    assert trainable == sum(p.numel() for _, p in trainable_factors(model)) > 0
+    assert extra == 12 * trainable and distillation_memory(plan, element_bytes=2)[1] == 6 * trainable
 
 
 def test_distilling_from_teacher_states_is_distilling_from_the_teacher_and_the_teacher_can_be_freed():

@@ -7,8 +7,8 @@ model's states on 4 seeded random-token windows of 512 (heal.teacher_states: one
 `--steps` distillation steps as the scale study heals (DistillSettings' defaults: float32 factors, the head's
 matmuls in bfloat16). Recorded per model: seconds per step (median of the steps after the first, which also
 allocates Adam's moments), seconds per teacher window, the peak RSS during distillation and the RSS it started
-from. Merged per model into results/scale/heal_probe.json; `scale.py report` estimates the healed points not yet
-measured from it. Step times are a probe's, not a timing verdict: run it with nothing else running.
+from, and the factor parameters trained (`jointrank plan` prints their optimiser memory). Merged per model into
+results/scale/heal_probe.json; `scale.py report` estimates the healed points not yet measured from it. Step times are a probe's, not a timing verdict: run it with nothing else running.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def probe(model_name: str, steps: int) -> dict:
     import torch
 
     from jointrank import PRESETS, JointRankConfig, compress_
-    from jointrank.heal import DistillSettings, distill_, teacher_states
+    from jointrank.heal import DistillSettings, distill_, teacher_states, trainable_factors
     from jointrank.sources import load_model
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -56,6 +56,7 @@ def probe(model_name: str, steps: int) -> dict:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current RSS: the distillation's own peak
     except OSError:
         pass
+    trainable = sum(p.numel() for _, p in trainable_factors(model))  # what `jointrank plan` prints beside its GiB
     marks = _hwm_gib()
     stamps = [time.perf_counter()]
     report = distill_(model, states, ids, DistillSettings(steps=steps), progress=False,
@@ -65,6 +66,7 @@ def probe(model_name: str, steps: int) -> dict:
     return {"model": model_name, "steps": steps, "step_seconds": step_seconds,
             "seconds_per_step": statistics.median(step_seconds[1:] or step_seconds),
             "teacher_seconds_per_window": teacher_window, "distill_peak_rss_gib": end[0] if end else None,
+            "trainable_factor_params": trainable,
             "rss_at_distill_start_gib": marks[1] if marks else None, "losses": report.losses,
             "load_avg_1min": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 

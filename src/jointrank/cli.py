@@ -357,6 +357,12 @@ def cmd_plan(args) -> int:
         print(estimate(model, tokenizer, plan, method=config.method, solver=config.solver,
                        calibration=args.calibration, calibration_tokens=tokens, heal=args.heal,
                        heal_steps=heal_settings.steps if heal_settings else 0).render())
+    if "distill" in args.heal:
+        from .estimate import distillation_memory
+
+        trainable, extra = distillation_memory(plan, next(model.parameters()).element_size())
+        print(f"healing trains {trainable:,} factor parameters: their gradients and Adam's moments add "
+              f"{extra / 2**30:.2f} GiB to the compressed model's memory (activations of one window on top)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(plan.to_dict(), f, indent=2)

@@ -87,6 +87,15 @@ def _factorise_seconds(model, plan, method_spec: str, solver: str) -> float:
     return factor * seconds * sum(work(e) for e in units) / work(largest)
 
 
+def distillation_memory(plan, element_bytes: int = 4) -> tuple[int, int]:
+    """(trainable factor parameters, the bytes distillation adds for them): each factor's gradient and Adam's two
+    moments, three copies of every trainable factor in the model's precision (heal.trainable_factors: every factor
+    of every factorised unit, biases aside). Arithmetic on the plan, not a measurement; activations come on top
+    (one window of 512 at a time). Measured beside it: results/scale/heal_probe.json (peak RSS of distillation)."""
+    trainable = sum(e.params_after for e in plan.factorised)
+    return trainable, 3 * element_bytes * trainable
+
+
 def estimate(model, tokenizer, plan, *, method: str, solver: str, calibration: str | None, calibration_tokens: int,
              heal: str, heal_steps: int) -> Estimate:
     """Seconds per phase of `jointrank compress` with these settings (see the module docstring)."""
