@@ -8,7 +8,8 @@ model's states on 4 seeded random-token windows of 512 (heal.teacher_states: one
 matmuls in bfloat16). Recorded per model: seconds per step (median of the steps after the first, which also
 allocates Adam's moments), seconds per teacher window, the peak RSS during distillation and the RSS it started
 from, and the factor parameters trained (`jointrank plan` prints their optimiser memory). Merged per model into
-results/scale/heal_probe.json; `scale.py report` estimates the healed points not yet measured from it. Step times are a probe's, not a timing verdict: run it with nothing else running.
+results/scale/heal_probe.json; `scale.py report` estimates the healed points not yet measured from it. Step times
+are a probe's, not a timing verdict: run it with nothing else running.
 """
 
 from __future__ import annotations
