@@ -644,7 +644,13 @@ def test_scale_run_measures_only_the_settings_asked_for_and_refuses_unknown_ones
     calls.clear()
     with pytest.raises(SystemExit, match="unknown setting 'best': one of paper, free, self, c4"):
         scale.main(["run", "--settings", "paper,best"])
+    for bad in ("0.3", "ten"):
+        with pytest.raises(SystemExit, match="a comma-separated choice of 0.1, 0.2"):
+            scale.main(["run", "--budgets", bad])
     assert calls == []  # refused before anything ran
+    assert scale.main(["run", "--models", "smollm2-135m", "--settings", "self", "--budgets", "0.1"]) == 0
+    assert {(c[c.index("--budgets") + 1], c[c.index("--only") + 1]) for c in calls[2:]} == {
+        ("0.1", "loss-svd_llm/self/distill-lr3e-5")}
 
 
 def test_speed_bench_layouts_are_timed_on_the_same_model_and_put_back_exactly(tokens):

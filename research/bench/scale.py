@@ -79,6 +79,12 @@ def cmd_run(args) -> int:
     for key in keys:
         if key not in SETTING_KEYS:
             raise SystemExit(f"unknown setting {key!r}: one of {', '.join(SETTING_KEYS)}")
+    try:
+        budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else list(BUDGETS)
+    except ValueError:
+        budgets = [None]
+    if any(b not in BUDGETS for b in budgets):
+        raise SystemExit(f"--budgets {args.budgets!r}: a comma-separated choice of {', '.join(map(str, BUDGETS))}")
     for model in models:
         MODELS[model][1].parent.mkdir(parents=True, exist_ok=True)
         # the dense baseline first, perplexity and zero-shot: every later point's retention reads as soon as it
@@ -92,7 +98,7 @@ def cmd_run(args) -> int:
         # (Gemma's, from quality.json); then the windows started with BOS for points measured before quality.py
         # scored them (rebuilt and checked to be the measured model)
         for command in (["run", "--zeroshot"], ["zeroshot", "--dense"], ["bos", "--dense"]):
-            for budget in BUDGETS:
+            for budget in budgets:
                 rows = ",".join(SETTINGS[SETTING_KEYS[key]][budget] for key in keys)
                 code = subprocess.call(quality_cmd(model) + command + ["--budgets", str(budget), "--only", rows,
                                                                        "--max-minutes", str(args.max_minutes)])
@@ -452,6 +458,8 @@ def main(argv=None) -> int:
     run.add_argument("--settings", default="", help="comma-separated, default all: "
                      + ", ".join(f"{key} ({label})" for key, label in SETTING_KEYS.items())
                      + "; e.g. the cheap data-free points on every model first: --settings paper,free")
+    run.add_argument("--budgets", default="", help="comma-separated, default all: " + ",".join(map(str, BUDGETS))
+                     + "; e.g. every model's 10%% points before any 20%% one: --budgets 0.1")
     run.add_argument("--max-minutes", type=float, default=600.0, help="start no new point after this long")
     run.set_defaults(func=cmd_run)
     sub.add_parser("report").set_defaults(func=cmd_report)
