@@ -382,7 +382,8 @@ def cmd_report(args) -> int:
               "## Verdict", "", *(data["verdict"] or ["* No zero-shot points yet."]),
               *(f"* {t['name']}: {t['measured']:.3f}x, {'met' if t['met'] else '**not met**'} ({t['source']})"
                 for t in data["targets"] if "source" in t),
-              "", "![retention and perplexity ratio against model size](scale.png)", ""]
+              "", "![zero-shot retention, the share above chance kept and the perplexity ratio against model size]"
+              "(scale.png)", ""]
     missing = [p for p in data["points"] if "ppl_ratio" not in p]
     if missing:
         lines += ["## Not measured yet", "", f"{len(missing)} of {len(data['points'])} model × setting × budget "
@@ -415,7 +416,7 @@ def _plot(data: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5))
     for i, setting in enumerate(SETTINGS):
         for budget, style in zip(BUDGETS, ("-o", "--s")):
             color = f"C{i}"  # one colour per setting on both panels (the legend is drawn on one), style per budget
@@ -427,15 +428,19 @@ def _plot(data: dict) -> None:
             label = f"{setting}, {budget:.0%}"
             zs = [(n, p) for n, p in pts if "retention" in p]
             if zs:
-                axes[0].errorbar([n for n, _ in zs], [100 * p["retention"] for _, p in zs],
-                                 yerr=[200 * p["retention_se"] for _, p in zs], fmt=style, color=color, capsize=3,
-                                 label=label)
-            axes[1].errorbar([n for n, _ in pts], [p["ppl_ratio"] for _, p in pts],
+                for ax, key in zip(axes, ("retention", "above_chance")):
+                    ax.errorbar([n for n, _ in zs], [100 * p[key] for _, p in zs],
+                                yerr=[200 * p[f"{key}_se"] for _, p in zs], fmt=style, color=color, capsize=3,
+                                label=label)
+            axes[2].errorbar([n for n, _ in pts], [p["ppl_ratio"] for _, p in pts],
                              yerr=[2 * p["ppl_ratio_se"] for _, p in pts], fmt=style, color=color, capsize=3,
                              label=label)
     axes[0].axhline(100 * PAPER_CLAIM, color="grey", lw=0.8, ls=":")
     axes[0].set(xscale="log", xlabel="parameters (dense)", ylabel="zero-shot retention, % of dense (± 2 SE)")
-    axes[1].set(xscale="log", yscale="log", xlabel="parameters (dense)", ylabel="perplexity / dense (± 2 SE)")
+    axes[1].axhline(0, color="grey", lw=0.8, ls=":")  # guessing
+    axes[1].set(xscale="log", xlabel="parameters (dense)",
+                ylabel="accuracy above chance kept, % of dense's (± 2 SE)")
+    axes[2].set(xscale="log", yscale="log", xlabel="parameters (dense)", ylabel="perplexity / dense (± 2 SE)")
     # one tick per model at its size, the same range on both panels whether or not a model is measured yet
     sizes = {m: v["params_total"] for m, v in data["models"].items() if v["params_total"]}
     if sizes:
@@ -443,7 +448,7 @@ def _plot(data: dict) -> None:
             ax.minorticks_off()
             ax.set_xticks(list(sizes.values()), [f"{m}\n{n / 1e6:,.0f}M" for m, n in sizes.items()], fontsize=7)
             ax.set_xlim(min(sizes.values()) / 1.3, max(sizes.values()) * 1.3)
-    handles, labels = axes[1].get_legend_handles_labels()  # below both panels: inside one it hides points
+    handles, labels = axes[2].get_legend_handles_labels()  # below the panels: inside one it hides points
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(OUT_PNG, dpi=120)
