@@ -122,8 +122,9 @@ def test_dense_flag_writes_an_original_shape_checkpoint(model_dir, tmp_path, cap
     assert torch.linalg.matrix_rank(dense.model.layers[0].self_attn.q_proj.weight) == 24  # 0.5 * min(48, 48)
 
 
-def test_entry_point_exits_non_zero_on_bad_input(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "jointrank.cli", "compress", str(tmp_path / "x"), "--ratio", "2",
+@pytest.mark.parametrize("module", ["jointrank.cli", "jointrank"])  # python -m jointrank: the same command line
+def test_entry_point_exits_non_zero_on_bad_input(tmp_path, module):
+    done = subprocess.run([sys.executable, "-m", module, "compress", str(tmp_path / "x"), "--ratio", "2",
                            "--qk", "joint", "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert done.returncode == 1 and "ratio must be in (0, 1]" in done.stderr
     assert "Traceback" not in done.stderr
