@@ -24,17 +24,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as a script: make `research` importable
+    sys.path.insert(0, str(REPO))
+
+from research.bench.quality import PeakRSS  # noqa: E402
+
 OUT = REPO / "results" / "scale" / "heal_probe.json"
 WINDOWS, SEQLEN = 4, 512
-
-
-def _hwm_gib() -> tuple[float, float] | None:
-    """(peak, current) resident set of this process, GiB (Linux /proc; None elsewhere)."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-        return int(fields["VmHWM"].split()[0]) / 2**20, int(fields["VmRSS"].split()[0]) / 2**20
-    except (OSError, KeyError, ValueError):
-        return None
 
 
 def probe(model_name: str, steps: int) -> dict:
@@ -53,22 +49,19 @@ def probe(model_name: str, steps: int) -> dict:
     teacher_window = (time.perf_counter() - t) / WINDOWS
     compress_(model, JointRankConfig(rules=dict(PRESETS["paper-20"].rules), target=0.2, scope="decoder",
                                      preset="paper-20"), progress=False)
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current RSS: the distillation's own peak
-    except OSError:
-        pass
     trainable = sum(p.numel() for _, p in trainable_factors(model))  # what `jointrank plan` prints beside its GiB
-    marks = _hwm_gib()
+    peaks = PeakRSS()
+    peaks.end("compress")  # resets the peak to the current RSS (Linux): what follows is distillation's own peak
+    start = PeakRSS._hwm()  # just reset: the RSS distillation starts from
     stamps = [time.perf_counter()]
     report = distill_(model, states, ids, DistillSettings(steps=steps), progress=False,
                       on_step=lambda step, loss: stamps.append(time.perf_counter()))
     step_seconds = [b - a for a, b in zip(stamps, stamps[1:])]
-    end = _hwm_gib()
+    peaks.end("distill")
     return {"model": model_name, "steps": steps, "step_seconds": step_seconds,
             "seconds_per_step": statistics.median(step_seconds[1:] or step_seconds),
-            "teacher_seconds_per_window": teacher_window, "distill_peak_rss_gib": end[0] if end else None,
-            "trainable_factor_params": trainable,
-            "rss_at_distill_start_gib": marks[1] if marks else None, "losses": report.losses,
+            "teacher_seconds_per_window": teacher_window, "distill_peak_rss_gib": peaks.own.get("distill"),
+            "trainable_factor_params": trainable, "rss_at_distill_start_gib": start, "losses": report.losses,
             "load_avg_1min": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 

@@ -180,7 +180,7 @@ def compute_needed(data: dict, probe: dict) -> list[dict]:
     extra cost of healing (its healed median minus its data-free median, build + perplexity) scaled by the ratio of
     the two models' distillation step times (heal_probe.json), on top of this model's data-free cost. Rough by
     construction (calibration and loss-aware allocation scale with a forward, distillation with a forward and a
-    backward); None where a needed measurement is missing."""
+    backward). A point whose cost needs a measurement that is missing is counted in `not_estimated` instead."""
     ref = data["models"][REFERENCE_MODEL]["minutes"]
     out = []
     for model, m in data["models"].items():

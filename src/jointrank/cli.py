@@ -357,7 +357,9 @@ def cmd_plan(args) -> int:
         print(estimate(model, tokenizer, plan, method=config.method, solver=config.solver,
                        calibration=args.calibration, calibration_tokens=tokens, heal=args.heal,
                        heal_steps=heal_settings.steps if heal_settings else 0).render())
-    if "distill" in args.heal:
+    from .heal import parse_heal
+
+    if parse_heal(args.heal)[1]:  # healing distils: its optimiser memory
         from .estimate import distillation_memory
 
         trainable, extra = distillation_memory(plan, next(model.parameters()).element_size())
