@@ -786,3 +786,50 @@ def test_quality_keeps_a_points_distillation_state_until_the_point_is_measured(t
     done = subprocess.CompletedProcess([], 0, stdout='POINT {"row": "%s", "budget": 0.1}\n' % row, stderr="")
     monkeypatch.setattr(Q.subprocess, "run", lambda *a, **k: done)
     assert Q.run_point(row, 0.1, zeroshot=False)["row"] == row and not state.exists()
+
+
+def test_quality_zeroshot_rebuild_stops_at_the_first_distillation_step_that_leaves_the_measured_losses(tmp_path,
+                                                                                                        monkeypatch,
+                                                                                                        capsys):
+    """A zero-shot rebuild follows the measured build's distillation losses and stops (exit 4, one line saying why)
+    at the first step that differs: a model that cannot be the measured one costs one step, not a whole distillation
+    and evaluation. The point's record is left as it was."""
+    import argparse
+
+    from research.bench import quality as Q
+
+    check = Q.follow_losses([0.5, 0.4, 0.3])
+    check(1, 0.5)
+    check(2, 0.4)
+    with pytest.raises(Q.NotTheMeasuredModel, match="step 3: loss 0.30001"):
+        check(3, 0.30001)
+    with pytest.raises(Q.NotTheMeasuredModel, match="stopped after 3"):
+        check(4, 0.2)
+
+    # the point command passes the losses it is given to build and turns a divergence into exit 4
+    seen = {}
+
+    def diverging_build(name, budget, expect_losses=None, **kw):
+        seen["expect"] = expect_losses
+        Q.follow_losses(expect_losses)(1, 9.9)
+
+    monkeypatch.setattr(Q, "build", diverging_build)
+    (tmp_path / "losses.json").write_text("[0.5, 0.4]")
+    args = argparse.Namespace(name="svd_llm/self/distill", budget="0.1", progress=False, fresh_cache=False,
+                              expect_losses=str(tmp_path / "losses.json"), perplexity=False, zeroshot=True)
+    assert Q.cmd_point(args) == 4 and seen["expect"] == [0.5, 0.4]
+    assert "not the measured model: distillation step 1: loss 9.9" in capsys.readouterr().err
+
+    # zeroshot hands each point's recorded losses to its rebuild, and a failed rebuild records nothing
+    recorded = {"row": "svd_llm/self/distill", "budget": 0.1, "params_decoder_after": 100,
+                "perplexity": {"perplexity": 2.0}, "heal": {"distill": {"losses": [0.5, 0.4]}}}
+    monkeypatch.setattr(Q, "P", Q.Protocol(results=tmp_path / "q.json"))
+    (tmp_path / "q.json").write_text(json.dumps({"points": [recorded]}))
+    asked = []
+    monkeypatch.setattr(Q, "run_point", lambda name, budget, **kw: asked.append(kw) or
+                        {"row": name, "budget": budget, "error": "not the measured model"})
+    zs_args = argparse.Namespace(only="svd_llm/self/distill", budgets="0.1", dense=False, max_minutes=60,
+                                 fresh_cache=False)
+    assert Q.cmd_zeroshot(zs_args) == 0
+    assert asked[0]["expect_losses"] == [0.5, 0.4] and asked[0]["zeroshot"] is True
+    assert json.loads((tmp_path / "q.json").read_text())["points"] == [recorded]

@@ -243,8 +243,11 @@ def test_interrupted_distillation_resumes_to_the_same_factors(tmp_path):
 def test_a_healed_checkpoint_reloads_with_the_same_logits(tmp_path):
     model, teacher, result = compressed("qwen2", with_result=True)
     calibration = Calibration(windows(), "random tokens", 3)
-    report = heal_(model, teacher, calibration, "refit+distill", DistillSettings(steps=3, lr=1e-3), progress=False)
+    seen = []
+    report = heal_(model, teacher, calibration, "refit+distill", DistillSettings(steps=3, lr=1e-3), progress=False,
+                   on_step=lambda step, loss: seen.append((step, loss)))
     assert report["refit"]["mean_rel_error_after"] < report["refit"]["mean_rel_error_before"]
+    assert seen == list(enumerate(report["distill"]["losses"], 1))  # each step, as reported (a rebuild follows them)
     result.extra["heal"] = report
     jointrank.save(model, None, tmp_path / "healed", result, source="tiny")
     reloaded = jointrank.load(tmp_path / "healed")

@@ -31,6 +31,7 @@ import os
 import resource
 import shutil
 import subprocess
+import tempfile
 import sys
 import time
 from dataclasses import dataclass
@@ -344,12 +345,15 @@ def own_cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool = False, with_result: bool = False):
+def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool = False, with_result: bool = False,
+          expect_losses: list[float] | None = None):
     """Load dense, calibrate, compress and heal one point; returns (model, tokenizer, facts about the run).
 
     `fresh_cache`: sample the self-generated text again into an empty cache (so the sampling is timed in this run,
     as a user without a cache pays it) and record whether it is token-identical to the shared cache's copy.
     `with_result`: also return compress_'s CompressionResult (to save the model as a checkpoint).
+    `expect_losses`: a measured build's distillation losses; the build stops with NotTheMeasuredModel at the first
+    step that does not repeat them.
     """
     import torch
 
@@ -422,7 +426,8 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
         # saved every HEAL_SAVE_EVERY steps: a point stopped mid-distillation (a session's end) continues there, with
         # the result an uninterrupted run gives; run_point deletes the state once the point is measured
         report = heal_(model, teacher, calibration, heal, distill, state_dir=heal_state_dir(name, budget),
-                       save_every=HEAL_SAVE_EVERY, progress=progress, release_teacher=True)
+                       save_every=HEAL_SAVE_EVERY, progress=progress, release_teacher=True,
+                       on_step=None if expect_losses is None else follow_losses(expect_losses))
         facts["heal_seconds"] = time.perf_counter() - t
         PEAKS.end("heal")
         from jointrank.architectures import count_parameters
@@ -461,7 +466,14 @@ def cmd_point(args) -> int:
         model, tokenizer, _ = load_model(P.model)
         facts = {}
     else:
-        model, tokenizer, facts = build(args.name, budget, progress=args.progress, fresh_cache=args.fresh_cache)
+        expect = json.loads(Path(args.expect_losses).read_text()) if args.expect_losses else None
+        try:
+            model, tokenizer, facts = build(args.name, budget, progress=args.progress, fresh_cache=args.fresh_cache,
+                                            expect_losses=expect)
+        except NotTheMeasuredModel as e:
+            print(f"not the measured model: {e}; run the point again instead (quality.py run --again --only "
+                  f"{args.name} --budgets {args.budget})", file=sys.stderr, flush=True)
+            return 4
     point = {"row": args.name, "budget": budget, **facts, "load_avg_1min_built": os.getloadavg()[0]}
     if P.eval_dtype != "float32":
         import torch
@@ -518,11 +530,16 @@ def heal_state_dir(name: str, budget: float) -> Path:
 
 
 def run_point(name: str, budget: float, *, zeroshot: bool, perplexity: bool = True,
-              fresh_cache: bool = False) -> dict:
+              fresh_cache: bool = False, expect_losses: list[float] | None = None) -> dict:
+    """Build and measure one point in a child process (its peak RSS is its own); `expect_losses`: see build."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *P.argv(), "point", name, str(budget)]
     cmd += ["--zeroshot"] * zeroshot + ["--perplexity"] * perplexity + ["--fresh-cache"] * fresh_cache
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if expect_losses is not None:
+            (Path(tmp) / "losses.json").write_text(json.dumps(expect_losses))
+            cmd += ["--expect-losses", str(Path(tmp) / "losses.json")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("POINT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -582,8 +599,28 @@ def same_training(point: dict, rebuilt: dict) -> bool:
     a, b = distill_record(point).get("losses"), distill_record(rebuilt).get("losses")
     if a is None and b is None:
         return True
-    return a is not None and b is not None and len(a) == len(b) and all(
-        math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(a, b))
+    return a is not None and b is not None and len(a) == len(b) and all(map(same_loss, a, b))
+
+
+def same_loss(x: float, y: float) -> bool:
+    return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)
+
+
+class NotTheMeasuredModel(Exception):
+    """A rebuild's distillation left the measured build's loss curve."""
+
+
+def follow_losses(expected: list[float]):
+    """distill_'s on_step for a rebuild: stop at the first step whose loss is not the measured build's (a
+    deterministic build repeats them exactly), so a rebuild that cannot be the measured model fails one step into
+    its distillation rather than after all of it and the evaluation that follows."""
+    def check(step: int, loss: float) -> None:
+        if step > len(expected):
+            raise NotTheMeasuredModel(f"distillation step {step}: the measured build stopped after {len(expected)}")
+        if not same_loss(loss, expected[step - 1]):
+            raise NotTheMeasuredModel(f"distillation step {step}: loss {loss!r}, the measured build's "
+                                      f"{expected[step - 1]!r}")
+    return check
 
 
 def points_to_rebuild(args, results: dict, missing) -> list[tuple[str, float, dict]]:
@@ -632,17 +669,19 @@ def keep_rebuild_timing(point: dict, rebuilt: dict) -> None:
                                      "other_cpu_seconds", "build_wall_seconds", "code_digest", "peak_rss_gib_after")})
 
 
-def rebuild_each(args, missing, measure: dict, record) -> int:
+def rebuild_each(args, missing, measure: dict, record, *, follow: bool = False) -> int:
     """Rebuild every point named by args for which missing(point) holds, measuring what `measure` asks of run_point,
     and let record(point, rebuilt) add it: it returns the line to print, or None when nothing was kept (then it
-    prints why itself). Returns 3 when the time budget (--max-minutes) ran out, else 0."""
+    prints why itself). `follow`: a rebuild stops at the first distillation step that does not repeat the point's
+    (see follow_losses). Returns 3 when the time budget (--max-minutes) ran out, else 0."""
     deadline = time.monotonic() + args.max_minutes * 60
     results = load_results()
     for name, budget, point in points_to_rebuild(args, results, missing):
         if time.monotonic() > deadline:
             print("time budget of this piece used up; run again to continue", flush=True)
             return 3
-        z = run_point(name, budget, fresh_cache=args.fresh_cache, **measure)
+        losses = distill_record(point).get("losses") if follow else None
+        z = run_point(name, budget, fresh_cache=args.fresh_cache, expect_losses=losses, **measure)
         if "error" in z:
             print(f"{name} @ {budget:.0%}: FAILED {z['error']}", flush=True)
             continue
@@ -665,7 +704,9 @@ def cmd_zeroshot(args) -> int:
         point["zeroshot_peak_rss_gib"] = z["peak_rss_gib"]
         return f"zero-shot avg {z['zeroshot']['avg']:.4f}"
 
-    return rebuild_each(args, lambda p: "zeroshot" not in p, {"zeroshot": True, "perplexity": False}, record)
+    # zero-shot is recorded for the measured model only: its losses must repeat exactly (no windows to compare)
+    return rebuild_each(args, lambda p: "zeroshot" not in p, {"zeroshot": True, "perplexity": False}, record,
+                        follow=True)
 
 
 # a rebuild is the measured model when its perplexity on the same windows agrees to this many nats per window (the
@@ -999,6 +1040,8 @@ def main(argv=None) -> int:
     point.add_argument("--perplexity", action="store_true", help="measure perplexity (default unless --zeroshot)")
     point.add_argument("--fresh-cache", action="store_true", help="sample self-generated text again, timed")
     point.add_argument("--progress", action="store_true")
+    point.add_argument("--expect-losses", default=None, metavar="JSON",
+                       help="a measured build's distillation losses: stop at the first step that differs (exit 4)")
     point.set_defaults(func=cmd_point)
     report = sub.add_parser("report")
     report.set_defaults(func=cmd_report)

@@ -527,7 +527,7 @@ def _load_state(state_dir: Path, key: dict, params, optimizer) -> tuple[int, lis
 
 def heal_(student: nn.Module, teacher: "nn.Module | dict", calibration, kind: str,
           settings: DistillSettings | None = None, *, state_dir: str | Path | None = None, save_every: int = 10,
-          progress: bool = True, release_teacher: bool = False, quantize: str | None = None) -> dict:
+          progress: bool = True, release_teacher: bool = False, quantize: str | None = None, on_step=None) -> dict:
     """Heal `student` in place against `teacher` on `calibration` (methods.calibration.Calibration): kind is one of
     HEAL_KINDS; `teacher` is what healing_reference took from the dense model (a decoder copy, or for distillation
     alone the dense model's states on the calibration windows). Returns what was done, for the manifest: kind,
@@ -535,7 +535,8 @@ def heal_(student: nn.Module, teacher: "nn.Module | dict", calibration, kind: st
     the teacher's decoder copy as soon as it is no longer needed (before distillation trains: one decoder's worth of
     memory less at the peak); the caller must not run the teacher afterwards. `quantize`: the scheme the model
     will be stored with; with settings.quantized_steps, distillation ends with that many steps seen through it
-    (the caller then stores it with quantize.quantize_, which keeps the grids those steps trained on)."""
+    (the caller then stores it with quantize.quantize_, which keeps the grids those steps trained on). `on_step`:
+    distill_'s, for the distillation steps (not the quantised ones)."""
     do_refit, do_distill = parse_heal(kind)
     _require_calibration(kind, calibration)
     if do_refit and isinstance(teacher, dict):
@@ -559,7 +560,8 @@ def heal_(student: nn.Module, teacher: "nn.Module | dict", calibration, kind: st
             states = teacher_states(teacher, ids, used, progress=progress)
             if release_teacher:
                 release_teacher_(teacher)
-        done = distill_(student, states, ids, settings, state_dir=state_dir, save_every=save_every, progress=progress)
+        done = distill_(student, states, ids, settings, state_dir=state_dir, save_every=save_every, progress=progress,
+                        on_step=on_step)
         report["distill"] = asdict(done)
         if quantized:
             from .quantize import fake_quantize_
