@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 
 import pytest
 import torch
@@ -764,6 +765,37 @@ def test_scale_chance_verdict_separates_guessing_models_from_the_others():
     assert "chance level (the share above guessing kept within 2 SE of 0) on a; above chance on b (70% ± 6)" in ten
     assert "does not hold on every model" in ten
     assert "on a; above chance on none." in twenty  # another setting's point is not the paper's
+
+
+def test_scale_healing_gain_over_the_paper_is_paired_per_document():
+    """zs_gain: the retention one compressed model keeps beyond another, with the SE of the per-document difference
+    (documents both get right or both miss add nothing to it); healing_verdict reads it per model, saying when the
+    gain is within 2 SE of 0."""
+    from research.bench import scale
+
+    def zs(docs):  # the same per-document accuracies on every task
+        return {"zeroshot": {"avg": sum(docs) / len(docs), "per_doc": {t: docs for t in scale.ZS_TASKS}}}
+
+    dense, paper = zs([1, 1, 1, 1, 0, 0, 1, 1]), zs([1, 0, 1, 0, 0, 0, 1, 0])
+    healed = zs([1, 1, 1, 0, 0, 0, 1, 0])  # one more document right than the paper's, none fewer
+    gain, se = scale.zs_gain(healed, paper, dense)
+    assert gain == pytest.approx((4 / 8 - 3 / 8) / (6 / 8))
+    diffs = [1, 0, 0, 0, 0, 0, 0, 0]
+    one_task = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    assert se == pytest.approx(math.sqrt(len(scale.ZS_TASKS) * one_task**2) / len(scale.ZS_TASKS) / (6 / 8))
+    assert scale.zs_gain(paper, paper, dense) == (0.0, 0.0)
+    assert scale.zs_gain(healed, {"zeroshot": None}, dense) is None
+
+    healed_label = next(s for s, rows in scale.SETTINGS.items() if scale.is_healed(rows[0.1]))
+    pts = [{"model": "a", "setting": scale.PAPER, "budget": 0.1, "ppl_ratio": 9.5, "ppl_windows_bos": True},
+           {"model": "a", "setting": healed_label, "budget": 0.1, "ppl_ratio": 1.2, "ppl_windows_bos": True,
+            "gain_over_paper": 0.053, "gain_over_paper_se": 0.031},
+           {"model": "b", "setting": scale.PAPER, "budget": 0.1, "ppl_ratio": 4.0, "ppl_windows_bos": False},
+           {"model": "b", "setting": healed_label, "budget": 0.1, "ppl_ratio": 1.1, "ppl_windows_bos": True,
+            "gain_over_paper": 0.2, "gain_over_paper_se": 0.03}]
+    (line,) = scale.healing_verdict({"points": pts})
+    assert "a +5.3 ± 3.1 (within 2 SE of 0) (perplexity / dense 9.50x → 1.20x)" in line
+    assert "b +20.0 ± 3.0 (perplexity / dense 4.00x without BOS → 1.10x)" in line
 
 
 def test_quality_keeps_a_points_distillation_state_until_the_point_is_measured(tmp_path, monkeypatch):

@@ -806,6 +806,20 @@ def zs_retention(point: dict, dense: dict) -> tuple[float, float] | None:
     return z["avg"] / bz["avg"], se / bz["avg"]
 
 
+def zs_gain(point: dict, base: dict, dense: dict) -> tuple[float, float] | None:
+    """Zero-shot retention `point` keeps beyond `base` (another compressed model of the same dense one), with the SE
+    of their difference paired per document: (point's average - base's) / dense's average."""
+    from jointrank.evaluate.report import paired_stderr
+
+    z, zb, bz = point.get("zeroshot"), base.get("zeroshot"), dense.get("zeroshot")
+    if not z or not zb or not bz:
+        return None
+    ses = [paired_stderr({"per_doc": {"acc": zb["per_doc"][t]}}, {"per_doc": {"acc": z["per_doc"][t]}}, "acc")
+           for t in ZS_TASKS]
+    se = math.sqrt(sum(s**2 for s in ses if s is not None)) / len(ZS_TASKS)
+    return (z["avg"] - zb["avg"]) / bz["avg"], se / bz["avg"]
+
+
 NO_USER_DATA = ("none", "self")
 
 
