@@ -795,29 +795,28 @@ def best_by_nll(points: list[dict]) -> dict | None:
 
 def zs_retention(point: dict, dense: dict) -> tuple[float, float] | None:
     """Zero-shot average retained (point / dense), and the SE of the paired difference divided by dense's average."""
-    from jointrank.evaluate.report import paired_stderr
-
     z, bz = point.get("zeroshot"), dense.get("zeroshot")
     if not z or not bz:
         return None
-    ses = [paired_stderr({"per_doc": {"acc": bz["per_doc"][t]}}, {"per_doc": {"acc": z["per_doc"][t]}}, "acc")
+    return z["avg"] / bz["avg"], _paired_avg_se(bz, z) / bz["avg"]
+
+
+def _paired_avg_se(a: dict, b: dict) -> float:
+    """The SE of the difference of two models' task-average accuracies, paired per document within each task."""
+    from jointrank.evaluate.report import paired_stderr
+
+    ses = [paired_stderr({"per_doc": {"acc": a["per_doc"][t]}}, {"per_doc": {"acc": b["per_doc"][t]}}, "acc")
            for t in ZS_TASKS]
-    se = math.sqrt(sum(s**2 for s in ses if s is not None)) / len(ZS_TASKS)
-    return z["avg"] / bz["avg"], se / bz["avg"]
+    return math.sqrt(sum(s**2 for s in ses if s is not None)) / len(ZS_TASKS)
 
 
 def zs_gain(point: dict, base: dict, dense: dict) -> tuple[float, float] | None:
     """Zero-shot retention `point` keeps beyond `base` (another compressed model of the same dense one), with the SE
     of their difference paired per document: (point's average - base's) / dense's average."""
-    from jointrank.evaluate.report import paired_stderr
-
     z, zb, bz = point.get("zeroshot"), base.get("zeroshot"), dense.get("zeroshot")
     if not z or not zb or not bz:
         return None
-    ses = [paired_stderr({"per_doc": {"acc": zb["per_doc"][t]}}, {"per_doc": {"acc": z["per_doc"][t]}}, "acc")
-           for t in ZS_TASKS]
-    se = math.sqrt(sum(s**2 for s in ses if s is not None)) / len(ZS_TASKS)
-    return (z["avg"] - zb["avg"]) / bz["avg"], se / bz["avg"]
+    return (z["avg"] - zb["avg"]) / bz["avg"], _paired_avg_se(zb, z) / bz["avg"]
 
 
 NO_USER_DATA = ("none", "self")
