@@ -865,3 +865,12 @@ def test_quality_zeroshot_rebuild_stops_at_the_first_distillation_step_that_leav
     assert Q.cmd_zeroshot(zs_args) == 0
     assert asked[0]["expect_losses"] == [0.5, 0.4] and asked[0]["zeroshot"] is True
     assert json.loads((tmp_path / "q.json").read_text())["points"] == [recorded]
+
+
+def test_selfgen_repetition_share_is_zero_for_text_that_never_repeats_and_near_one_for_a_loop():
+    from research.bench.selfgen_repetition import repeated_ngram_share
+
+    assert repeated_ngram_share(list(range(100))) == 0.0
+    loop = [7, 8, 9] * 40  # 117 4-grams, only the first 3 new
+    assert repeated_ngram_share(loop) == pytest.approx(114 / 117)
+    assert repeated_ngram_share([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 / 5)
