@@ -31,8 +31,8 @@ import os
 import resource
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,8 +382,6 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
     if cal_kind == "c4":
         calibration = load_text(C4_FILE, tokenizer, tokens=CAL_TOKENS, seqlen=512, seed=0)
     elif cal_kind == "self" and fresh_cache:
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             calibration = self_calibration(model, tokenizer, CAL_TOKENS, cache_dir=tmp, progress=progress)
         shared = CACHE / Path(calibration.provenance["cache_file"]).name

@@ -49,19 +49,20 @@ def main(argv=None) -> int:
     from jointrank.methods.selfgen import fingerprint
     from jointrank.sources import load_model
 
-    files = {}
+    files = {}  # fingerprint -> [(file, its sampling metadata)]
     for f in sorted(args.cache.glob("selfgen-*.safetensors")):
         with safe_open(str(f), "pt") as g:
-            files.setdefault(json.loads(g.metadata()["jointrank_selfgen"])["fingerprint"], []).append(f)
+            meta = json.loads(g.metadata()["jointrank_selfgen"])
+        files.setdefault(meta["fingerprint"], []).append((f, meta))
     out = {"command": "python research/bench/selfgen_repetition.py " + " ".join(argv or sys.argv[1:]),
            "loop_threshold": LOOP, "models": {}}
     for name in args.models.split(","):
         model, _, _ = load_model(name)
         key = fingerprint(model)
         del model
-        for f in files.get(key, []):
+        for f, meta in files.get(key, []):
             with safe_open(str(f), "pt") as g:
-                meta, ids = json.loads(g.metadata()["jointrank_selfgen"]), g.get_tensor("input_ids")
+                ids = g.get_tensor("input_ids")
             shares = [repeated_ngram_share(w.tolist()) for w in ids]
             rec = {"file": f.name, "windows": len(shares), "median_share": statistics.median(shares),
                    "loop_windows": sum(s > LOOP for s in shares),
