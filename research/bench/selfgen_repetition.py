@@ -44,6 +44,9 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--cache", type=Path, default=CACHE, help="where quality.py keeps self-generated text")
     args = p.parse_args(argv)
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:  # before loading anything
+        raise SystemExit(f"unknown model {unknown[0]!r}: one of {', '.join(MODELS)}")
     from safetensors import safe_open
 
     from jointrank.methods.selfgen import fingerprint
