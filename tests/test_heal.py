@@ -19,7 +19,8 @@ from jointrank.cli import main
 from jointrank.heal import (DistillSettings, _kl_backward, distill_, head_in, heal_, refit_, teacher_copy,
                             trainable_factors)
 from jointrank.methods.calibration import Calibration
-from jointrank.methods.selfgen import SamplingSettings, _sample, _to_dtype, parse_spec, self_calibration
+from jointrank.methods.selfgen import (LoopGuard, SamplingSettings, _sample, _to_dtype, parse_spec,
+                                      repeated_ngram_share, sample_windows, self_calibration)
 
 ALL = {"qk": GroupRule("joint"), "gate_up": GroupRule("joint"), "v": GroupRule("separate"),
        "o": GroupRule("separate"), "down": GroupRule("separate")}
@@ -314,6 +315,86 @@ def test_self_calibration_is_seeded_cached_and_starts_documents_with_bos(tmp_pat
     Path(cal.provenance["cache_file"]).write_bytes(b"truncated")  # a broken cache is regenerated, not trusted
     redone = self_calibration(model, TinyTokenizer(), 100, settings=settings, cache_dir=tmp_path, progress=False)
     assert not redone.provenance["from_cache"] and torch.equal(redone.input_ids, cal.input_ids)
+
+
+def loop_trips(doc: list[int], window: int, share: float) -> list[int]:
+    """Brute force: the indices at which a document's last `window` 4-grams hold at least `share` repeats of an
+    earlier 4-gram of the document (the guard's rule, recomputed from scratch at every token)."""
+    trips = []
+    for end in range(4, len(doc) + 1):
+        grams = [tuple(doc[i:i + 4]) for i in range(end - 3)]
+        if len(grams) < window:
+            continue
+        repeats = [g in grams[:i] for i, g in enumerate(grams)]
+        if sum(repeats[-window:]) >= share * window:
+            trips.append(end - 1)
+    return trips
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_loop_guard_trips_exactly_where_the_brute_force_rule_first_holds(seed):
+    g = torch.Generator().manual_seed(seed)
+    prose = (torch.randint(3, 90, (int(torch.randint(0, 40, (1,), generator=g)),), generator=g)).tolist()
+    period = int(torch.randint(1, 7, (1,), generator=g))
+    cycle = torch.randint(3, 90, (period,), generator=g).tolist()
+    doc = prose + cycle * (60 // period + 2)  # text, then a loop long enough to trip a 16-gram window
+    guard, fired = LoopGuard(16, 0.9, bos=1), None
+    for i, token in enumerate(doc):
+        if guard.push(token):
+            fired = i
+            break
+    expected = loop_trips(doc, 16, 0.9)
+    assert expected and fired == expected[0]
+    # after tripping, the guard has forgotten the document: the same loop must be seen again to trip it
+    assert not any(guard.push(t) for t in cycle * 3)
+    assert not LoopGuard(0, 0.9, bos=1).push(doc[-1])  # window 0: the guard is off
+
+
+def test_self_calibration_guard_ends_looping_documents_and_records_it(tmp_path):
+    model = tiny_model("llama")  # greedy sampling of a random model falls into a loop at once
+    off = SamplingSettings(seqlen=80, batch_size=3, temperature=0.0, loop_window=0, isolate_documents=False,
+                           dtype="float32")
+    on = SamplingSettings(seqlen=80, batch_size=3, temperature=0.0, loop_window=16, loop_share=0.9, dtype="float32")
+    loops = self_calibration(model, TinyTokenizer(), 240, settings=off, cache_dir=tmp_path, progress=False)
+    assert all(repeated_ngram_share(w.tolist()) > 0.5 for w in loops.input_ids)  # the precondition: it loops
+    assert loops.provenance["loop_windows"] == 3 and "loop_restarts" not in loops.provenance
+    # off: the cache key written before the guard and the isolation existed
+    assert "loop_window" not in loops.provenance and "isolate_documents" not in loops.provenance
+    cal = self_calibration(model, TinyTokenizer(), 240, settings=on, cache_dir=tmp_path, progress=False)
+    restarts = 0
+    for window in cal.input_ids.tolist():
+        starts = [i for i, t in enumerate(window) if t == 1] + [len(window)]
+        for a, b in zip(starts, starts[1:]):
+            doc = window[a + 1:b]
+            trips = loop_trips(doc, 16, 0.9)
+            # the guard's rule held nowhere in a document but at its last token, where it ended the document
+            assert trips in ([], [len(doc) - 1]) and (not trips or b < len(window))
+            restarts += bool(trips)
+    assert restarts > 0 and cal.provenance["loop_restarts"] == restarts
+    assert cal.provenance["loop_window"] == 16
+    again = self_calibration(model, TinyTokenizer(), 240, settings=on, cache_dir=tmp_path, progress=False)
+    assert again.provenance["from_cache"] and again.provenance["loop_restarts"] == restarts
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_isolated_documents_are_sampled_as_if_alone(arch):
+    """Greedy sampling from BOS is deterministic, so documents that see nothing before their BOS all repeat the
+    first one; documents that see the earlier ones in their window (the old sampling) drift from it."""
+    model = tiny_model(arch)
+
+    def complete_documents(isolate: bool) -> list[set]:
+        settings = SamplingSettings(seqlen=120, batch_size=3, temperature=0.0, loop_window=16,
+                                    isolate_documents=isolate, dtype="float32")
+        ids = sample_windows(model, TinyTokenizer(), 3, 120, settings, progress=False)
+        out = []
+        for window in ids.tolist():
+            starts = [i for i, t in enumerate(window) if t == 1] + [len(window)]
+            out.append({tuple(window[a:b]) for a, b in zip(starts[:-2], starts[1:-1])})  # the last may be cut
+        return out
+
+    isolated = complete_documents(True)
+    assert all(len(docs) == 1 for docs in isolated)
+    assert all(len(docs) > 1 for docs in complete_documents(False))  # the precondition: context matters
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

@@ -22,21 +22,12 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script: make `research` importable
     sys.path.insert(0, str(REPO))
 
+from jointrank.methods.selfgen import LOOP_SHARE as LOOP  # noqa: E402
+from jointrank.methods.selfgen import repeated_ngram_share  # noqa: E402
 from research.bench.quality import CACHE  # noqa: E402
 from research.bench.scale import MODELS  # noqa: E402
 
 OUT = REPO / "results" / "scale" / "selfgen_repetition.json"
-LOOP = 0.5  # a window with more than this share of repeated 4-grams is counted as a loop
-
-
-def repeated_ngram_share(ids: list[int], n: int = 4) -> float:
-    """The share of a sequence's n-grams that already occurred earlier in it."""
-    seen, repeats = set(), 0
-    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-    for g in grams:
-        repeats += g in seen
-        seen.add(g)
-    return repeats / max(len(grams), 1)
 
 
 def main(argv=None) -> int:
@@ -69,7 +60,9 @@ def main(argv=None) -> int:
             shares = [repeated_ngram_share(w.tolist()) for w in ids]
             rec = {"file": f.name, "windows": len(shares), "median_share": statistics.median(shares),
                    "loop_windows": sum(s > LOOP for s in shares),
-                   "sampling": {k: meta[k] for k in ("temperature", "top_p", "seed", "seqlen")}}
+                   # the loop guard and document isolation settings exist only in files sampled with them
+                   "sampling": {k: meta[k] for k in ("temperature", "top_p", "seed", "seqlen", "loop_window",
+                                                     "loop_share", "isolate_documents", "loop_restarts") if k in meta}}
             out["models"].setdefault(name, []).append(rec)
             print(f"{name}: {rec['windows']} windows, median repeated 4-gram share {rec['median_share']:.2f}, "
                   f"{rec['loop_windows']} loops (> {LOOP:.0%})", flush=True)
