@@ -353,13 +353,14 @@ def test_loop_guard_trips_exactly_where_the_brute_force_rule_first_holds(seed):
 def test_self_calibration_guard_ends_looping_documents_and_records_it(tmp_path):
     model = tiny_model("llama")  # greedy sampling of a random model falls into a loop at once
     off = SamplingSettings(seqlen=80, batch_size=3, temperature=0.0, loop_window=0, isolate_documents=False,
-                           dtype="float32")
-    on = SamplingSettings(seqlen=80, batch_size=3, temperature=0.0, loop_window=16, loop_share=0.9, dtype="float32")
+                           max_repeated_share=1.0, dtype="float32")
+    on = SamplingSettings(seqlen=80, batch_size=3, temperature=0.0, loop_window=16, loop_share=0.9,
+                          max_repeated_share=1.0, dtype="float32")  # no redrawing: every window is checked
     loops = self_calibration(model, TinyTokenizer(), 240, settings=off, cache_dir=tmp_path, progress=False)
     assert all(repeated_ngram_share(w.tolist()) > 0.5 for w in loops.input_ids)  # the precondition: it loops
     assert loops.provenance["loop_windows"] == 3 and "loop_restarts" not in loops.provenance
-    # off: the cache key written before the guard and the isolation existed
-    assert "loop_window" not in loops.provenance and "isolate_documents" not in loops.provenance
+    # off: the cache key written before the guards existed
+    assert not {"loop_window", "isolate_documents", "max_repeated_share", "windows_redrawn"} & set(loops.provenance)
     cal = self_calibration(model, TinyTokenizer(), 240, settings=on, cache_dir=tmp_path, progress=False)
     restarts = 0
     for window in cal.input_ids.tolist():
@@ -374,6 +375,26 @@ def test_self_calibration_guard_ends_looping_documents_and_records_it(tmp_path):
     assert cal.provenance["loop_window"] == 16
     again = self_calibration(model, TinyTokenizer(), 240, settings=on, cache_dir=tmp_path, progress=False)
     assert again.provenance["from_cache"] and again.provenance["loop_restarts"] == restarts
+
+
+def test_windows_still_mostly_repetition_are_drawn_again(tmp_path, capsys):
+    model = tiny_model("llama")
+    # sampled at temperature 1 the random model never loops: redrawing changes nothing, and costs nothing
+    plain = SamplingSettings(seqlen=40, batch_size=2, dtype="float32", max_repeated_share=1.0)
+    checked = SamplingSettings(seqlen=40, batch_size=2, dtype="float32")
+    a = self_calibration(model, TinyTokenizer(), 200, settings=plain, cache_dir=tmp_path, progress=False)
+    b = self_calibration(model, TinyTokenizer(), 200, settings=checked, cache_dir=tmp_path, progress=False)
+    assert torch.equal(a.input_ids, b.input_ids) and b.provenance["windows_redrawn"] == 0
+    assert a.provenance["cache_file"] != b.provenance["cache_file"]  # the check is in the cache key
+    # greedy, it loops in every window: drawn again up to the limit (3x), then the least repetitive are kept
+    greedy = SamplingSettings(seqlen=80, batch_size=2, dtype="float32", temperature=0.0, loop_window=0,
+                              max_repeated_share=0.5, redraw_limit=3.0)
+    stats = {}
+    ids = sample_windows(model, TinyTokenizer(), 5, 80, greedy, progress=False, stats=stats)
+    assert tuple(ids.shape) == (5, 80) and stats["windows_redrawn"] == 15
+    cal = self_calibration(model, TinyTokenizer(), 400, settings=greedy, cache_dir=tmp_path, progress=False)
+    assert cal.provenance["windows_redrawn"] == 15 and cal.provenance["loop_windows"] == 5
+    assert "5 of 5 self-generated windows are still mostly repetition" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])

@@ -200,8 +200,9 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    "d_in is large against the outputs (down_proj)")
     p.add_argument("--calibration", default=None, metavar="FILE|self[:TOKENS]",
                    help="calibration text for the data-aware methods and for --heal: a text file (documents one per "
-                   "line), or 'self' for text sampled from the dense model itself, no user data (seeded; cached in "
-                   "$JOINTRANK_CACHE or ~/.cache/jointrank; 'self:8192' sets the number of tokens)")
+                   "line), or 'self' for text sampled from the dense model itself, no user data (seeded; each document "
+                   "sampled alone, a loop ended where it starts; cached in $JOINTRANK_CACHE or ~/.cache/jointrank; "
+                   "'self:8192' sets the number of tokens)")
     p.add_argument("--calibration-tokens", type=int, default=None, metavar="N",
                    help="calibration tokens to use, in windows of 512 (default: 16384)")
     from .heal import QUANTIZED_STEPS, DistillSettings

@@ -4,13 +4,14 @@ LLM-QAT (arXiv 2305.17888) showed that text a model generates calibrates it abou
 the `--calibration self[:TOKENS]` source. Windows of `seqlen` tokens each start with BOS and continue with tokens
 sampled from the model (temperature and nucleus settings below, seeded). When the model emits its end-of-text token
 the window goes on with a fresh BOS, i.e. a new document, so windows are always full and the model's own document
-length distribution is kept. Each document is sampled as if alone (an attention mask hides the earlier ones).
+length distribution is kept.
 
 Small instruction-tuned models sampled from a bare BOS often fall into loops ("a, a, a, ..."): 22 of 32 windows on
 Qwen2.5-Coder-0.5B-Instruct (results/scale/selfgen_repetition.json). A loop teaches healing nothing about language, so
-a document whose last `loop_window` 4-grams are nearly all repeats of earlier ones ends there, and a new document
-starts, as after an end-of-text token. The count of such restarts and the windows still mostly repetition go into the
-provenance, and a warning names the latter.
+three guards, each in the settings and so in the cache key: every document is sampled as if alone (it cannot copy the
+one before it); a document whose last `loop_window` 4-grams are mostly repeats of earlier ones ends there, and a new
+one starts, as after an end-of-text token; a window still mostly repetition is drawn again. What they did (restarts,
+windows redrawn, windows still mostly repetition) goes into the provenance, and a warning names what is left.
 
 Sampling the same model with the same settings gives the same tokens on the same machine (seeded), so the windows
 are cached on disk (safetensors, no pickle) under a key made from the model's weights fingerprint and the settings;
@@ -49,22 +50,28 @@ class SamplingSettings:
     # sampled in bfloat16 (a temporary copy when the model is float32): 2-3x faster on CPUs and GPUs alike, and the
     # text only has to be typical of the model, not bit-exact (bfloat16 against float32 sampling is not measured yet)
     dtype: str = "bfloat16"
-    # the loop guard: a document ends once at least `loop_share` of its last `loop_window` 4-grams already occurred
-    # in it (a loop of period p trips it ~loop_window + p tokens in); loop_window=0 turns it off
-    loop_window: int = 64
-    loop_share: float = 0.9
     # each document attends only to itself: an instruction-tuned model that sees earlier documents in its window
     # copies them, and windows fill with the same two-token answer (Qwen2.5-Coder-0.5B: "```<|im_end|>" x 100)
     isolate_documents: bool = True
+    # the loop guard: a document ends once at least `loop_share` of its last `loop_window` 4-grams already occurred
+    # in it (a loop of period p trips it ~loop_window + p tokens in, so that much loop stays); 0 turns it off
+    loop_window: int = 32
+    loop_share: float = 0.8
+    # a window with more than this share of repeated 4-grams is drawn again, up to `redraw_limit` times as many
+    # windows in all (then the least repetitive are kept, with a warning); 1.0 turns it off
+    max_repeated_share: float = 0.5
+    redraw_limit: float = 3.0
 
     def cache_key(self) -> dict:
-        """The settings that change the sampled tokens. With the guard and the isolation off, the key is the one
-        written before either existed, so text sampled then is still found in the cache."""
+        """The settings that change the sampled tokens. With the isolation, the guard and redrawing off, the key is
+        the one written before they existed, so text sampled then is still found in the cache."""
         key = asdict(self)
-        if not self.loop_window:
-            del key["loop_window"], key["loop_share"]
         if not self.isolate_documents:
             del key["isolate_documents"]
+        if not self.loop_window:
+            del key["loop_window"], key["loop_share"]
+        if self.max_repeated_share >= 1.0:
+            del key["max_repeated_share"], key["redraw_limit"]
         return key
 
 
@@ -130,14 +137,14 @@ def self_calibration(model, tokenizer, tokens: int = DEFAULT_SELF_TOKENS, *, set
             print(f"jointrank: ignoring unreadable self-calibration cache {path} ({exc})")
         else:
             if tuple(ids.shape) == (n_windows, seqlen):
-                restarts = _metadata(path).get("loop_restarts")  # absent in files sampled without the guard
+                stats = {k: v for k, v in _metadata(path).items() if k in GUARD_STATS}  # absent: sampled before
                 return Calibration(ids, source, settings.seed,
-                                   provenance=_provenance(key, path, cached=True, **_repetition(ids, restarts)))
+                                   provenance=_provenance(key, path, cached=True, **_repetition(ids, stats)))
     started = time.perf_counter()
     stats = {}
     ids = sample_windows(model, tokenizer, n_windows, seqlen, settings, progress=progress, stats=stats)
     seconds = time.perf_counter() - started
-    quality = _repetition(ids, stats["loop_restarts"])
+    quality = _repetition(ids, stats)
     if quality["loop_windows"]:
         print(f"jointrank: {quality['loop_windows']} of {n_windows} self-generated windows are still mostly "
               f"repetition (over {LOOP_SHARE:.0%} of their 4-grams repeated); healing learns little from them")
@@ -178,22 +185,23 @@ def _metadata(path: Path) -> dict:
         return json.loads((f.metadata() or {}).get("jointrank_selfgen", "{}"))
 
 
-def _repetition(ids: torch.Tensor, loop_restarts: int | None) -> dict:
+GUARD_STATS = ("loop_restarts", "windows_redrawn")  # what the guards did, None where a guard was off
+
+
+def _repetition(ids: torch.Tensor, stats: dict) -> dict:
     """What the provenance says about the text's repetition: windows still mostly repeats, the median share of
-    repeated 4-grams, and how many loops the guard stopped (unknown for text cached before the guard)."""
+    repeated 4-grams, and what the guards did (unknown for text cached before them)."""
     shares = [repeated_ngram_share(w.tolist()) for w in ids]
-    out = {"loop_windows": sum(s > LOOP_SHARE for s in shares),
-           "median_repeated_4gram_share": round(sorted(shares)[len(shares) // 2], 4)}
-    if loop_restarts is not None:
-        out["loop_restarts"] = loop_restarts
-    return out
+    return {"loop_windows": sum(s > LOOP_SHARE for s in shares),
+            "median_repeated_4gram_share": round(sorted(shares)[len(shares) // 2], 4),
+            **{k: stats[k] for k in GUARD_STATS if stats.get(k) is not None}}
 
 
 @torch.no_grad()
 def sample_windows(model, tokenizer, n_windows: int, seqlen: int, settings: SamplingSettings, *,
                    progress: bool = True, stats: dict | None = None) -> torch.Tensor:
     """(n_windows, seqlen) token ids: BOS then sampled tokens, a new BOS after every end-of-text token and after
-    every loop the guard stops (their count goes into `stats["loop_restarts"]`).
+    every loop the guard stops; windows still mostly repetition drawn again (`stats` gets both counts).
 
     A plain loop over a KV cache rather than `generate()`: it restarts documents inside a window, samples with a
     generator of its own (so nothing else's use of the global RNG changes the text) and shows one progress bar.
@@ -208,12 +216,19 @@ def sample_windows(model, tokenizer, n_windows: int, seqlen: int, settings: Samp
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     was_training = model.training
     model.eval()
-    out, restarts = [], 0
+    kept, redrawn, restarts = [], [], 0  # redrawn: (share, order drawn, window)
+    redraw = settings.max_repeated_share < 1.0
+    limit = max(n_windows, int(n_windows * settings.redraw_limit)) if redraw else n_windows
+    drawn = 0
     bar = tqdm(total=n_windows * seqlen, desc="sampling calibration text", unit="tok", disable=not progress)
     restore = _to_dtype(model, getattr(torch, settings.dtype))
     try:
-        for start in range(0, n_windows, settings.batch_size):
-            b = min(settings.batch_size, n_windows - start)
+        while len(kept) < n_windows and drawn < limit:
+            b = min(settings.batch_size, limit - drawn, n_windows - len(kept))
+            if drawn >= n_windows:  # a redraw: the bar grows by what is drawn again
+                bar.total += b * seqlen
+                bar.refresh()
+            drawn += b
             ids = torch.full((b, seqlen), bos, dtype=torch.long)
             cache = None
             guards = [LoopGuard(settings.loop_window, settings.loop_share, bos) for _ in range(b)]
@@ -235,14 +250,22 @@ def sample_windows(model, tokenizer, n_windows: int, seqlen: int, settings: Samp
                 doc_start = torch.where(ids[:, t + 1] == bos, t + 1, doc_start)  # the model's own BOS counts too
                 bar.update(b)
             bar.update(b)
-            out.append(ids)
+            for window in ids:
+                share = repeated_ngram_share(window.tolist()) if redraw else 0.0
+                if share > settings.max_repeated_share:
+                    redrawn.append((share, len(redrawn), window))
+                elif len(kept) < n_windows:
+                    kept.append(window)
     finally:
         bar.close()
         restore()
         model.train(was_training)
-    if stats is not None:
-        stats["loop_restarts"] = restarts if settings.loop_window else None  # None: no guard, nothing counted
-    return torch.cat(out)[:n_windows]
+    # the limit reached: the least repetitive of the windows drawn again fill the rest
+    kept += [w for _, _, w in sorted(redrawn, key=lambda r: r[:2])[:n_windows - len(kept)]]
+    if stats is not None:  # None: that guard was off, nothing counted
+        stats["loop_restarts"] = restarts if settings.loop_window else None
+        stats["windows_redrawn"] = len(redrawn) if redraw else None
+    return torch.stack(kept)
 
 
 class LoopGuard:
