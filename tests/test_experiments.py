@@ -442,6 +442,24 @@ def test_readme_table_is_regenerated_between_its_markers_only(tmp_path):
     assert (tmp_path / "other.md").read_text() == "no markers\n"
 
 
+def test_points_on_self_generated_text_sampled_before_the_loop_guards_are_marked():
+    """Rows calibrated on self-generated text that record no sampling details (self_text) were built from text
+    `--calibration self` no longer samples: the README table and the scale study mark them, and only them."""
+    from research.bench import quality_report as R
+
+    assert R.sampled_before_guards({"row": "svd_llm/self/distill-lr3e-5"})
+    assert not R.sampled_before_guards({"row": "svd_llm/self/distill-lr3e-5", "self_text": {"loop_windows": 0}})
+    assert not R.sampled_before_guards({"row": "svd_llm/c4/distill-lr3e-5"})
+    (row, budget), (other, other_budget) = R.README_ROWS[:2]
+    assert "/self/" in row and "/self/" in other
+    point = {"row": row, "budget": budget, "perplexity": {}}
+    table = "\n".join(R.readme_table({"points": [point], "settings": {}}))
+    assert f"`{row}` †" in table and R.PRE_GUARDS in table
+    point["self_text"] = {"loop_windows": 0}
+    table = "\n".join(R.readme_table({"points": [point], "settings": {}}))
+    assert "†" not in table and R.PRE_GUARDS not in table
+
+
 def test_quantize_bench_leaves_out_points_of_an_earlier_low_rank_row():
     from research.bench import quantize as Qz
 

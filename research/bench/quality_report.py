@@ -374,6 +374,17 @@ def _flags_beyond_demo(row: str, budget: float) -> str:
     return " ".join(f"`{k} {v}`" for k, v in changed.items()) or "(the demo)"
 
 
+PRE_GUARDS = ("Calibrated on self-generated text sampled before its loop guards (src/jointrank/methods/selfgen.py, "
+              "2026-12-07): `--calibration self` now samples each document alone, ends loops and redraws windows "
+              "that are mostly repetition, so rerunning the row builds a different model; the numbers are those of "
+              "the earlier text.")
+
+
+def sampled_before_guards(point: dict) -> bool:
+    """A point calibrated on self-generated text that records no sampling details predates the loop guards."""
+    return "/self/" in point["row"] and "self_text" not in point
+
+
 def readme_table(results: dict) -> list[str]:
     """README.md's table of what the recommended settings cost, from the same points as results/quality.md."""
     by = _by(results)
@@ -393,10 +404,13 @@ def readme_table(results: dict) -> list[str]:
                      _minutes(run["compress_heal_seconds"])
                      + (" (machine shared)" if run.get("load_avg_1min_built", 0) > 2.5 else ""),
                      f"{current_peak(p):.2f}"]
+        mark = " †" if p is not None and sampled_before_guards(p) else ""
         lines.append(f"| {budget:.0%} | {_flags_beyond_demo(row, budget)} | " + " | ".join(cells)
-                     + f" | `{row}` |")
+                     + f" | `{row}`{mark} |")
     lines += ["", "\\* By the row's latest code, its run least disturbed by other processes (the rule of "
                   "results/quality.md's time and memory targets)."]
+    if any(sampled_before_guards(by[k]) for k in README_ROWS if k in by):
+        lines += ["", f"† {PRE_GUARDS}"]
     if dense is not None and BOS in dense["perplexity"] and dense.get("zeroshot"):
         lines += ["", f"Dense Gemma-3-270M: perplexity {perplexity_on(dense, BOS):.2f} on the same windows, zero-shot "
                       f"average accuracy {dense['zeroshot']['avg']:.4f} over {len(ZS_TASKS)} tasks."]

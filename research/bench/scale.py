@@ -26,6 +26,7 @@ if str(REPO) not in sys.path:  # run as a script: make `research` importable
     sys.path.insert(0, str(REPO))
 
 from research.bench.quality import BOS, ZS_TASKS, _by, nll_key, ppl_ratio, zs_gain, zs_retention  # noqa: E402
+from research.bench.quality_report import PRE_GUARDS, sampled_before_guards  # noqa: E402
 from research.common import CHANCE  # noqa: E402
 
 OUT_MD, OUT_JSON, OUT_PNG = (REPO / "results" / f"scale.{ext}" for ext in ("md", "json", "png"))
@@ -137,6 +138,8 @@ def collect() -> dict:
                 study.append(p)
                 if p and dense:
                     rec["removed"] = p["decoder_reduction"]
+                    if sampled_before_guards(p):
+                        rec["self_text_before_guards"] = True
                     rec["ppl_ratio"], rec["ppl_ratio_se"] = ppl_ratio(p, dense)
                     rec["ppl_windows_bos"] = nll_key(p, dense) == BOS  # else the standard windows, without BOS
                     r = zs_retention(p, dense)
@@ -258,6 +261,7 @@ def healing_verdict(data: dict) -> list[str]:
             each = [f"{p['model']} {100 * p['gain_over_paper']:+.1f} ± {100 * p['gain_over_paper_se']:.1f}"
                     + ("" if abs(p["gain_over_paper"]) > 2 * p["gain_over_paper_se"] else " (within 2 SE of 0)")
                     + f" (perplexity / dense {_ppl(paper[p['model']])} → {_ppl(p)})"
+                    + (" (text sampled before the loop guards †)" if p.get("self_text_before_guards") else "")
                     for p in pts]
             lines.append(f"* {setting}, {budget:.0%}, against the paper's structure at the same budget: "
                          f"{'; '.join(each)}: points of dense zero-shot accuracy kept beyond the paper's structure, "
@@ -396,7 +400,8 @@ def cmd_report(args) -> int:
                      f"± {100 * p['above_chance_se']:.0f} above chance)" if "retention" in p
                      else "zero-shot not measured")
                 cells.append(f"ppl {p['ppl_ratio']:.2f}x ± {p['ppl_ratio_se']:.2f}"
-                             f"{'' if p.get('ppl_windows_bos') else ' (no BOS)'}; {z}")
+                             f"{'' if p.get('ppl_windows_bos') else ' (no BOS)'}; {z}"
+                             + (" †" if p.get("self_text_before_guards") else ""))
             lines.append(f"| {setting} | {budget:.0%} | " + " | ".join(cells) + " |")
     lines += ["", "Each cell: perplexity / dense ± paired SE, on the windows each started with BOS where both were "
               "measured so, else on the standard windows (marked no BOS); zero-shot retention (average accuracy / "
@@ -408,7 +413,9 @@ def cmd_report(args) -> int:
               "prior reads norms after each block, which the Llama and Qwen2 families lack). Where the paper's 10% "
               "structure (separate Q and K) cannot remove 10% of the decoder (the Qwen2.5-Coder models: grouped-query "
               "attention beside a wide MLP), `paper` and `best-free` at 10% use their 20% structure (paper-20; all "
-              "groups, balanced) at the 10% target; each point records what was changed (`config_changed`).", "",
+              "groups, balanced) at the 10% target; each point records what was changed (`config_changed`).",
+              *(["", f"† {PRE_GUARDS}"] if any(p.get("self_text_before_guards") for p in data["points"]) else []),
+              "",
               "## Verdict", "", *(data["verdict"] or ["* No zero-shot points yet."]),
               *(f"* {t['name']}: {t['measured']:.3f}x, {'met' if t['met'] else '**not met**'} ({t['source']})"
                 for t in data["targets"] if "source" in t),
