@@ -886,7 +886,7 @@ def test_quality_zeroshot_rebuild_stops_at_the_first_distillation_step_that_leav
 
 
 def test_selfgen_repetition_share_is_zero_for_text_that_never_repeats_and_near_one_for_a_loop():
-    from research.bench.selfgen_repetition import repeated_ngram_share
+    from jointrank.methods.selfgen import repeated_ngram_share
 
     assert repeated_ngram_share(list(range(100))) == 0.0
     loop = [7, 8, 9] * 40  # 117 4-grams, only the first 3 new
