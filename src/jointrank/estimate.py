@@ -9,7 +9,7 @@ times beside the estimate so the two can be compared.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -53,7 +53,9 @@ def _sampling_seconds(model, tokenizer, tokens: int) -> float:
     settings = SamplingSettings()
     steps = 6
     t = time.perf_counter()
-    sample_windows(model, tokenizer, settings.batch_size, steps, settings, progress=False)
+    # one batch exactly (no redrawing): the estimate is per sampled token; redraws, rare, are not in it
+    sample_windows(model, tokenizer, settings.batch_size, steps, replace(settings, max_repeated_share=1.0),
+                   progress=False)
     per_step = (time.perf_counter() - t) / (steps - 1)
     windows = -(-tokens // settings.seqlen)
     batches = -(-windows // settings.batch_size)
