@@ -811,9 +811,12 @@ def test_scale_healing_gain_over_the_paper_is_paired_per_document():
            {"model": "b", "setting": scale.PAPER, "budget": 0.1, "ppl_ratio": 4.0, "ppl_windows_bos": False},
            {"model": "b", "setting": healed_label, "budget": 0.1, "ppl_ratio": 1.1, "ppl_windows_bos": True,
             "gain_over_paper": 0.2, "gain_over_paper_se": 0.03}]
+    pts[3].update(gain_over_text_before_guards=0.013, gain_over_text_before_guards_se=0.017,
+                  ppl_ratio_text_before_guards=1.79)
     (line,) = scale.healing_verdict({"points": pts})
-    assert "a +5.3 ± 3.1 (within 2 SE of 0) (perplexity / dense 9.50x → 1.20x)" in line
-    assert "b +20.0 ± 3.0 (perplexity / dense 4.00x without BOS → 1.10x)" in line
+    assert "a +5.3 ± 3.1 (within 2 SE of 0) (perplexity / dense 9.50x → 1.20x);" in line
+    assert ("b +20.0 ± 3.0 (perplexity / dense 4.00x without BOS → 1.10x) (rebuilt on text sampled with the loop "
+            "guards: +1.3 ± 1.7 points against the same row on the text sampled before them, at 1.79x") in line
 
 
 def test_quality_keeps_a_points_distillation_state_until_the_point_is_measured(tmp_path, monkeypatch):

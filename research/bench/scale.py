@@ -150,6 +150,12 @@ def collect() -> dict:
                     gain = zs_gain(p, paper, dense) if is_healed(p["row"]) and paper else None
                     if gain:  # what calibration + healing bought over the paper's structure, paired per document
                         rec["gain_over_paper"], rec["gain_over_paper_se"] = gain
+                    before = next((e for e in reversed(p.get("earlier", [])) if sampled_before_guards(e)), None)
+                    if "self_text" in p and before and zs_gain(p, before, dense):
+                        # rebuilt on text sampled with the loop guards: what they changed, paired per document
+                        rec["gain_over_text_before_guards"], rec["gain_over_text_before_guards_se"] = zs_gain(
+                            p, before, dense)
+                        rec["ppl_ratio_text_before_guards"] = ppl_ratio(before, dense)[0]
                 out["points"].append(rec)
         # what a point costs on this model, measured apart for data-free and healed points: building it (compress,
         # and calibrate + heal) with its perplexity, and its zero-shot (often added by a later command). Before any
@@ -262,6 +268,10 @@ def healing_verdict(data: dict) -> list[str]:
                     + ("" if abs(p["gain_over_paper"]) > 2 * p["gain_over_paper_se"] else " (within 2 SE of 0)")
                     + f" (perplexity / dense {_ppl(paper[p['model']])} → {_ppl(p)})"
                     + (" (text sampled before the loop guards †)" if p.get("self_text_before_guards") else "")
+                    + (f" (rebuilt on text sampled with the loop guards: {100 * p['gain_over_text_before_guards']:+.1f}"
+                       f" ± {100 * p['gain_over_text_before_guards_se']:.1f} points against the same row on the text "
+                       f"sampled before them, at {p['ppl_ratio_text_before_guards']:.2f}x dense perplexity)"
+                       if "gain_over_text_before_guards" in p else "")
                     for p in pts]
             lines.append(f"* {setting}, {budget:.0%}, against the paper's structure at the same budget: "
                          f"{'; '.join(each)}: points of dense zero-shot accuracy kept beyond the paper's structure, "
