@@ -402,7 +402,7 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
 
             with safe_open(prov["cache_file"], "pt") as f:
                 facts["sampling_seconds"] = json.loads(f.metadata()["jointrank_selfgen"])["seconds"]
-    if calibration is not None and calibration.provenance.get("kind") == "self-generated":
+    if calibration is not None and (calibration.provenance or {}).get("kind") == "self-generated":
         # how the text was sampled and how repetitive it is (points measured before the loop guards lack this)
         facts["self_text"] = {k: v for k, v in calibration.provenance.items()
                               if k not in ("kind", "fingerprint", "cache_file", "from_cache", "sampling_seconds")}

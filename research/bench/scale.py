@@ -267,8 +267,8 @@ def healing_verdict(data: dict) -> list[str]:
             each = [f"{p['model']} {100 * p['gain_over_paper']:+.1f} ± {100 * p['gain_over_paper_se']:.1f}"
                     + ("" if abs(p["gain_over_paper"]) > 2 * p["gain_over_paper_se"] else " (within 2 SE of 0)")
                     + f" (perplexity / dense {_ppl(paper[p['model']])} → {_ppl(p)})"
-                    + (" (healed on self-generated text sampled before the loop guards)" if p.get("self_text_before_guards")
-                       else "")
+                    + (" (healed on self-generated text sampled before the loop guards)"
+                       if p.get("self_text_before_guards") else "")
                     + (f" (rebuilt on text sampled with the loop guards: {100 * p['gain_over_text_before_guards']:+.1f}"
                        f" ± {100 * p['gain_over_text_before_guards_se']:.1f} points against the same row on the text "
                        f"sampled before them, at {p['ppl_ratio_text_before_guards']:.2f}x dense perplexity)"
