@@ -802,6 +802,15 @@ def test_scale_healing_gain_over_the_paper_is_paired_per_document():
     one_task = statistics.stdev(diffs) / math.sqrt(len(diffs))
     assert se == pytest.approx(math.sqrt(len(scale.ZS_TASKS) * one_task**2) / len(scale.ZS_TASKS) / (6 / 8))
     assert scale.zs_gain(paper, paper, dense) == (0.0, 0.0)
+    # over a subset of tasks: only those tasks' accuracies and documents count
+    tasks = list(scale.ZS_TASKS)
+    worse = {"zeroshot": {"avg": None, "acc": {t: 0.0 if t == tasks[0] else 4 / 8 for t in tasks},
+                          "per_doc": {t: [0] * 8 if t == tasks[0] else [1, 1, 1, 0, 0, 0, 1, 0] for t in tasks}}}
+    for r, docs in ((dense, [1, 1, 1, 1, 0, 0, 1, 1]), (paper, [1, 0, 1, 0, 0, 0, 1, 0])):
+        r["zeroshot"]["acc"] = {t: sum(docs) / 8 for t in tasks}
+    sub_gain, sub_se = scale.zs_gain(worse, paper, dense, tasks[1:])
+    assert sub_gain == pytest.approx(gain) and sub_se == pytest.approx(
+        math.sqrt(len(tasks[1:]) * one_task**2) / len(tasks[1:]) / (6 / 8))
     assert scale.zs_gain(healed, {"zeroshot": None}, dense) is None
 
     healed_label = next(s for s, rows in scale.SETTINGS.items() if scale.is_healed(rows[0.1]))
@@ -812,11 +821,13 @@ def test_scale_healing_gain_over_the_paper_is_paired_per_document():
            {"model": "b", "setting": healed_label, "budget": 0.1, "ppl_ratio": 1.1, "ppl_windows_bos": True,
             "gain_over_paper": 0.2, "gain_over_paper_se": 0.03}]
     pts[3].update(gain_over_text_before_guards=0.013, gain_over_text_before_guards_se=0.017,
-                  ppl_ratio_text_before_guards=1.79)
+                  ppl_ratio_text_before_guards=1.79, tasks_dense_at_chance=["boolq"],
+                  gain_over_paper_above_chance_tasks=0.017, gain_over_paper_above_chance_tasks_se=0.026)
     (line,) = scale.healing_verdict({"points": pts})
     assert "a +5.3 ± 3.1 (within 2 SE of 0) (perplexity / dense 9.50x → 1.20x);" in line
-    assert ("b +20.0 ± 3.0 (perplexity / dense 4.00x without BOS → 1.10x) (rebuilt on text sampled with the loop "
-            "guards: +1.3 ± 1.7 points against the same row on the text sampled before them, at 1.79x") in line
+    assert ("b +20.0 ± 3.0 (perplexity / dense 4.00x without BOS → 1.10x) (without boolq, where dense scores no "
+            "better than chance: +1.7 ± 2.6) (rebuilt on text sampled with the loop guards: +1.3 ± 1.7 points against "
+            "the same row on the text sampled before them, at 1.79x") in line
 
 
 def test_quality_keeps_a_points_distillation_state_until_the_point_is_measured(tmp_path, monkeypatch):

@@ -803,22 +803,26 @@ def zs_retention(point: dict, dense: dict) -> tuple[float, float] | None:
     return z["avg"] / bz["avg"], _paired_avg_se(bz, z) / bz["avg"]
 
 
-def _paired_avg_se(a: dict, b: dict) -> float:
+def _paired_avg_se(a: dict, b: dict, tasks=ZS_TASKS) -> float:
     """The SE of the difference of two models' task-average accuracies, paired per document within each task."""
     from jointrank.evaluate.report import paired_stderr
 
     ses = [paired_stderr({"per_doc": {"acc": a["per_doc"][t]}}, {"per_doc": {"acc": b["per_doc"][t]}}, "acc")
-           for t in ZS_TASKS]
-    return math.sqrt(sum(s**2 for s in ses if s is not None)) / len(ZS_TASKS)
+           for t in tasks]
+    return math.sqrt(sum(s**2 for s in ses if s is not None)) / len(tasks)
 
 
-def zs_gain(point: dict, base: dict, dense: dict) -> tuple[float, float] | None:
+def zs_gain(point: dict, base: dict, dense: dict, tasks=ZS_TASKS) -> tuple[float, float] | None:
     """Zero-shot retention `point` keeps beyond `base` (another compressed model of the same dense one), with the SE
-    of their difference paired per document: (point's average - base's) / dense's average."""
+    of their difference paired per document: (point's average - base's) / dense's average, over `tasks`."""
     z, zb, bz = point.get("zeroshot"), base.get("zeroshot"), dense.get("zeroshot")
     if not z or not zb or not bz:
         return None
-    return (z["avg"] - zb["avg"]) / bz["avg"], _paired_avg_se(zb, z) / bz["avg"]
+
+    def avg(r):  # every task: the average as recorded
+        return r["avg"] if tuple(tasks) == tuple(ZS_TASKS) else sum(r["acc"][t] for t in tasks) / len(tasks)
+
+    return (avg(z) - avg(zb)) / avg(bz), _paired_avg_se(zb, z, tasks) / avg(bz)
 
 
 NO_USER_DATA = ("none", "self")

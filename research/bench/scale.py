@@ -150,6 +150,14 @@ def collect() -> dict:
                     gain = zs_gain(p, paper, dense) if is_healed(p["row"]) and paper else None
                     if gain:  # what calibration + healing bought over the paper's structure, paired per document
                         rec["gain_over_paper"], rec["gain_over_paper_se"] = gain
+                        # a task dense does no better than guessing on measures nothing compression can lose: a
+                        # damaged model drifting to one answer can gain there (BoolQ's majority is "yes", 62%)
+                        at_chance = [t for t in ZS_TASKS if dense["zeroshot"]["acc"][t] <= CHANCE[t]]
+                        if at_chance:
+                            rec["tasks_dense_at_chance"] = at_chance
+                            (rec["gain_over_paper_above_chance_tasks"],
+                             rec["gain_over_paper_above_chance_tasks_se"]) = zs_gain(
+                                p, paper, dense, [t for t in ZS_TASKS if t not in at_chance])
                     before = next((e for e in reversed(p.get("earlier", [])) if sampled_before_guards(e)), None)
                     if "self_text" in p and before and zs_gain(p, before, dense):
                         # rebuilt on text sampled with the loop guards: what they changed, paired per document
@@ -269,6 +277,10 @@ def healing_verdict(data: dict) -> list[str]:
                     + f" (perplexity / dense {_ppl(paper[p['model']])} → {_ppl(p)})"
                     + (" (healed on self-generated text sampled before the loop guards)"
                        if p.get("self_text_before_guards") else "")
+                    + (f" (without {', '.join(p['tasks_dense_at_chance'])}, where dense scores no better than "
+                       f"chance: {100 * p['gain_over_paper_above_chance_tasks']:+.1f} ± "
+                       f"{100 * p['gain_over_paper_above_chance_tasks_se']:.1f})"
+                       if "tasks_dense_at_chance" in p else "")
                     + (f" (rebuilt on text sampled with the loop guards: {100 * p['gain_over_text_before_guards']:+.1f}"
                        f" ± {100 * p['gain_over_text_before_guards_se']:.1f} points against the same row on the text "
                        f"sampled before them, at {p['ppl_ratio_text_before_guards']:.2f}x dense perplexity)"
