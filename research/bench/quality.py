@@ -819,7 +819,7 @@ def zs_gain(point: dict, base: dict, dense: dict, tasks=ZS_TASKS) -> tuple[float
     if not z or not zb or not bz:
         return None
 
-    def avg(r):  # every task: the average as recorded
+    def avg(r):  # every task: the average as recorded (rounded), so all-task figures stay those reported before
         return r["avg"] if tuple(tasks) == tuple(ZS_TASKS) else sum(r["acc"][t] for t in tasks) / len(tasks)
 
     return (avg(z) - avg(zb)) / avg(bz), _paired_avg_se(zb, z, tasks) / avg(bz)

@@ -159,10 +159,9 @@ def collect() -> dict:
                              rec["gain_over_paper_above_chance_tasks_se"]) = zs_gain(
                                 p, paper, dense, [t for t in ZS_TASKS if t not in at_chance])
                     before = next((e for e in reversed(p.get("earlier", [])) if sampled_before_guards(e)), None)
-                    if "self_text" in p and before and zs_gain(p, before, dense):
-                        # rebuilt on text sampled with the loop guards: what they changed, paired per document
-                        rec["gain_over_text_before_guards"], rec["gain_over_text_before_guards_se"] = zs_gain(
-                            p, before, dense)
+                    guarded = zs_gain(p, before, dense) if "self_text" in p and before else None
+                    if guarded:  # rebuilt on text sampled with the loop guards: what they changed, paired per document
+                        rec["gain_over_text_before_guards"], rec["gain_over_text_before_guards_se"] = guarded
                         rec["ppl_ratio_text_before_guards"] = ppl_ratio(before, dense)[0]
                 out["points"].append(rec)
         # what a point costs on this model, measured apart for data-free and healed points: building it (compress,

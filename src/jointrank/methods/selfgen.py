@@ -120,7 +120,8 @@ def _cache_path(cache_dir: Path, key: dict) -> Path:
 def self_calibration(model, tokenizer, tokens: int = DEFAULT_SELF_TOKENS, *, settings: SamplingSettings | None = None,
                      cache_dir: str | Path | None = None, progress: bool = True) -> Calibration:
     """`tokens` worth of windows sampled from `model` (dense: call this before compressing it), cached on disk."""
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     settings = settings or SamplingSettings()
     seqlen = min(settings.seqlen, tokens)
@@ -132,12 +133,14 @@ def self_calibration(model, tokenizer, tokens: int = DEFAULT_SELF_TOKENS, *, set
     source = f"self:{n_windows * seqlen}"
     if path.is_file():
         try:
-            ids = load_file(str(path))["input_ids"]
+            with safe_open(str(path), "pt") as f:  # the tokens and what the guards did, in one read
+                ids = f.get_tensor("input_ids")
+                meta = json.loads((f.metadata() or {}).get("jointrank_selfgen", "{}"))
         except Exception as exc:  # a truncated or foreign file: regenerate rather than trust it
             print(f"jointrank: ignoring unreadable self-calibration cache {path} ({exc})")
         else:
             if tuple(ids.shape) == (n_windows, seqlen):
-                stats = {k: v for k, v in _metadata(path).items() if k in GUARD_STATS}  # absent: sampled before
+                stats = {k: v for k, v in meta.items() if k in GUARD_STATS}  # absent: sampled before the guards
                 return Calibration(ids, source, settings.seed,
                                    provenance=_provenance(key, path, cached=True, **_repetition(ids, stats)))
     started = time.perf_counter()
@@ -176,13 +179,6 @@ def repeated_ngram_share(ids: list[int], n: int = 4) -> float:
         repeats += g in seen
         seen.add(g)
     return repeats / max(len(grams), 1)
-
-
-def _metadata(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return json.loads((f.metadata() or {}).get("jointrank_selfgen", "{}"))
 
 
 GUARD_STATS = ("loop_restarts", "windows_redrawn")  # what the guards did, None where a guard was off
