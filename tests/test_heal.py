@@ -468,6 +468,26 @@ def test_plan_estimates_every_phase_it_will_run(model_dir, tmp_path, monkeypatch
     line = [ln for ln in out.splitlines() if ln.startswith("estimated time")][0]
     assert "factorisation" in line and "sampling" not in line and "distillation" not in line
     assert "healing trains" not in out
+    # loss-aware allocation: compress plans again from a backward pass and whitened SVDs before it factorises
+    loss = ["plan", str(model_dir), "--qk", "joint", "--target", "0.1", "--scope", "decoder",
+            "--method", "svd_llm", "--allocation", "loss"]
+    assert main(loss + ["--calibration", "self:64"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("estimated time")][0]
+    assert "loss planning" in line and "statistics" in line
+
+
+def test_statistics_are_estimated_once_per_group_input_not_per_unit():
+    """Separate Q and K read one input: one second moment per (layer, group), as methods.apply accumulates."""
+    from jointrank import plan_for
+    from jointrank.estimate import _watched_widths
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    plan = plan_for(model, JointRankConfig(rules={"qk": GroupRule("separate"), "gate_up": GroupRule("joint")},
+                                           ratio=0.25))
+    entries = list(plan.factorised)
+    assert len(entries) == 3 * 3  # q, k and gate/up per layer
+    hidden = model.config.hidden_size
+    assert sorted(_watched_widths(entries)) == [hidden] * 6
 
 
 @pytest.mark.parametrize("arch,share_layers", [("llama", 1), ("qwen2", 1), ("gemma3_text", 1), ("llama", 2)])

@@ -147,6 +147,27 @@ def test_running_second_moment_equals_the_batch_moment():
     assert torch.allclose(stats.mean_abs, x.abs().mean(0), rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_low_precision_input_moment_is_the_exact_one_to_float32_rounding(dtype):
+    """Activations in float32 or bfloat16: each batch's product is formed in float32 (not the input's precision,
+    not float64) and accumulated in float64; its SVD-LLM and LLM-ROM factors are those of the exact moment."""
+    x, _ = correlated_inputs(n=2048, d=64)
+    low = x.to(dtype)
+    stats = InputStats(64)
+    for chunk in low.split(512):
+        stats.add(chunk)
+    ref = low.double()  # the values the model actually produced, multiplied exactly
+    moment = ref.T @ ref / ref.shape[0]
+    assert ((stats.second_moment - moment).norm() / moment.norm()) < 1e-6  # bfloat16 products would be ~1e-3
+    assert torch.allclose(stats.mean_abs, ref.abs().mean(0), rtol=1e-6)
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(48, 64, generator=g, dtype=torch.float64)]
+    for method in ("svd_llm", "llm_rom"):
+        errors = [output_error(weights, factorise(method, weights, 12, stats=s), moment)
+                  for s in (stats, type("S", (), {"second_moment": moment})())]
+        assert errors[0] == pytest.approx(errors[1], rel=1e-5)
+
+
 def test_llm_rom_attains_the_minimum_output_error_and_svd_llm_nearly():
     x, stats = correlated_inputs()
     g = torch.Generator().manual_seed(1)

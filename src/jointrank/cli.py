@@ -357,7 +357,7 @@ def cmd_plan(args) -> int:
         print()
         print(estimate(model, tokenizer, plan, method=config.method, solver=config.solver,
                        calibration=args.calibration, calibration_tokens=tokens, heal=args.heal,
-                       heal_steps=heal_settings.steps if heal_settings else 0).render())
+                       heal_steps=heal_settings.steps if heal_settings else 0, config=config).render())
     from .heal import parse_heal
 
     if parse_heal(args.heal)[1]:  # healing distils: its optimiser memory

@@ -1,9 +1,10 @@
 """How long a compression will take on this machine, estimated before any weight changes (`jointrank plan`).
 
 Every phase is scaled from a short measurement on the loaded model: one forward pass of a calibration window, a
-few sampling steps, and one factorisation of the plan's largest unit. The multipliers below (how many forward
-passes each phase costs) are what the phases do, not fitted numbers; bench/quality.py records the measured phase
-times beside the estimate so the two can be compared.
+few sampling steps, one input second-moment product per input width (the data-aware statistics' main cost on wide
+layers: a d_in² product per token), and one factorisation of the plan's costliest unit as its method does it. The
+multipliers below (how many forward passes each phase costs) are what the phases do, not fitted numbers; they are
+checked against measured phase times only by hand so far (the closing notes of the sessions that changed them).
 """
 
 from __future__ import annotations
@@ -62,31 +63,104 @@ def _sampling_seconds(model, tokenizer, tokens: int) -> float:
     return per_step * settings.seqlen * batches
 
 
+def _work(rows: int, d_in: int, data_aware: bool) -> int:
+    """Flops, up to a constant, of one unit's factorisation: its SVD; a data-aware method adds a d_in x d_in
+    Cholesky factor and float64 products of the weights with it (whitening, then the output errors recorded)."""
+    svd = rows * d_in * min(rows, d_in)
+    return svd + d_in**3 // 3 + 4 * rows * d_in**2 if data_aware else svd
+
+
 def _factorise_seconds(model, plan, method_spec: str, solver: str) -> float:
-    """One factorisation of the largest unit, timed, scaled to every unit by its rows x cols x min(rows, cols)."""
+    """One factorisation of the costliest unit as `method_spec` does it (a data-aware method: from an identity
+    second moment, the same arithmetic as a measured one, plus the plain SVD and the two output errors the
+    calibrated path records per unit), timed, scaled to every unit by _work."""
     from . import methods
 
     units = list(plan.factorised)
     if not units:
         return 0.0
+    method, _ = methods.parse(method_spec)
+    aware = method.needs_calibration
 
     def work(e):
-        rows = sum(e.d_outs)
-        return rows * e.d_in * min(rows, e.d_in)
+        return _work(sum(e.d_outs), e.d_in, aware)
 
     largest = max(units, key=work)
     weights = [model.get_submodule(n).weight.detach() for n in largest.members]
-    method, _ = methods.parse(method_spec)
     t = time.perf_counter()
-    if method.needs_calibration:  # the data-aware methods' extra work is one d_in x d_in decomposition
+    if aware:
         from .linalg import joint_rank_k
+        from .methods.common import output_error
 
-        joint_rank_k(weights, largest.rank, solver=solver)
+        from .methods.calibration import InputStats
+
+        stats = InputStats(largest.d_in)
+        stats.second_moment += torch.eye(largest.d_in, dtype=torch.float64)
+        stats.mean_abs += 1.0
+        stats.tokens = 1
+        factors = methods.factorise(method_spec, weights, largest.rank, stats=stats, solver=solver)
+        plain = joint_rank_k(weights, largest.rank, solver=solver)
+        for made in (factors, plain):
+            output_error(weights, made, stats.second_moment)
     else:
         methods.factorise(method_spec, weights, largest.rank, solver=solver)
     seconds = time.perf_counter() - t
-    factor = 2.0 if method.needs_calibration else 1.0
-    return factor * seconds * sum(work(e) for e in units) / work(largest)
+    return seconds * sum(work(e) for e in units) / work(largest)
+
+
+def _moment_seconds(widths: list[int], device) -> float:
+    """Seconds to add one window's inputs to the second moments of inputs of these widths (one per watched group
+    and layer): InputStats.add timed once per distinct width, up to 2048 wide; wider ones scaled by d_in²."""
+    from .methods.calibration import InputStats
+
+    timed = {}
+    for d in sorted(set(widths)):
+        probe = min(d, 2048)
+        if probe not in timed:
+            x = torch.randn(WINDOW, probe, generator=torch.Generator().manual_seed(0)).to(device)
+            stats = InputStats(probe)
+            stats.add(x)  # warm-up
+            t = time.perf_counter()
+            stats.add(x)
+            timed[probe] = time.perf_counter() - t
+        timed[d] = timed[probe] * (d / probe) ** 2
+    return sum(timed[d] for d in widths)
+
+
+def _watched_widths(entries) -> list[int]:
+    """The input width of every (layer, group) whose statistics a pass accumulates: one per group, whatever the
+    number of units in it (members of a group read one input)."""
+    return list({(e.layer, e.group): e.d_in for e in entries}.values())
+
+
+def _loss_planning_seconds(model, config, windows: int, forward: float, solver: str) -> float:
+    """--allocation loss, before anything is factorised: one forward and backward pass per window for the output
+    Fisher (about three forwards), a statistics pass over every group the rules allow, and one whitened SVD per
+    candidate (each group stacked, if joinable, and each member alone), timed on the costliest and scaled."""
+    from .architectures import JOINABLE, describe
+    from .planning.loss import loss_curve
+    from .planning.uniform import plan_units
+
+    groups = {(g.layer, g.group): g for g, s, _ in plan_units(describe(model), config) if s != "keep"}
+    if not groups:
+        return 0.0
+    candidates = []  # (rows, d_in, member names)
+    for g in groups.values():
+        if g.group in JOINABLE and len(g.members) > 1:
+            candidates.append((sum(m.d_out for m in g.members), g.d_in, [m.name for m in g.members]))
+        candidates += [(m.d_out, g.d_in, [m.name]) for m in g.members]
+
+    def work(c):
+        return _work(c[0], c[1], True)
+
+    rows, d_in, names = max(candidates, key=work)
+    weights = [model.get_submodule(n).weight.detach() for n in names]
+    t = time.perf_counter()
+    loss_curve(weights, torch.eye(d_in, dtype=torch.float64), torch.ones(rows, dtype=torch.float64), 1)
+    curves = (time.perf_counter() - t) * sum(work(c) for c in candidates) / work((rows, d_in, names))
+    device = next(model.parameters()).device
+    widths = [g.d_in for g in groups.values()]
+    return windows * (3.0 * forward + forward + _moment_seconds(widths, device)) + curves
 
 
 def distillation_memory(plan, element_bytes: int = 4) -> tuple[int, int]:
@@ -99,8 +173,9 @@ def distillation_memory(plan, element_bytes: int = 4) -> tuple[int, int]:
 
 
 def estimate(model, tokenizer, plan, *, method: str, solver: str, calibration: str | None, calibration_tokens: int,
-             heal: str, heal_steps: int) -> Estimate:
-    """Seconds per phase of `jointrank compress` with these settings (see the module docstring)."""
+             heal: str, heal_steps: int, config=None) -> Estimate:
+    """Seconds per phase of `jointrank compress` with these settings (see the module docstring). With `config`
+    (its allocation "loss"), the loss-aware planning compress runs before factorising is estimated too."""
     from .heal import parse_heal
     from .methods import parse
     from .methods.selfgen import parse_spec
@@ -112,9 +187,17 @@ def estimate(model, tokenizer, plan, *, method: str, solver: str, calibration: s
     phases = {}
     if calibration is not None and parse_spec(calibration) is not None and (data_aware or do_refit or do_distill):
         phases["sampling"] = _sampling_seconds(model, tokenizer, calibration_tokens) if tokenizer else 0.0
-    # statistics: every window through every layer, twice when the method is sequential (LLM-ROM)
-    phases["statistics"] = (2.0 if data_aware and parse(method)[0].sequential else 1.0) * windows * forward \
-        if data_aware else 0.0
+    if config is not None and config.allocation == "loss" and calibration is not None:
+        phases["loss planning"] = _loss_planning_seconds(model, config, windows, forward, solver)
+    # statistics: every window through every layer (twice when the method is sequential, LLM-ROM), and each window's
+    # second-moment product for every group factorised
+    if data_aware:
+        device = next(model.parameters()).device
+        passes = 2.0 if parse(method)[0].sequential else 1.0
+        phases["statistics"] = windows * (passes * forward
+                                          + _moment_seconds(_watched_widths(plan.factorised), device))
+    else:
+        phases["statistics"] = 0.0
     phases["factorisation"] = _factorise_seconds(model, plan, method, solver)
     phases["refit"] = 3.0 * windows * forward if do_refit else 0.0  # teacher + student + student again
     # distillation: one teacher forward per window used (its states are kept), then per step a student forward and

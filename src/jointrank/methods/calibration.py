@@ -24,7 +24,13 @@ DEFAULT_SEQLEN = 512
 
 
 class InputStats:
-    """Running statistics of one unit's input x (d_in): E[x xᵀ] and E|x_j|, in float64."""
+    """Running statistics of one unit's input x (d_in): E[x xᵀ] and E|x_j|, accumulated in float64.
+
+    Each batch's product xᵀx is formed where x lives (a GPU user's activations never cross to the CPU), in float32
+    unless x is float64: it is most of the data-aware methods' statistics time (a d_in² float64 product per token on
+    a CPU runs at half the float32 rate), and its rounding, ~1e-7 of the product's scale, is far below the damping
+    every consumer adds (SVD-LLM 1e-2, LLM-ROM 1e-8 of the mean diagonal, raised until the factorisation succeeds).
+    research/bench/stats_precision.py measures both: the time, and the factors' output error either way."""
 
     def __init__(self, d_in: int):
         self.second_moment = torch.zeros(d_in, d_in, dtype=torch.float64)
@@ -32,14 +38,17 @@ class InputStats:
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)
+        x = x.detach().reshape(-1, x.shape[-1])
         m = x.shape[0]
         if m == 0:
             return
+        x = x if x.dtype == torch.float64 else x.float()
+        product = (x.T @ x).to(device="cpu", dtype=torch.float64)
+        abs_sum = x.abs().sum(0).to(device="cpu", dtype=torch.float64)
         total = self.tokens + m
         # running mean: old mean re-weighted, new batch added; never a sum that grows with the token count
-        self.second_moment.mul_(self.tokens / total).add_(x.T @ x, alpha=1.0 / total)
-        self.mean_abs.mul_(self.tokens / total).add_(x.abs().sum(0), alpha=1.0 / total)
+        self.second_moment.mul_(self.tokens / total).add_(product, alpha=1.0 / total)
+        self.mean_abs.mul_(self.tokens / total).add_(abs_sum, alpha=1.0 / total)
         self.tokens = total
 
     def to(self, device) -> "InputStats":
