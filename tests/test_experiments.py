@@ -426,6 +426,30 @@ def test_compress_flags_of_a_quality_row_build_its_config_calibration_and_healin
         assert (settings.steps, settings.lr) == (steps, lr)
 
 
+def test_readme_first_command_builds_the_row_its_table_calls_the_demo():
+    """README's quick start runs the setting its quality table reports first, "(the demo)": same config, text and
+    healing, so the numbers beside it are the command's."""
+    import shlex
+    from pathlib import Path
+
+    from jointrank.cli import _calibration_request, _heal_settings, build_parser, config_from_args
+    from research.bench import quality as Q
+    from research.bench import quality_report as R
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if ln.startswith("python3 -m venv"))
+    args = build_parser().parse_args(shlex.split(line.split("&& jointrank ", 1)[1]))
+    (row, budget), demo = R.README_ROWS[0], R.readme_table({"points": [], "settings": {}})
+    assert "| (the demo) |" in next(ln for ln in demo if ln.startswith(f"| {budget:.0%} |"))
+    structure, calibration, heal = Q.parse_row(row)
+    assert args.func.__name__ == "cmd_compress" and args.model == "gemma-3-270m"
+    assert config_from_args(args) == Q.config_for(structure, budget)
+    request = _calibration_request(args)
+    assert (request.text, request.token_count()) == (calibration, Q.CAL_TOKENS)
+    kind, lr, steps = Q.heal_recipe(heal)
+    assert args.heal == kind and (_heal_settings(args).steps, _heal_settings(args).lr) == (steps, lr)
+
+
 def test_readme_table_is_regenerated_between_its_markers_only(tmp_path):
     from research.bench import quality_report as R
 
