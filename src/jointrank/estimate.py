@@ -90,9 +90,8 @@ def _factorise_seconds(model, plan, method_spec: str, solver: str) -> float:
     t = time.perf_counter()
     if aware:
         from .linalg import joint_rank_k
-        from .methods.common import output_error
-
         from .methods.calibration import InputStats
+        from .methods.common import output_error
 
         stats = InputStats(largest.d_in)
         stats.second_moment += torch.eye(largest.d_in, dtype=torch.float64)
@@ -108,13 +107,13 @@ def _factorise_seconds(model, plan, method_spec: str, solver: str) -> float:
     return seconds * sum(work(e) for e in units) / work(largest)
 
 
-def _moment_seconds(widths: list[int], device) -> float:
+def _moment_seconds(widths: list[int], device, timed: dict[int, float]) -> float:
     """Seconds to add one window's inputs to the second moments of inputs of these widths (one per watched group
-    and layer): InputStats.add timed once per distinct width, up to 2048 wide; wider ones scaled by d_in²."""
+    and layer): InputStats.add timed once per distinct width, up to 2048 wide; wider ones scaled by d_in². `timed`
+    keeps each width's seconds across calls (the planning pass and the statistics pass read the same widths)."""
     from .methods.calibration import InputStats
 
-    timed = {}
-    for d in sorted(set(widths)):
+    for d in sorted(set(widths) - set(timed)):
         probe = min(d, 2048)
         if probe not in timed:
             x = torch.randn(WINDOW, probe, generator=torch.Generator().manual_seed(0)).to(device)
@@ -133,7 +132,7 @@ def _watched_widths(entries) -> list[int]:
     return list({(e.layer, e.group): e.d_in for e in entries}.values())
 
 
-def _loss_planning_seconds(model, config, windows: int, forward: float, solver: str) -> float:
+def _loss_planning_seconds(model, config, windows: int, forward: float, timed: dict[int, float]) -> float:
     """--allocation loss, before anything is factorised: one forward and backward pass per window for the output
     Fisher (about three forwards), a statistics pass over every group the rules allow, and one whitened SVD per
     candidate (each group stacked, if joinable, and each member alone), timed on the costliest and scaled."""
@@ -153,14 +152,15 @@ def _loss_planning_seconds(model, config, windows: int, forward: float, solver: 
     def work(c):
         return _work(c[0], c[1], True)
 
-    rows, d_in, names = max(candidates, key=work)
+    costliest = max(candidates, key=work)
+    rows, d_in, names = costliest
     weights = [model.get_submodule(n).weight.detach() for n in names]
     t = time.perf_counter()
     loss_curve(weights, torch.eye(d_in, dtype=torch.float64), torch.ones(rows, dtype=torch.float64), 1)
-    curves = (time.perf_counter() - t) * sum(work(c) for c in candidates) / work((rows, d_in, names))
+    curves = (time.perf_counter() - t) * sum(work(c) for c in candidates) / work(costliest)
     device = next(model.parameters()).device
     widths = [g.d_in for g in groups.values()]
-    return windows * (3.0 * forward + forward + _moment_seconds(widths, device)) + curves
+    return windows * (3.0 * forward + forward + _moment_seconds(widths, device, timed)) + curves
 
 
 def distillation_memory(plan, element_bytes: int = 4) -> tuple[int, int]:
@@ -187,15 +187,16 @@ def estimate(model, tokenizer, plan, *, method: str, solver: str, calibration: s
     phases = {}
     if calibration is not None and parse_spec(calibration) is not None and (data_aware or do_refit or do_distill):
         phases["sampling"] = _sampling_seconds(model, tokenizer, calibration_tokens) if tokenizer else 0.0
+    moments: dict[int, float] = {}  # seconds per window of one second-moment product, per input width
     if config is not None and config.allocation == "loss" and calibration is not None:
-        phases["loss planning"] = _loss_planning_seconds(model, config, windows, forward, solver)
+        phases["loss planning"] = _loss_planning_seconds(model, config, windows, forward, moments)
     # statistics: every window through every layer (twice when the method is sequential, LLM-ROM), and each window's
     # second-moment product for every group factorised
     if data_aware:
         device = next(model.parameters()).device
         passes = 2.0 if parse(method)[0].sequential else 1.0
         phases["statistics"] = windows * (passes * forward
-                                          + _moment_seconds(_watched_widths(plan.factorised), device))
+                                          + _moment_seconds(_watched_widths(plan.factorised), device, moments))
     else:
         phases["statistics"] = 0.0
     phases["factorisation"] = _factorise_seconds(model, plan, method, solver)

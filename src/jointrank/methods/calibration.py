@@ -27,10 +27,10 @@ class InputStats:
     """Running statistics of one unit's input x (d_in): E[x xᵀ] and E|x_j|, accumulated in float64.
 
     Each batch's product xᵀx is formed where x lives (a GPU user's activations never cross to the CPU), in float32
-    unless x is float64: it is most of the data-aware methods' statistics time (a d_in² float64 product per token on
-    a CPU runs at half the float32 rate), and its rounding, ~1e-7 of the product's scale, is far below the damping
-    every consumer adds (SVD-LLM 1e-2, LLM-ROM 1e-8 of the mean diagonal, raised until the factorisation succeeds).
-    research/bench/stats_precision.py measures both: the time, and the factors' output error either way."""
+    unless x is float64: on a CPU a float64 product is the slower one (results/stats_precision.md: 1.3x at 8960 wide
+    to 2.4x at 640 wide per 512-token batch), and float32 rounding, ~1e-7 of the product's scale, is far below the
+    damping every consumer adds (SVD-LLM 1e-2, LLM-ROM 1e-8 of the mean diagonal, raised until the factorisation
+    succeeds); research/bench/stats_precision.py measures both, the time and the factors' output error either way."""
 
     def __init__(self, d_in: int):
         self.second_moment = torch.zeros(d_in, d_in, dtype=torch.float64)
