@@ -876,6 +876,47 @@ def test_quality_keeps_a_points_distillation_state_until_the_point_is_measured(t
     assert Q.run_point(row, 0.1, zeroshot=False)["row"] == row and not state.exists()
 
 
+def test_quality_resumes_a_stopped_healed_point_after_compression_with_the_model_an_unstopped_build_makes(
+        tmp_path, monkeypatch, model_dir):
+    """A healed point keeps its compressed model, calibration windows and teacher states before it distils: a point
+    stopped during healing (a session's end) resumes there without planning or compressing again, and distils to
+    exactly the model an unstopped build makes. Its facts keep the stopped run's compression time."""
+    import shutil
+
+    import jointrank.heal
+    from research.bench import quality as Q
+
+    monkeypatch.setattr(Q, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(Q, "P", Q.Protocol(model=str(model_dir), results=tmp_path / "q.json"))
+    monkeypatch.setattr(Q, "CAL_TOKENS", 128)
+    monkeypatch.setitem(Q.HEAL_RECIPES, "distill-lr3e-5", ("distill", 3e-5, 3))
+    row = "loss-svd_llm/self/distill-lr3e-5"
+    unstopped, _, facts = Q.build(row, 0.3)
+    assert "resumed_after_compress" not in facts and len(facts["heal"]["distill"]["losses"]) == 3
+    shutil.rmtree(Q.heal_state_dir(row, 0.3))  # as run_point does once a point is measured
+
+    real_heal = jointrank.heal.heal_
+
+    def session_ends(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jointrank.heal, "heal_", session_ends)
+    with pytest.raises(KeyboardInterrupt):
+        Q.build(row, 0.3)
+    monkeypatch.setattr(jointrank.heal, "heal_", real_heal)
+
+    def compress_again(*args, **kwargs):
+        raise AssertionError("the resumed point planned and compressed again")
+
+    monkeypatch.setattr(Q, "compress_stage", compress_again)
+    resumed, _, again = Q.build(row, 0.3)
+    assert again["resumed_after_compress"] is True
+    assert again["heal"]["distill"]["losses"] == facts["heal"]["distill"]["losses"]
+    for (name, a), (_, b) in zip(unstopped.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert again["compress_seconds"] < again["build_wall_seconds"]
+
+
 def test_quality_zeroshot_rebuild_stops_at_the_first_distillation_step_that_leaves_the_measured_losses(tmp_path,
                                                                                                         monkeypatch,
                                                                                                         capsys):

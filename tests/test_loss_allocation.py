@@ -13,7 +13,7 @@ import jointrank
 from jointrank import GroupRule, JointRankConfig, JointRankError
 from jointrank.architectures import describe
 from jointrank.methods.calibration import Calibration
-from jointrank.planning.loss import loss_curve, output_fisher, plan_loss
+from jointrank.planning.loss import loss_curve, option_curves, output_fisher, plan_loss
 
 ALL = {"qk": GroupRule("joint"), "v": GroupRule("separate"), "o": GroupRule("separate"),
        "gate_up": GroupRule("joint"), "down": GroupRule("separate")}
@@ -35,6 +35,33 @@ def test_with_white_inputs_and_flat_fisher_the_curve_is_half_the_spectral_tail()
     u, s2, _ = torch.linalg.svd(w, full_matrices=False)
     one = loss_curve([w], torch.eye(20, dtype=torch.float64), f, 10, damping=0.0)
     assert one == pytest.approx([float((s2[k:] ** 2 * u[3, k:] ** 2).sum()) for k in range(1, 11)], rel=1e-9)
+
+
+def whitened_svd_curve(weights, second_moment, fisher, k_max, damping):
+    """The curve as the module doc defines it: the SVD of the whitened stack W S."""
+    from jointrank.methods.svd_llm import cholesky_factor
+
+    u, s, _ = torch.linalg.svd(torch.cat(weights) @ cholesky_factor(second_moment, damping), full_matrices=False)
+    tail = (0.5 * s.pow(2) * (fisher[:, None] * u.pow(2)).sum(0)).flip(0).cumsum(0).flip(0)
+    n = min(k_max, len(s) - 1)
+    return np.concatenate([tail[1:n + 1].numpy(), np.zeros(k_max - n)])
+
+
+@pytest.mark.parametrize("d_outs", [(30,), (12,), (20,), (16, 16), (6, 8), (24, 4, 4)],
+                         ids=["tall", "wide", "square", "joint-tall", "joint-wide", "joint-tall-of-wide-members"])
+def test_every_option_curve_equals_the_whitened_svd_curve(d_outs):
+    gen = torch.Generator().manual_seed(sum(d_outs))
+    d_in = 20
+    weights = [torch.randn(d, d_in, generator=gen, dtype=torch.float64) for d in d_outs]
+    x = torch.randn(200, d_in, generator=gen, dtype=torch.float64) * torch.logspace(0, -2, d_in, dtype=torch.float64)
+    moment = x.T @ x / len(x) + 0.1  # correlated inputs, a decaying spectrum
+    fishers = [torch.rand(d, generator=gen, dtype=torch.float64) for d in d_outs]
+    options = {(i,): 5 for i in range(len(d_outs))} | {tuple(range(len(d_outs))): 25}
+    found = option_curves(weights, moment, fishers, options, damping=0.01)
+    for idx, k_max in options.items():
+        expected = whitened_svd_curve([weights[i] for i in idx], moment, torch.cat([fishers[i] for i in idx]),
+                                      k_max, 0.01)
+        np.testing.assert_allclose(found[idx], expected, rtol=1e-9, atol=1e-12 * expected[0])
 
 
 def test_output_fisher_is_the_mean_squared_gradient_of_the_summed_nll():

@@ -18,7 +18,9 @@ sampling, compression and healing separately), then
   * (`zeroshot`, for the points asked for) the paper's seven tasks on ZS_LIMIT nested seeded documents each
     (seed 1234: the same documents for every point), per-document correctness kept for pairing against dense.
 `run` and `zeroshot` are resumable: each point is written to results/quality.json as soon as it is measured and
-skipped when present; a point that fails is recorded with its error. Rows are defined in ROWS; adding a row and
+skipped when present; a point that fails is recorded with its error. A healed point stopped before it is measured
+resumes after compression (its compressed model, calibration windows and teacher states are kept before it distils)
+and within distillation (its state every HEAL_SAVE_EVERY steps), while the code under src/jointrank is unchanged. Rows are defined in ROWS; adding a row and
 running `run --only NAME` measures only that row. One heavy job at a time: run nothing else beside it.
 """
 
@@ -345,29 +347,19 @@ def own_cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool = False, with_result: bool = False,
-          expect_losses: list[float] | None = None):
-    """Load dense, calibrate, compress and heal one point; returns (model, tokenizer, facts about the run).
-
-    `fresh_cache`: sample the self-generated text again into an empty cache (so the sampling is timed in this run,
-    as a user without a cache pays it) and record whether it is token-identical to the shared cache's copy.
-    `with_result`: also return compress_'s CompressionResult (to save the model as a checkpoint).
-    `expect_losses`: a measured build's distillation losses; the build stops with NotTheMeasuredModel at the first
-    step that does not repeat them.
-    """
+def compress_stage(name: str, budget: float, structure: str, cal_kind: str, heal: str, *, progress: bool,
+                   fresh_cache: bool):
+    """build's first part: load dense, make the calibration, take the healing reference, plan and compress; returns
+    (model, tokenizer, calibration, teacher, facts, CompressionResult)."""
     import torch
 
-    from jointrank import compress_
-    from jointrank.heal import DistillSettings, heal_, healing_reference
+    from jointrank import compress_, plan_for
+    from jointrank.heal import healing_reference
     from jointrank.methods import parse
     from jointrank.methods.calibration import load_text
     from jointrank.methods.selfgen import self_calibration
     from jointrank.sources import load_model
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    structure, cal_kind, heal_name = parse_row(name)
-    heal, heal_lr, heal_steps = heal_recipe(heal_name)
-    busy0, own0 = busy_cpu_seconds(), own_cpu_seconds()
     t0 = time.perf_counter()
     model, tokenizer, _ = load_model(P.model)
     facts = {"load_seconds": time.perf_counter() - t0}
@@ -410,8 +402,6 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
     PEAKS.end("calibration")
     t = time.perf_counter()
     teacher = healing_reference(model, calibration, heal, progress=progress)  # before any weight changes
-    from jointrank import plan_for
-
     plan = plan_for(model, config, calibration=calibration, progress=progress)  # loss allocation measures on it
     PEAKS.end("plan")
     method, _ = parse(config.method)
@@ -421,6 +411,88 @@ def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool
     facts.update(params_decoder_before=result.params_decoder_before, params_decoder_after=result.params_decoder_after,
                  decoder_reduction=1 - result.params_decoder_after / result.params_decoder_before,
                  params_total_after=result.params_total_after, units_factorised=len(result.units))
+    return model, tokenizer, calibration, teacher, facts, result
+
+
+STAGE_FACTS = "facts.json"  # written last: its presence says the compressed stage is complete
+
+
+def save_compressed_stage(stage: Path, model, tokenizer, result, calibration, teacher: dict, facts: dict) -> None:
+    """What distillation starts from, kept beside its state so that a point stopped during healing (a session's
+    end) resumes after compression: the compressed model as a jointrank checkpoint, the calibration windows, the
+    teacher's states and the facts measured so far. Deleted with the distillation state once the point is measured."""
+    import jointrank
+    from safetensors.torch import save_file
+
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    jointrank.save(model, tokenizer, stage / "model", result, source=P.model)
+    tensors = {"input_ids": calibration.input_ids.contiguous()}
+    tensors.update({f"teacher/{i}": h.detach().cpu().contiguous() for i, h in teacher.items()})
+    save_file(tensors, str(stage / "start.safetensors"))
+    meta = {"facts": facts, "calibration": {"source": calibration.source, "seed": calibration.seed,
+                                             "provenance": calibration.provenance}}
+    (stage / STAGE_FACTS).write_text(json.dumps(meta, default=str))
+
+
+def load_compressed_stage(stage: Path):
+    """(model, tokenizer, calibration, teacher, facts) as save_compressed_stage kept them; the facts say so."""
+    import jointrank
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from jointrank.methods.calibration import Calibration
+
+    meta = json.loads((stage / STAGE_FACTS).read_text())
+    model = jointrank.load(stage / "model", verify_checksums=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(stage / "model"))
+    tensors = load_file(str(stage / "start.safetensors"))
+    device = next(model.parameters()).device
+    teacher = {int(k.split("/", 1)[1]): v.to(device) for k, v in tensors.items() if k.startswith("teacher/")}
+    calibration = Calibration(tensors["input_ids"], **meta["calibration"])
+    facts = {**meta["facts"], "resumed_after_compress": True}
+    return model, tokenizer, calibration, teacher, facts
+
+
+def build(name: str, budget: float, *, progress: bool = False, fresh_cache: bool = False, with_result: bool = False,
+          expect_losses: list[float] | None = None):
+    """Load dense, calibrate, compress and heal one point; returns (model, tokenizer, facts about the run).
+
+    `fresh_cache`: sample the self-generated text again into an empty cache (so the sampling is timed in this run,
+    as a user without a cache pays it) and record whether it is token-identical to the shared cache's copy.
+    `with_result`: also return compress_'s CompressionResult (to save the model as a checkpoint).
+    `expect_losses`: a measured build's distillation losses; the build stops with NotTheMeasuredModel at the first
+    step that does not repeat them.
+    """
+    import torch
+
+    from jointrank.heal import DistillSettings, heal_
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    structure, cal_kind, heal_name = parse_row(name)
+    heal, heal_lr, heal_steps = heal_recipe(heal_name)
+    busy0, own0 = busy_cpu_seconds(), own_cpu_seconds()
+    t0 = time.perf_counter()
+    stage = heal_state_dir(name, budget) / "compressed"
+    if heal != "none" and not (with_result or fresh_cache) and (stage / STAGE_FACTS).is_file():
+        model, tokenizer, calibration, teacher, facts = load_compressed_stage(stage)
+        result = None
+        # the stopped run's phases stay on record: peaks (this process's from here on), wall and others' CPU time
+        PEAKS.end("resume")
+        for mine, kept in ((PEAKS.after, facts["peak_rss_gib_after"]), (PEAKS.own, facts["peak_rss_gib_in"])):
+            for phase, gib in kept.items():
+                mine.setdefault(phase, gib)
+        PEAKS.overall = max([PEAKS.overall, *facts["peak_rss_gib_after"].values()])
+        facts["peak_rss_gib_after"], facts["peak_rss_gib_in"] = PEAKS.after, PEAKS.own
+        t0 -= facts["stage_wall_seconds"]
+        busy0 -= facts["stage_other_cpu_seconds"]
+    else:
+        model, tokenizer, calibration, teacher, facts, result = compress_stage(
+            name, budget, structure, cal_kind, heal, progress=progress, fresh_cache=fresh_cache)
+        if heal != "none" and isinstance(teacher, dict):  # distillation alone: a stopped point resumes from here
+            facts["stage_wall_seconds"] = time.perf_counter() - t0
+            facts["stage_other_cpu_seconds"] = max(0.0, (busy_cpu_seconds() - busy0) - (own_cpu_seconds() - own0))
+            save_compressed_stage(stage, model, tokenizer, result, calibration, teacher, facts)
     if heal != "none":
         t = time.perf_counter()
         precision = {"head_dtype": P.head_dtype} if P.head_dtype else {}

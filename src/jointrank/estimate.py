@@ -132,9 +132,17 @@ def _watched_widths(entries) -> list[int]:
     return list({(e.layer, e.group): e.d_in for e in entries}.values())
 
 
+def _curve_work(rows: int, d_in: int) -> int:
+    """Flops, up to a constant, of one loss curve (planning.loss.option_curves): a stack taller than wide forms its
+    two d_in x d_in Grams, whitens them and decomposes one; a wider one forms W C Wᵀ and decomposes it."""
+    if rows > d_in:
+        return 2 * rows * d_in**2 + 8 * d_in**3
+    return rows * d_in**2 + 2 * rows**2 * d_in + 4 * rows**3
+
+
 def _loss_planning_seconds(model, config, windows: int, forward: float, timed: dict[int, float]) -> float:
     """--allocation loss, before anything is factorised: one forward and backward pass per window for the output
-    Fisher (about three forwards), a statistics pass over every group the rules allow, and one whitened SVD per
+    Fisher (about three forwards), a statistics pass over every group the rules allow, and one loss curve per
     candidate (each group stacked, if joinable, and each member alone), timed on the costliest and scaled."""
     from .architectures import JOINABLE, describe
     from .planning.loss import loss_curve
@@ -150,7 +158,7 @@ def _loss_planning_seconds(model, config, windows: int, forward: float, timed: d
         candidates += [(m.d_out, g.d_in, [m.name]) for m in g.members]
 
     def work(c):
-        return _work(c[0], c[1], True)
+        return _curve_work(c[0], c[1])
 
     costliest = max(candidates, key=work)
     rows, d_in, names = costliest

@@ -22,11 +22,16 @@ from .common import build, check, stacked64, top_right
 DAMPING = 0.01
 
 
-def cholesky_factor(second_moment: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+def damped_moment(second_moment: torch.Tensor, damping: float = DAMPING) -> tuple[torch.Tensor, float]:
+    """(C symmetrised in float64, λ·mean(diag C)): the moment and the first ridge the Cholesky factor adds to it."""
     c = second_moment.to(torch.float64)
     c = (c + c.T) / 2
+    return c, damping * float(torch.diagonal(c).mean().clamp_min(1e-12))
+
+
+def cholesky_factor(second_moment: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    c, lam = damped_moment(second_moment, damping)
     eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-    lam = damping * float(torch.diagonal(c).mean().clamp_min(1e-12))
     for _ in range(6):  # raise the damping until the factorisation succeeds (rank-deficient calibration)
         factor, info = torch.linalg.cholesky_ex(c + lam * eye)
         if int(info) == 0:

@@ -10,7 +10,8 @@ The estimate (second order, per token): a unit's truncation changes its outputs 
 taking g and Δy as uncorrelated. With C = E[x xᵀ] = S Sᵀ and the whitened truncation SVD-LLM uses
 (W S = U Σ Vᵀ, keep k), ΔW C ΔWᵀ = Σ_{i>k} σ_i² u_i u_iᵀ, so the cost of rank k is
     L(k) = ½ Σ_{i>k} σ_i² Σ_j f_j u_ji²,
-one SVD per candidate unit and one backward pass over the calibration text for all f. A joint group is scored
+one eigen-decomposition per candidate unit (option_curves: no SVD needed) and one backward pass over the
+calibration text for all f. A joint group is scored
 both as one stacked unit and as its members alone, and the cheaper structure for the price wins. The budget is met
 by Lagrangian relaxation (a price per parameter, bisected), then single ranks are handed back while it holds, as in
 planning.allocation.
@@ -103,13 +104,55 @@ def loss_curve(weights: list[torch.Tensor], second_moment: torch.Tensor, fisher:
                damping: float = 0.01) -> np.ndarray:
     """L(k) for k = 1..k_max (module doc): the estimated ΔNLL per token of truncating the stacked `weights` to
     rank k in the whitened metric. `fisher`: E[g_j²] of the stacked outputs."""
-    from ..methods.svd_llm import cholesky_factor
+    fishers = list(torch.split(fisher, [w.shape[0] for w in weights]))
+    everything = tuple(range(len(weights)))
+    return option_curves(weights, second_moment, fishers, {everything: k_max}, damping)[everything]
 
-    w = torch.cat([x.detach().to(torch.float64) for x in weights], dim=0)
-    chol = cholesky_factor(second_moment, damping)
-    u, s, _ = torch.linalg.svd(w @ chol, full_matrices=False)
-    weight = (fisher.to(torch.float64)[:, None] * u.pow(2)).sum(0)  # Σ_j f_j u_ji² per direction i
-    per_direction = 0.5 * s.pow(2) * weight
+
+@torch.no_grad()
+def option_curves(weights: list[torch.Tensor], second_moment: torch.Tensor, fishers: list[torch.Tensor],
+                  options: dict[tuple[int, ...], int], damping: float = 0.01) -> dict[tuple[int, ...], np.ndarray]:
+    """{option: L(k) for k = 1..k_max} for each option {member indices: k_max} of one group, whose members
+    (`weights`, their output Fisher `fishers`) read one input of second moment `second_moment`.
+
+    The curve needs, per direction i of the whitened stack A = W S, only σ_i² and Σ_j f_j u_ji², never A's SVD:
+    - A taller than wide: the eigenvectors v_i of AᵀA = Sᵀ (WᵀW) S, and σ_i² Σ_j f_j u_ji² = (A v_i)ᵀ F (A v_i) =
+      v_iᵀ Sᵀ (Wᵀ F W) S v_i. A stack's WᵀW and WᵀFW are the sums of its members', so a joint group and its
+      members alone share them, and only the (small) input side is decomposed;
+    - otherwise: the eigenvectors u_i of A Aᵀ = W (C + λI) Wᵀ directly, without the Cholesky factor of C (which
+      is what costs on an 8960-wide input).
+    On Qwen2.5-Coder-1.5B's layer shapes this is several times faster than the SVDs of the whitened stacks
+    (results/loss_planning_speed.md). The wide path uses the first ridge cholesky_factor tries; it raises it only
+    when C + λI fails to factorise (λ = 0, rank-deficient C), where the factorised path raises it and this does not."""
+    from ..methods.svd_llm import cholesky_factor, damped_moment
+
+    ws = [w.detach().to(torch.float64) for w in weights]
+    fs = [f.detach().to(device=ws[0].device, dtype=torch.float64) for f in fishers]
+    c, lam = damped_moment(second_moment.to(ws[0].device), damping)
+    chol, grams, out = None, {}, {}
+    for idx, k_max in options.items():
+        rows = sum(ws[i].shape[0] for i in idx)
+        if rows > c.shape[0]:
+            if chol is None:
+                chol = cholesky_factor(second_moment.to(ws[0].device), damping)
+            for i in idx:
+                if i not in grams:
+                    grams[i] = (ws[i].T @ ws[i], (ws[i] * fs[i][:, None]).T @ ws[i])
+            gram = chol.T @ sum(grams[i][0] for i in idx) @ chol
+            weighted = chol.T @ sum(grams[i][1] for i in idx) @ chol
+            _, v = torch.linalg.eigh(gram)
+            per_direction = 0.5 * ((weighted @ v) * v).sum(0)
+        else:
+            w = torch.cat([ws[i] for i in idx])
+            f = torch.cat([fs[i] for i in idx])
+            sigma2, u = torch.linalg.eigh((w @ c) @ w.T + lam * (w @ w.T))
+            per_direction = 0.5 * sigma2.clamp_min(0) * (f[:, None] * u.pow(2)).sum(0)
+        out[idx] = _tail_curve(per_direction.flip(0).cpu(), k_max)  # eigh: ascending; directions by σ descending
+    return out
+
+
+def _tail_curve(per_direction: torch.Tensor, k_max: int) -> np.ndarray:
+    """L(k) = Σ_{i >= k} of the per-direction costs (largest σ first), for k = 1..k_max; zero past the last."""
     tail = per_direction.flip(0).cumsum(0).flip(0)  # tail[i] = Σ_{i' >= i}
     out = torch.zeros(k_max, dtype=torch.float64)
     n = min(k_max, len(tail) - 1)
@@ -139,15 +182,16 @@ def loss_curves(model, calibration, layout: ModelLayout, config, *, progress: bo
             g = groups[(index, group)]
             options = [tuple(range(len(g.members)))] if g.group in JOINABLE and len(g.members) > 1 else []
             options += [(i,) for i in range(len(g.members))]
+            k_breaks = {}
             for idx in options:
-                members = [g.members[i] for i in idx]
-                d_outs = [m.d_out for m in members]
-                k_break = (sum(d_outs) * g.d_in - 1) // (sum(d_outs) + g.d_in)
-                if k_break < 1:
-                    continue
-                weights = [model.get_submodule(m.name).weight for m in members]
-                f = torch.cat([fisher[m.name] for m in members])
-                curves[tuple(m.name for m in members)] = loss_curve(weights, st.second_moment, f, k_break, damping)
+                rows = sum(g.members[i].d_out for i in idx)
+                k_break = (rows * g.d_in - 1) // (rows + g.d_in)
+                if k_break >= 1:
+                    k_breaks[idx] = k_break
+            weights = [model.get_submodule(m.name).weight for m in g.members]
+            found = option_curves(weights, st.second_moment, [fisher[m.name] for m in g.members], k_breaks, damping)
+            for idx, curve in found.items():
+                curves[tuple(g.members[i].name for i in idx)] = curve
             bar.update()
 
     try:
