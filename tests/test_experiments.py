@@ -734,6 +734,27 @@ def test_speed_bench_layouts_are_timed_on_the_same_model_and_put_back_exactly(to
     assert fair["measured"] == pytest.approx(1.25) and fair["met"] and len(got) == 3  # + prefill; no row-major entry
 
 
+def test_a_decode_target_counts_the_lower_of_the_ratio_of_medians_and_the_paired_median():
+    """bfloat16 decode on our CPU jumps between two speeds from one repeat to the next: a ratio of two medians can
+    then meet a target the paired per-repeat ratios do not, and the target is met only when both readings meet it."""
+    from research.bench.inference_speed import ratios, targets
+
+    def timed(seconds):
+        return {"decode_seconds": seconds, "decode_tokens_per_s": 32 / statistics.median(seconds),
+                "prefill_tokens_per_s": {"1": 1.0}, "weight_bytes": 1.0}
+
+    dense, compressed = [5.3, 5.5, 6.9, 6.5, 6.4], [5.7, 5.1, 5.1, 6.0, 5.2]
+    results = {"timing": {"bfloat16": {"dense": timed(dense), "joint@20%": timed(compressed)}}, "memory": {},
+               "params": {"dense": {"params_total": 10}, "joint@20%": {"params_total": 8}}}
+    results["ratios"] = ratios(results)
+    r = results["ratios"]["bfloat16"]["joint@20%"]
+    paired = statistics.median(d / c for d, c in zip(dense, compressed))
+    assert r["decode"] == pytest.approx(6.4 / 5.2) and r["decode"] >= 1.15
+    assert r["decode_paired"] == pytest.approx(paired) and paired < 1.15
+    (decode,) = [t for t in targets(results) if t["target"] == "decode >= 1.15x dense"]
+    assert decode["measured"] == pytest.approx(paired) and not decode["met"]
+
+
 def test_decode_profile_counts_every_decoder_matmul_weight_once_and_times_inside_the_layers():
     import torch.nn as nn
 

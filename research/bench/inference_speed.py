@@ -359,6 +359,11 @@ def ratios(results: dict) -> dict:
             r = {f"prefill_b{b}": t["prefill_tokens_per_s"][b] / dense["prefill_tokens_per_s"][b]
                  for b in t["prefill_tokens_per_s"]}
             r["decode"] = t["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+            # each repeat times every model once: the median of the per-repeat ratios pairs them, so a state of the
+            # machine that shifts a whole repeat (bfloat16 decode on this CPU: 5.3 s or 6.5-6.9 s for the same
+            # dense model) does not decide the ratio the way it can decide a ratio of two medians
+            r["decode_paired"] = statistics.median(d / m for d, m in zip(dense["decode_seconds"], t["decode_seconds"],
+                                                                         strict=True))
             r["weight_bytes"] = t["weight_bytes"] / dense["weight_bytes"]
             if base in mem:
                 r["peak_memory"] = mem[base]["peak_bytes"] / mem["dense"]["peak_bytes"]
@@ -379,10 +384,13 @@ def targets(results: dict) -> list[dict]:
                 checks.append({"name": f"{dtype} {name}: decode tokens/s vs dense with its decoder weights "
                                        "column-major too", "measured": fair, "dtype": dtype, "model": name,
                                "target": "decode >= 1.15x dense, same layout", "value": fair, "met": fair >= 1.15})
-            if name.endswith("@20%"):
-                checks.append({"name": f"{dtype} {name}: decode tokens/s vs dense", "measured": r["decode"],
+            if name.endswith("@20%"):  # met only when both readings of the repeats are
+                low = min(r["decode"], r.get("decode_paired", r["decode"]))
+                checks.append({"name": f"{dtype} {name}: decode tokens/s vs dense (the lower of the ratio of medians "
+                                       "and the median of per-repeat ratios)", "measured": low,
                                "dtype": dtype, "model": name, "target": "decode >= 1.15x dense",
-                               "value": r["decode"], "met": r["decode"] >= 1.15})
+                               "value": low, "ratio_of_medians": r["decode"],
+                               "median_of_paired": r.get("decode_paired"), "met": low >= 1.15})
             worst = min(v for k, v in r.items() if k.startswith("prefill"))
             checks.append({"name": f"{dtype} {name}: prefill tokens/s vs dense (worst batch)", "measured": worst,
                            "dtype": dtype, "model": name, "target": "prefill >= 1.00x dense (every batch)",
@@ -528,7 +536,10 @@ def markdown(results: dict) -> str:
     for dtype in a["dtypes"]:
         headers += [f"{dtype}: shares bound", f"{dtype}: measured"]
     lines += [format_table(headers, rows, markdown=True), ""]
-    lines += ["## Targets", ""]
+    lines += ["## Targets", "",
+              "A decode target's measured value is the lower of two readings of the same repeats: the ratio of the "
+              "two models' median decode times, and the median of the per-repeat ratios (each repeat times every "
+              "model once, so this one is paired); both are in the JSON (`ratios`: `decode`, `decode_paired`).", ""]
     lines += [format_table(["dtype", "model", "target", "measured", "met"],
                            [[c["dtype"], c["model"], c["target"],
                              f"{c['value']:.3f}" + (f" (expected {c['expected']:.3f})" if "expected" in c else ""),
@@ -555,7 +566,7 @@ def parse_args(argv=None):
     p.add_argument("--memory-batch", type=int, default=1, help="prefill batch of the peak-memory run")
     p.add_argument("--lock", default="/tmp/jointrank-cpu.lock",
                    help="shared CPU lock file: held shared to build and measure memory, exclusive to time ('' = none)")
-    p.add_argument("--render", default=None, metavar="JSON", help="only rewrite the .md next to a results JSON")
+    p.add_argument("--render", default=None, metavar="JSON", help="recompute ratios and targets from a results JSON's timings and rewrite it and its .md")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -565,9 +576,13 @@ def main(argv=None) -> int:
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return 0
-    if args.render:
+    if args.render:  # the report's arithmetic again on the recorded timings (nothing is measured)
         path = Path(args.render)
-        path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())))
+        results = json.loads(path.read_text())
+        results["ratios"] = ratios(results)  # first: the targets and the bound read them
+        results["targets"], results["bound"] = targets(results), bound(results)
+        path.write_text(json.dumps(results, indent=1, default=str))
+        path.with_suffix(".md").write_text(markdown(results))
         return 0
     torch.set_num_threads(args.threads)
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
