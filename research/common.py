@@ -27,3 +27,17 @@ def write_json(path: str | os.PathLike, payload: dict, *, indent: int = 2, defau
     """The package's atomic JSON writer, path first as the research code calls it. `indent`, `default` and
     `newline` (a final newline) keep each result file's existing layout, so rewriting one changes no bytes."""
     return evaluate_report.write_json(payload, path, indent=indent, default=default, newline=newline)
+
+
+def run_windows_with_hooks(model, input_ids, hooks: list) -> None:
+    """Run each calibration window through `model` (no gradients, no cache) for what forward hooks collect, then
+    remove `hooks` (their handles), also when a window fails."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            for row in input_ids:
+                model(input_ids=row.unsqueeze(0), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()

@@ -30,7 +30,7 @@ if str(REPO) not in sys.path:  # run as a script: make `research` importable
     sys.path.insert(0, str(REPO))
 
 from research.bench.quality import C4_FILE  # noqa: E402
-from research.common import write_json  # noqa: E402
+from research.common import run_windows_with_hooks, write_json  # noqa: E402
 
 OUT = REPO / "results" / "loss_planning_speed"
 WINDOW = 512
@@ -55,21 +55,6 @@ def svd_curves(weights, second_moment, fishers, options, damping):
     return out
 
 
-def options_of(g) -> dict[tuple[int, ...], int]:
-    """{member indices: break-even rank} as planning.loss.loss_curves scores the group."""
-    from jointrank.architectures import JOINABLE
-
-    options = [tuple(range(len(g.members)))] if g.group in JOINABLE and len(g.members) > 1 else []
-    options += [(i,) for i in range(len(g.members))]
-    out = {}
-    for idx in options:
-        rows = sum(g.members[i].d_out for i in idx)
-        k_break = (rows * g.d_in - 1) // (rows + g.d_in)
-        if k_break >= 1:
-            out[idx] = k_break
-    return out
-
-
 def median_seconds(fn, repeats: int) -> float:
     runs = []
     for _ in range(repeats):
@@ -81,11 +66,10 @@ def median_seconds(fn, repeats: int) -> float:
 
 def measure(model_name: str, windows: int, repeats: int) -> dict:
     import numpy as np
-    import torch
 
     from jointrank.architectures import describe
     from jointrank.methods.calibration import InputStats, load_text
-    from jointrank.planning.loss import option_curves, output_fisher
+    from jointrank.planning.loss import candidate_options, option_curves, output_fisher
     from jointrank.sources import load_model
 
     model, tokenizer, _ = load_model(model_name)
@@ -100,16 +84,10 @@ def measure(model_name: str, windows: int, repeats: int) -> dict:
         stats[g.group] = InputStats(g.d_in)
         hooks.append(model.get_submodule(g.members[0].name).register_forward_pre_hook(
             lambda m, args, s=stats[g.group]: s.add(args[0])))
-    try:
-        with torch.no_grad():
-            for row in calibration.input_ids:
-                model(input_ids=row.unsqueeze(0), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_windows_with_hooks(model, calibration.input_ids, hooks)
     rows = []
     for g in groups:
-        options = options_of(g)
+        options = candidate_options(g)
         if not options:
             continue
         weights = [model.get_submodule(m.name).weight.detach() for m in g.members]

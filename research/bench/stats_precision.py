@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:  # run as a script: make `research` importable
     sys.path.insert(0, str(REPO))
 
 from research.bench.quality import C4_FILE  # noqa: E402
-from research.common import write_json  # noqa: E402
+from research.common import run_windows_with_hooks, write_json  # noqa: E402
 
 OUT = REPO / "results" / "stats_precision"
 WIDTHS_1_5B = (1536, 8960)  # Qwen2.5-Coder-1.5B: hidden, intermediate (down_proj's input)
@@ -78,8 +78,6 @@ def time_widths(widths: list[int], repeats: int) -> list[dict]:
 
 def precision(model_name: str, windows: int) -> tuple[list[dict], list[int]]:
     """Per unit of three layers: the two moments' difference and both methods' output errors from each."""
-    import torch
-
     from jointrank.architectures import decoder_layers, describe
     from jointrank.methods import factorise
     from jointrank.methods.calibration import InputStats, load_text
@@ -105,13 +103,7 @@ def precision(model_name: str, windows: int) -> tuple[list[dict], list[int]]:
             add_float64(old, args[0])
 
         hooks.append(module.register_forward_pre_hook(both_ways))
-    try:
-        with torch.no_grad():
-            for row in calibration.input_ids:
-                model(input_ids=row.unsqueeze(0), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_windows_with_hooks(model, calibration.input_ids, hooks)
     rows = []
     for (layer, group), (g, new, old) in both.items():
         weights = [model.get_submodule(m.name).weight.detach() for m in g.members]

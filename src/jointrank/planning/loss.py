@@ -160,6 +160,20 @@ def _tail_curve(per_direction: torch.Tensor, k_max: int) -> np.ndarray:
     return out.numpy()
 
 
+def candidate_options(g) -> dict[tuple[int, ...], int]:
+    """{member indices: break-even rank} of each way a group can be factorised: stacked (a joinable group of more
+    than one member) and each member alone, those that can save parameters at some rank."""
+    options = [tuple(range(len(g.members)))] if g.group in JOINABLE and len(g.members) > 1 else []
+    options += [(i,) for i in range(len(g.members))]
+    out = {}
+    for idx in options:
+        rows = sum(g.members[i].d_out for i in idx)
+        k_break = (rows * g.d_in - 1) // (rows + g.d_in)  # the largest rank with fewer parameters than dense
+        if k_break >= 1:
+            out[idx] = k_break
+    return out
+
+
 def loss_curves(model, calibration, layout: ModelLayout, config, *, progress: bool = True) -> dict:
     """{member names (one or a joint group's): L(k) curve up to its break-even rank} for every unit the rules allow
     to be compressed, each member alone and each joinable group stacked."""
@@ -180,16 +194,9 @@ def loss_curves(model, calibration, layout: ModelLayout, config, *, progress: bo
     def on_layer(index, stats):
         for group, st in stats.items():
             g = groups[(index, group)]
-            options = [tuple(range(len(g.members)))] if g.group in JOINABLE and len(g.members) > 1 else []
-            options += [(i,) for i in range(len(g.members))]
-            k_breaks = {}
-            for idx in options:
-                rows = sum(g.members[i].d_out for i in idx)
-                k_break = (rows * g.d_in - 1) // (rows + g.d_in)
-                if k_break >= 1:
-                    k_breaks[idx] = k_break
             weights = [model.get_submodule(m.name).weight for m in g.members]
-            found = option_curves(weights, st.second_moment, [fisher[m.name] for m in g.members], k_breaks, damping)
+            found = option_curves(weights, st.second_moment, [fisher[m.name] for m in g.members],
+                                  candidate_options(g), damping)
             for idx, curve in found.items():
                 curves[tuple(g.members[i].name for i in idx)] = curve
             bar.update()
