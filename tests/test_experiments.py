@@ -755,6 +755,59 @@ def test_a_decode_target_counts_the_lower_of_the_ratio_of_medians_and_the_paired
     assert decode["measured"] == pytest.approx(paired) and not decode["met"]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])  # the real models' families
+def test_interleaved_decode_continues_each_model_greedily_and_times_them_apart(arch):
+    """The decode target's reading steps two models one token at a time with their own KV caches: each must
+    produce its own greedy continuation, as a forward over the whole sequence finds it (a cache mixed up between
+    them, or a position off by one, would not), and the ratio must come out of each model's own steps (a model
+    slowed by 20 ms a step reads as the slower one)."""
+    import inspect
+    import time
+
+    import torch.nn as nn
+
+    from conftest import tiny_model
+    from jointrank import compress_
+    from jointrank.plan import GroupRule, JointRankConfig
+    from research.bench.inference_speed import decode_interleaved, targets
+
+    dense = tiny_model(arch).eval()
+    other = tiny_model(arch, seed=1).eval()  # other weights: the two continuations differ; low-rank modules too
+    compress_(other, JointRankConfig(rules={"gate_up": GroupRule("joint")}, ratio=0.3), progress=False)
+
+    class Slowed(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kw):
+            time.sleep(0.02)
+            return self.inner(**kw)
+
+        forward.__signature__ = inspect.signature(type(dense).forward)  # the keywords the model takes
+
+    # 14 + 6 tokens: past gemma3_text's 16-token sliding window, so its cache's window is stepped through too
+    prompt = torch.randint(0, dense.config.vocab_size, (1, 14), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        got = decode_interleaved({"dense": Slowed(dense), "joint@20%": other}, prompt, 6, rounds=3)
+        for name, m in (("dense", dense), ("joint@20%", other)):  # greedy by definition: no cache
+            ids = prompt
+            for _ in range(6):
+                ids = torch.cat([ids, m(input_ids=ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+            assert got["tokens"][name] == ids[0, prompt.shape[1]:].tolist()
+    assert got["tokens"]["dense"] != got["tokens"]["joint@20%"]  # two models, so the check above tells them apart
+    assert got["steps_per_round"] == 5 and len(got["round_ratios"]) == 3 and len(got["seconds"]["dense"]) == 3
+    assert got["ratio"] > 1 and got["step_ratio"] > 1
+    assert all(d >= 5 * 0.02 for d in got["seconds"]["dense"])
+    # where measured, it is the decode target's reading, even against the repeats' readings
+    results = {"params": {"dense": {"params_total": 10}, "joint@20%": {"params_total": 8}},
+               "ratios": {"bfloat16": {"dense": {"decode": 1.0, "prefill_b1": 1.0},
+                                       "joint@20%": {"decode": 1.3, "decode_paired": 1.1, "decode_interleaved": 1.2,
+                                                     "prefill_b1": 1.3}}}}
+    (decode,) = [t for t in targets(results) if t["target"] == "decode >= 1.15x dense"]
+    assert decode["measured"] == 1.2 and decode["met"]
+
+
 def test_decode_profile_counts_every_decoder_matmul_weight_once_and_times_inside_the_layers():
     import torch.nn as nn
 
