@@ -468,7 +468,7 @@ def test_plan_estimates_every_phase_it_will_run(model_dir, tmp_path, monkeypatch
     line = [ln for ln in out.splitlines() if ln.startswith("estimated time")][0]
     assert "factorisation" in line and "sampling" not in line and "distillation" not in line
     assert "healing trains" not in out
-    # loss-aware allocation: compress plans again from a backward pass and whitened SVDs before it factorises
+    # loss-aware allocation: compress plans again from a backward pass and loss curves before it factorises
     loss = ["plan", str(model_dir), "--qk", "joint", "--target", "0.1", "--scope", "decoder",
             "--method", "svd_llm", "--allocation", "loss"]
     assert main(loss + ["--calibration", "self:64"]) == 0

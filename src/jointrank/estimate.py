@@ -144,28 +144,28 @@ def _loss_planning_seconds(model, config, windows: int, forward: float, timed: d
     """--allocation loss, before anything is factorised: one forward and backward pass per window for the output
     Fisher (about three forwards), a statistics pass over every group the rules allow, and one loss curve per
     candidate (each group stacked, if joinable, and each member alone), timed on the costliest and scaled."""
-    from .architectures import JOINABLE, describe
-    from .planning.loss import loss_curve
+    from .architectures import describe
+    from .planning.loss import candidate_options, loss_curve
     from .planning.uniform import plan_units
 
     groups = {(g.layer, g.group): g for g, s, _ in plan_units(describe(model), config) if s != "keep"}
     if not groups:
         return 0.0
-    candidates = []  # (rows, d_in, member names)
-    for g in groups.values():
-        if g.group in JOINABLE and len(g.members) > 1:
-            candidates.append((sum(m.d_out for m in g.members), g.d_in, [m.name for m in g.members]))
-        candidates += [(m.d_out, g.d_in, [m.name]) for m in g.members]
+    # the options loss_curves scores: (rows, d_in, member names)
+    candidates = [(sum(g.members[i].d_out for i in idx), g.d_in, [g.members[i].name for i in idx])
+                  for g in groups.values() for idx in candidate_options(g)]
 
     def work(c):
         return _curve_work(c[0], c[1])
 
-    costliest = max(candidates, key=work)
-    rows, d_in, names = costliest
-    weights = [model.get_submodule(n).weight.detach() for n in names]
-    t = time.perf_counter()
-    loss_curve(weights, torch.eye(d_in, dtype=torch.float64), torch.ones(rows, dtype=torch.float64), 1)
-    curves = (time.perf_counter() - t) * sum(work(c) for c in candidates) / work(costliest)
+    curves = 0.0
+    if candidates:
+        costliest = max(candidates, key=work)
+        rows, d_in, names = costliest
+        weights = [model.get_submodule(n).weight.detach() for n in names]
+        t = time.perf_counter()
+        loss_curve(weights, torch.eye(d_in, dtype=torch.float64), torch.ones(rows, dtype=torch.float64), 1)
+        curves = (time.perf_counter() - t) * sum(work(c) for c in candidates) / work(costliest)
     device = next(model.parameters()).device
     widths = [g.d_in for g in groups.values()]
     return windows * (3.0 * forward + forward + _moment_seconds(widths, device, timed)) + curves
