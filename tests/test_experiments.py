@@ -1045,3 +1045,17 @@ def test_selfgen_repetition_share_is_zero_for_text_that_never_repeats_and_near_o
     loop = [7, 8, 9] * 40  # 117 4-grams, only the first 3 new
     assert repeated_ngram_share(loop) == pytest.approx(114 / 117)
     assert repeated_ngram_share([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 / 5)
+
+
+def test_quality_timings_say_when_healing_resumed_and_show_sampling_only_for_self_generated_calibration():
+    """A point stopped during distillation and resumed times only the steps after the saved state: its line must
+    say so, or a reader takes a partial time for a build's cost; C4 calibration samples nothing to time."""
+    from research.bench.quality_report import _timing_section
+
+    run = {"compress_heal_seconds": 790.0, "compress_seconds": 348.0, "heal_seconds": 443.0,
+           "peak_rss_gib_compress": 3.6, "other_cpu_seconds": 189.0}
+    by = {("loss-svd_llm/c4/distill-lr3e-5", 0.1): {**run, "heal_resumed_from_step": 25},
+          ("loss-svd_llm/self/distill-lr3e-5", 0.1): {**run, "sampling_seconds": 120.0, "sampling_from_cache": True}}
+    c4, self_ = [ln for ln in _timing_section(by, 0.1) if ln.startswith("* ")]
+    assert "resumed at step 25" in c4 and "sampling" not in c4
+    assert "resumed" not in self_ and "sampling 120 s, sampling time from when the cache was made" in self_

@@ -198,10 +198,14 @@ def _timing_section(by, budget) -> list[str]:
             sampled = ("sampled in this run" if run.get("sampling_from_cache") is False
                        else "sampling time from when the cache was made")
             same = run.get("sampling_matches_cache")
+            sampling = (f"sampling {_f(run.get('sampling_seconds'), 0)} s, {sampled}"
+                        f"{', token-identical to the cache' if same else ''}; " if parse_row(r)[1] == "self" else "")
+            resumed = run.get("heal_resumed_from_step")  # a stopped point: its heal time misses the steps before
             out.append(f"* {r}, {'first run' if i == 0 else 'rebuild ' + str(i)}: "
-                       f"{_minutes(run['compress_heal_seconds'])} min (sampling {_f(run.get('sampling_seconds'), 0)} s,"
-                       f" {sampled}{', token-identical to the cache' if same else ''}; compress "
-                       f"{_f(run.get('compress_seconds'), 0)} s; heal {_f(run.get('heal_seconds'), 0)} s), peak "
+                       f"{_minutes(run['compress_heal_seconds'])} min ({sampling}compress "
+                       f"{_f(run.get('compress_seconds'), 0)} s; heal {_f(run.get('heal_seconds'), 0)} s"
+                       + (f", resumed at step {resumed}: the steps before it are not in this time" if resumed else "")
+                       + "), peak "
                        f"{run['peak_rss_gib_compress']:.2f} GiB; other processes took "
                        + ("an unrecorded amount of CPU" if other is None else f"{other:.0f} CPU s") + " meanwhile")
     return (["Compress + heal timings (every run):", "", *out, ""] if out else [])
