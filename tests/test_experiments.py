@@ -1059,3 +1059,28 @@ def test_quality_timings_say_when_healing_resumed_and_show_sampling_only_for_sel
     c4, self_ = [ln for ln in _timing_section(by, 0.1) if ln.startswith("* ")]
     assert "resumed at step 25" in c4 and "sampling" not in c4
     assert "resumed" not in self_ and "sampling 120 s, sampling time from when the cache was made" in self_
+
+
+def test_scale_compares_self_generated_with_c4_calibration_model_by_model():
+    from research.bench import scale
+
+    self_label = scale.SETTING_KEYS["self"]
+    pts = [{"model": "a", "setting": self_label, "budget": 0.1, "nll_vs_c4": -0.05, "nll_vs_c4_se": 0.01,
+            "nll_vs_c4_bos": True, "zs_vs_c4": -0.005, "zs_vs_c4_se": 0.014},
+           {"model": "b", "setting": self_label, "budget": 0.1, "nll_vs_c4": 0.3, "nll_vs_c4_se": 0.02,
+            "nll_vs_c4_bos": True, "zs_vs_c4": -0.05, "zs_vs_c4_se": 0.01},
+           {"model": "c", "setting": self_label, "budget": 0.1, "nll_vs_c4": 0.01, "nll_vs_c4_se": 0.01,
+            "nll_vs_c4_bos": False},
+           {"model": "d", "setting": self_label, "budget": 0.2}]  # no C4 point to compare with
+    (line,) = scale.calibration_verdict({"points": pts})  # a line per budget with a comparison: 10% only
+    assert line.startswith("* self-generated against C4 calibration, 10%") and " d " not in line
+
+    def about(model):
+        (one,) = scale.calibration_verdict({"points": [p for p in pts if p["model"] == model]})
+        return one
+
+    assert "a -0.050 ± 0.010 nats per token (self-generated better" in about("a")
+    assert "zero-shot -0.5 ± 1.4 points (within 2 SE of 0)" in about("a")
+    assert "b +0.300 ± 0.020 nats per token (C4 better" in about("b")
+    assert "zero-shot -5.0 ± 1.0 points" in about("b") and "within 2 SE of 0" not in about("b")
+    assert "(within 2 SE;" in about("c") and "windows without BOS" in about("c") and "zero-shot -" not in about("c")

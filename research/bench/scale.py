@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script: make `research` importable
     sys.path.insert(0, str(REPO))
 
-from research.bench.quality import BOS, ZS_TASKS, _by, nll_key, ppl_ratio, zs_gain, zs_retention  # noqa: E402
+from research.bench.quality import (BOS, ZS_TASKS, _by, nll_key, paired_nll, ppl_ratio, zs_gain,  # noqa: E402
+                                    zs_retention)
 from research.bench.quality_report import PRE_GUARDS, sampled_before_guards  # noqa: E402
 from research.common import CHANCE  # noqa: E402
 
@@ -158,6 +159,13 @@ def collect() -> dict:
                             (rec["gain_over_paper_above_chance_tasks"],
                              rec["gain_over_paper_above_chance_tasks_se"]) = zs_gain(
                                 p, paper, dense, [t for t in ZS_TASKS if t not in at_chance])
+                    c4 = by.get((SETTINGS[SETTING_KEYS["c4"]][budget], budget))
+                    if setting == SETTING_KEYS["self"] and c4:  # the same structure and healing, other calibration
+                        rec["nll_vs_c4"], rec["nll_vs_c4_se"] = paired_nll(p, c4)
+                        rec["nll_vs_c4_bos"] = nll_key(p, c4) == BOS
+                        vs = zs_gain(p, c4, dense)
+                        if vs:
+                            rec["zs_vs_c4"], rec["zs_vs_c4_se"] = vs
                     before = next((e for e in reversed(p.get("earlier", [])) if sampled_before_guards(e)), None)
                     guarded = zs_gain(p, before, dense) if "self_text" in p and before else None
                     if guarded:  # rebuilt on text sampled with the loop guards: what they changed, paired per document
@@ -257,7 +265,35 @@ def verdict(data: dict) -> list[str]:
         lines.append(f"* {setting}, 10%: the paper's {PAPER_CLAIM:.1%} retention holds (beyond 2 SE) on "
                      f"{', '.join(held) or 'none'} of the {len(pts)} model{'s' * (len(pts) != 1)} measured; within "
                      f"2 SE of it on {', '.join(within) or 'none'}. {' '.join(fits)}")
-    return lines + healing_verdict(data) + chance_verdict(data)
+    return lines + healing_verdict(data) + calibration_verdict(data) + chance_verdict(data)
+
+
+def calibration_verdict(data: dict) -> list[str]:
+    """Self-generated text against C4 as calibration and healing data, model by model (the same structure and
+    distillation): the perplexity difference paired per window, the zero-shot difference paired per document."""
+    lines = []
+    for budget in BUDGETS:
+        pts = [p for p in data["points"] if p["setting"] == SETTING_KEYS["self"] and p["budget"] == budget
+               and "nll_vs_c4" in p]
+        if not pts:
+            continue
+        each = []
+        for p in pts:
+            d, se = p["nll_vs_c4"], p["nll_vs_c4_se"]
+            which = "within 2 SE" if abs(d) <= 2 * se else ("self-generated better" if d < 0 else "C4 better")
+            text = (f"{p['model']} {d:+.3f} ± {se:.3f} nats per token ({which}; perplexity self / C4 "
+                    f"{math.exp(d):.2f}x{'' if p['nll_vs_c4_bos'] else ', windows without BOS'})")
+            if "zs_vs_c4" in p:
+                z, zse = p["zs_vs_c4"], p["zs_vs_c4_se"]
+                text += (f", zero-shot {100 * z:+.1f} ± {100 * zse:.1f} points"
+                         + (" (within 2 SE of 0)" if abs(z) <= 2 * zse else ""))
+            if p.get("self_text_before_guards"):
+                text += " (self-generated text sampled before the loop guards)"
+            each.append(text)
+        lines.append(f"* self-generated against C4 calibration, {budget:.0%} (`{SETTINGS[SETTING_KEYS['self']][budget]}`"
+                     f" against `{SETTINGS[SETTING_KEYS['c4']][budget]}`): {'; '.join(each)}: self minus C4, "
+                     "perplexity paired per window, zero-shot per document.")
+    return lines
 
 
 def healing_verdict(data: dict) -> list[str]:
