@@ -82,6 +82,11 @@ def variants(args) -> list[dict]:
                     "same_model_as": "joint@20%", "layout": "row", "dtypes": ["float32"]})
         out.append({"name": "dense column-major", "structure": None, "target": None, "share": True,
                     "same_model_as": "dense", "layout": "column", "dtypes": ["float32"]})
+        # bfloat16 holds them row-major; one-token matmuls on a quiet machine read a tall bfloat16 factor ~1.1x
+        # faster column-major (results/matmul_layout.md): whether the whole model decodes faster so
+        out.append({"name": "joint@20% column-major", "structure": "joint", "target": 0.2, "share": True,
+                    "same_model_as": "joint@20%", "layout": "factors-column", "dtypes": ["bfloat16"],
+                    "interleave": True})
     return out
 
 
@@ -97,7 +102,8 @@ def base_model(name: str) -> str:
 @contextlib.contextmanager
 def layout(model, kind: str | None):
     """Time `model` with its weights in another memory order, then put them back: "row" = the low-rank output
-    factors row-major (as before LowRankLinear.relayout_), "column" = every decoder nn.Linear column-major."""
+    factors row-major (as before LowRankLinear.relayout_), "factors-column" = them column-major in any dtype,
+    "column" = every decoder nn.Linear column-major."""
     import torch.nn as nn
 
     from jointrank.architectures import decoder_layers
@@ -111,12 +117,15 @@ def layout(model, kind: str | None):
         if kind == "row":
             LowRankLinear.column_major = False
             relayout_(model)
+        elif kind == "factors-column":
+            LowRankLinear.column_major_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+            relayout_(model)
         else:
             for m in linears:
                 m.weight.data = m.weight.data.t().contiguous().t()
         yield
     finally:
-        LowRankLinear.column_major = True
+        LowRankLinear.column_major, LowRankLinear.column_major_dtypes = True, (torch.float32,)
         if kind == "column":
             for m in linears:
                 m.weight.data = m.weight.data.contiguous()
@@ -320,8 +329,8 @@ def time_all(models: dict, args, dtype_name: str, log) -> dict:
             log(f"{dtype_name}: repeat {rep + 1}/{args.repeats} done")
         interleaved = {}
         for v in vs:  # the decode target's reading: each @20% model against dense, one token at a time
-            if v["target"] == 0.2 and "same_model_as" not in v and args.interleaved_rounds:
-                model = models[v["name"]]
+            if v["target"] == 0.2 and ("same_model_as" not in v or v.get("interleave")) and args.interleaved_rounds:
+                model = models[v.get("same_model_as", v["name"])]
                 with shared_projection(v["share"]), layout(model, v.get("layout")):
                     interleaved[v["name"]] = decode_interleaved({"dense": models["dense"], v["name"]: model}, prompt,
                                                                 args.decode_tokens, args.interleaved_rounds)
@@ -525,7 +534,8 @@ def markdown(results: dict) -> str:
         "(the paper's 20% structure); **joint** = joint Q/K + joint gate/up in every layer. "
         "*unshared* = the same joint model with the shared projection switched off (each member projects). "
         "In float32 the low-rank output factors are held column-major (the tool's layout on a CPU); *row-major* = "
-        "the same model with them row-major; *dense column-major* = dense with every decoder linear column-major, "
+        "the same model with them row-major; in bfloat16 they are held row-major, and *column-major* = the same "
+        "model with them column-major; *dense column-major* = dense with every decoder linear column-major, "
         "the baseline that credits the layout to neither side.",
         "",
         "Prefill: batch x 512 tokens, KV cache filled, last-position logits. Decode: batch 1, greedy generate() "

@@ -140,11 +140,13 @@ class LowRankLinear(nn.Module):
         weight = self.out._parameters.get("weight")
         if weight is None or weight.dim() != 2 or min(weight.shape) < 2:
             return
-        column = weight.device.type == "cpu" and weight.dtype == torch.float32 and LowRankLinear.column_major
+        column = (weight.device.type == "cpu" and weight.dtype in LowRankLinear.column_major_dtypes
+                  and LowRankLinear.column_major)
         if column != (weight.stride() == (1, weight.shape[0])):
             weight.data = weight.data.t().contiguous().t() if column else weight.data.contiguous()
 
     column_major = True  # class-wide switch for the layout above (benchmarks compare both)
+    column_major_dtypes = (torch.float32,)  # the dtypes it applies to (benchmarks try others)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shared = self.shared_basis
