@@ -211,7 +211,8 @@ def _column_major(module: LowRankLinear) -> bool:
     return w.stride() == (1, w.shape[0])
 
 
-def test_output_factors_are_column_major_only_in_float32_on_cpu_with_the_same_logits_and_saved_bytes(tokens, tmp_path):
+def test_output_factors_are_column_major_in_float32_and_bfloat16_on_cpu_with_the_same_logits_and_saved_bytes(
+        tokens, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -240,8 +241,10 @@ def test_output_factors_are_column_major_only_in_float32_on_cpu_with_the_same_lo
         reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
         assert all(_column_major(m) for m in reloaded.modules() if isinstance(m, LowRankLinear))
         torch.testing.assert_close(reloaded(tokens).logits, column, rtol=0, atol=0)
-        # bfloat16 decodes faster row-major: .to() lays every factor out again
+        # .to() lays every factor out again: bfloat16 column-major too, float16 (not measured) row-major
         model.to(torch.bfloat16)
+        assert all(_column_major(m) for m in low_rank)
+        model.to(torch.float16)
         assert not any(_column_major(m) for m in low_rank)
         model.to(torch.float32)  # (transformers refuses .float() on a model with a quantization_config)
         assert all(_column_major(m) for m in low_rank)

@@ -75,18 +75,13 @@ def variants(args) -> list[dict]:
     if "joint" in args.structures and 0.2 in args.reductions:
         out.append({"name": "joint@20% unshared", "structure": "joint", "target": 0.2, "share": False,
                     "same_model_as": "joint@20%"})
-        # float32 on a CPU holds the output factors column-major (LowRankLinear.relayout_): what that layout
+        # float32 and bfloat16 on a CPU hold the output factors column-major (LowRankLinear.relayout_): what that layout
         # buys, and the same layout given to dense's decoder linears, so the speedup owed to it is not credited
         # to compression
         out.append({"name": "joint@20% row-major", "structure": "joint", "target": 0.2, "share": True,
-                    "same_model_as": "joint@20%", "layout": "row", "dtypes": ["float32"]})
+                    "same_model_as": "joint@20%", "layout": "row", "dtypes": ["float32", "bfloat16"]})
         out.append({"name": "dense column-major", "structure": None, "target": None, "share": True,
                     "same_model_as": "dense", "layout": "column", "dtypes": ["float32"]})
-        # bfloat16 holds them row-major; one-token matmuls on a quiet machine read a tall bfloat16 factor ~1.1x
-        # faster column-major (results/matmul_layout.md): whether the whole model decodes faster so
-        out.append({"name": "joint@20% column-major", "structure": "joint", "target": 0.2, "share": True,
-                    "same_model_as": "joint@20%", "layout": "factors-column", "dtypes": ["bfloat16"],
-                    "interleave": True})
     return out
 
 
@@ -102,8 +97,7 @@ def base_model(name: str) -> str:
 @contextlib.contextmanager
 def layout(model, kind: str | None):
     """Time `model` with its weights in another memory order, then put them back: "row" = the low-rank output
-    factors row-major (as before LowRankLinear.relayout_), "factors-column" = them column-major in any dtype,
-    "column" = every decoder nn.Linear column-major."""
+    factors row-major (as before LowRankLinear.relayout_), "column" = every decoder nn.Linear column-major."""
     import torch.nn as nn
 
     from jointrank.architectures import decoder_layers
@@ -117,15 +111,12 @@ def layout(model, kind: str | None):
         if kind == "row":
             LowRankLinear.column_major = False
             relayout_(model)
-        elif kind == "factors-column":
-            LowRankLinear.column_major_dtypes = (torch.float32, torch.bfloat16, torch.float16)
-            relayout_(model)
         else:
             for m in linears:
                 m.weight.data = m.weight.data.t().contiguous().t()
         yield
     finally:
-        LowRankLinear.column_major, LowRankLinear.column_major_dtypes = True, (torch.float32,)
+        LowRankLinear.column_major = True
         if kind == "column":
             for m in linears:
                 m.weight.data = m.weight.data.contiguous()
@@ -513,6 +504,16 @@ def memory_section(results: dict) -> list[str]:
     return lines
 
 
+def layout_text(results: dict) -> str:
+    """How the run held the low-rank output factors (column-major in float32 only before bfloat16 joined it)."""
+    held = results.get("column_major_dtypes", ["float32"])
+    text = (f"In {' and '.join(held)} the low-rank output factors are held column-major (the tool's layout on a CPU), "
+            "row-major otherwise; *row-major* = the same model with them row-major; ")
+    if "joint@20% column-major" in results.get("timing", {}).get("bfloat16", {}):
+        text += "*column-major* = the bfloat16 model with them column-major (the tool's layout since this run); "
+    return text
+
+
 def markdown(results: dict) -> str:
     from jointrank.tables import format_table
 
@@ -533,9 +534,8 @@ def markdown(results: dict) -> str:
         "**paper20** = separate rank-k Q and K in every layer + joint gate/up in the last 22/32 of the layers "
         "(the paper's 20% structure); **joint** = joint Q/K + joint gate/up in every layer. "
         "*unshared* = the same joint model with the shared projection switched off (each member projects). "
-        "In float32 the low-rank output factors are held column-major (the tool's layout on a CPU); *row-major* = "
-        "the same model with them row-major; in bfloat16 they are held row-major, and *column-major* = the same "
-        "model with them column-major; *dense column-major* = dense with every decoder linear column-major, "
+        + layout_text(results)
+        + "*dense column-major* = dense with every decoder linear column-major, "
         "the baseline that credits the layout to neither side.",
         "",
         "Prefill: batch x 512 tokens, KV cache filled, last-position logits. Decode: batch 1, greedy generate() "
@@ -693,6 +693,8 @@ def main(argv=None) -> int:
 
     import transformers
 
+    from jointrank.modules import LowRankLinear
+
     lock = open(args.lock, "a") if args.lock else None
 
     def hold(mode, what):
@@ -714,6 +716,7 @@ def main(argv=None) -> int:
                     "transformers": transformers.__version__},
         "params": params,
         "lm_head_params": models["dense"].lm_head.weight.numel(),
+        "column_major_dtypes": [str(d).removeprefix("torch.") for d in LowRankLinear.column_major_dtypes],
         "timing": {},
         "memory": memory,
     }
