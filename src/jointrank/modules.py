@@ -133,10 +133,10 @@ class LowRankLinear(nn.Module):
 
         Same values, same shape, same state-dict bytes (saving makes tensors contiguous); only the memory order
         changes, and with it the kernel a one-token matmul takes. Decoding one token at a time on a CPU, a tall
-        factor read column-major ran faster: Qwen2.5-Coder-1.5B at 20% decoded 1.41x dense in float32 against 1.22x
-        with them row-major, and 1.141x against 1.118x in bfloat16, paired step by step with dense
-        (results/inference_speed_qwen2.5-coder-1.5b.md). Prefill's many-token matmuls run at the same speed either
-        way. float16 is left row-major: not measured.
+        factor read column-major ran faster: Qwen2.5-Coder-1.5B at 20% decoded 1.41x dense in float32 against 1.21x
+        with them row-major (medians of repeats), and 1.141x against 1.118x in bfloat16 (paired step by step with
+        dense; results/inference_speed_qwen2.5-coder-1.5b.md). bfloat16 prefill with this layout is not measured
+        yet (the next run of that bench times it); float16 is left row-major: not measured.
         """
         weight = self.out._parameters.get("weight")
         if weight is None or weight.dim() != 2 or min(weight.shape) < 2:
