@@ -1093,3 +1093,15 @@ def test_scale_compares_self_generated_with_c4_calibration_model_by_model():
     assert "b +0.300 ± 0.020 nats per token (C4 better" in about("b")
     assert "zero-shot -5.0 ± 1.0 points" in about("b") and "within 2 SE of 0" not in about("b")
     assert "(within 2 SE;" in about("c") and "windows without BOS" in about("c") and "zero-shot -" not in about("c")
+
+
+def test_scale_states_what_a_decoder_budget_is_of_each_whole_model():
+    from research.bench import scale
+
+    data = {"models": {"small": {"params_decoder": 37, "params_total": 100},
+                       "big": {"params_decoder": 74, "params_total": 100},
+                       "unmeasured": {"params_decoder": None, "params_total": None}}}
+    ten, twenty = scale.share_verdict(data)
+    assert ten.startswith("* 10% of the decoder is 3.7% of small's parameters, 7.4% of big's parameters:")
+    assert twenty.startswith("* 20% of the decoder is 7.4% of small's parameters, 14.8% of big's parameters:")
+    assert "unmeasured" not in ten + twenty

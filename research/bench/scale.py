@@ -265,7 +265,20 @@ def verdict(data: dict) -> list[str]:
         lines.append(f"* {setting}, 10%: the paper's {PAPER_CLAIM:.1%} retention holds (beyond 2 SE) on "
                      f"{', '.join(held) or 'none'} of the {len(pts)} model{'s' * (len(pts) != 1)} measured; within "
                      f"2 SE of it on {', '.join(within) or 'none'}. {' '.join(fits)}")
-    return lines + healing_verdict(data) + calibration_verdict(data) + chance_verdict(data)
+    return lines + share_verdict(data) + healing_verdict(data) + calibration_verdict(data) + chance_verdict(data)
+
+
+def share_verdict(data: dict) -> list[str]:
+    """What a budget of the decoder is of each whole model: the fits above are against model size at the same
+    share of the decoder, which is a larger share of a model whose decoder holds more of it."""
+    shares = [(m, d["params_decoder"] / d["params_total"]) for m, d in data["models"].items()
+              if d.get("params_decoder") and d.get("params_total")]
+    if not shares:
+        return []
+    return [f"* {budget:.0%} of the decoder is " + ", ".join(f"{budget * s:.1%} of {m}'s parameters" for m, s in shares)
+            + ": one decoder budget removes a different share of each model (the embedding and head lie outside "
+            "it), so the fits above compare models at unequal shares of their whole."
+            for budget in BUDGETS]
 
 
 def calibration_verdict(data: dict) -> list[str]:
