@@ -163,12 +163,10 @@ def decode_interleaved(pair: dict, prompt, new_tokens: int, rounds: int) -> dict
     {name: seconds of each round's steps}; `ratio`: median over rounds of first's seconds / second's (> 1: the
     second is faster), `step_ratio`: median over steps of the same ratio; `tokens`: each model's greedy
     continuation (the last round's), what generate() would have produced."""
-    import inspect
+    from jointrank.architectures import cache_keyword
 
     names = list(pair)
-    # transformers renamed past_key_values to cache (5.x): the name each model's forward takes
-    kw = {n: "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
-          for n, m in pair.items()}
+    kw = {n: cache_keyword(m) for n, m in pair.items()}
     seconds = {n: [] for n in names}
     steps = {n: [] for n in names}
     for r in range(rounds):
@@ -320,8 +318,8 @@ def time_all(models: dict, args, dtype_name: str, log) -> dict:
             log(f"{dtype_name}: repeat {rep + 1}/{args.repeats} done")
         interleaved = {}
         for v in vs:  # the decode target's reading: each @20% model against dense, one token at a time
-            if v["target"] == 0.2 and ("same_model_as" not in v or v.get("interleave")) and args.interleaved_rounds:
-                model = models[v.get("same_model_as", v["name"])]
+            if v["target"] == 0.2 and "same_model_as" not in v and args.interleaved_rounds:
+                model = models[v["name"]]
                 with shared_projection(v["share"]), layout(model, v.get("layout")):
                     interleaved[v["name"]] = decode_interleaved({"dense": models["dense"], v["name"]: model}, prompt,
                                                                 args.decode_tokens, args.interleaved_rounds)
@@ -667,7 +665,8 @@ def parse_args(argv=None):
     p.add_argument("--memory-batch", type=int, default=1, help="prefill batch of the peak-memory run")
     p.add_argument("--lock", default="/tmp/jointrank-cpu.lock",
                    help="shared CPU lock file: held shared to build and measure memory, exclusive to time ('' = none)")
-    p.add_argument("--render", default=None, metavar="JSON", help="recompute ratios and targets from a results JSON's timings and rewrite it and its .md")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="recompute ratios and targets from a results JSON's timings and rewrite it and its .md")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -159,8 +159,9 @@ def collect() -> dict:
                             (rec["gain_over_paper_above_chance_tasks"],
                              rec["gain_over_paper_above_chance_tasks_se"]) = zs_gain(
                                 p, paper, dense, [t for t in ZS_TASKS if t not in at_chance])
-                    c4 = by.get((SETTINGS[SETTING_KEYS["c4"]][budget], budget))
-                    if setting == SETTING_KEYS["self"] and c4:  # the same structure and healing, other calibration
+                    self_ = setting == SETTING_KEYS["self"]
+                    c4 = by.get((SETTINGS[SETTING_KEYS["c4"]][budget], budget)) if self_ else None
+                    if c4:  # self-generated against C4: the same structure and healing, other calibration
                         rec["nll_vs_c4"], rec["nll_vs_c4_se"] = paired_nll(p, c4)
                         rec["nll_vs_c4_bos"] = nll_key(p, c4) == BOS
                         vs = zs_gain(p, c4, dense)
@@ -303,8 +304,9 @@ def calibration_verdict(data: dict) -> list[str]:
             if p.get("self_text_before_guards"):
                 text += " (self-generated text sampled before the loop guards)"
             each.append(text)
-        lines.append(f"* self-generated against C4 calibration, {budget:.0%} (`{SETTINGS[SETTING_KEYS['self']][budget]}`"
-                     f" against `{SETTINGS[SETTING_KEYS['c4']][budget]}`): {'; '.join(each)}: self minus C4, "
+        self_row, c4_row = SETTINGS[SETTING_KEYS["self"]][budget], SETTINGS[SETTING_KEYS["c4"]][budget]
+        lines.append(f"* self-generated against C4 calibration, {budget:.0%} (`{self_row}` against `{c4_row}`): "
+                     f"{'; '.join(each)}: self minus C4, "
                      "perplexity paired per window, zero-shot per document.")
     return lines
 

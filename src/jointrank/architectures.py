@@ -7,6 +7,7 @@ inside softmax(QKᵀ) while V's output space is mixed by it (the paper keeps V a
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -146,3 +147,9 @@ def count_parameters(module: nn.Module) -> int:
             seen.add(key)
             total += p.numel()
     return total
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword a model's forward takes its KV cache under, and its output returns it as: transformers 5.x renamed
+    past_key_values to cache; older releases (and models written against them) still use past_key_values."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

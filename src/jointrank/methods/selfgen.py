@@ -21,7 +21,6 @@ the cache file records its provenance, which goes into the checkpoint's manifest
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..architectures import cache_keyword
 from ..errors import JointRankError
 from .calibration import Calibration
 
@@ -209,7 +209,7 @@ def sample_windows(model, tokenizer, n_windows: int, seqlen: int, settings: Samp
            if t is not None}
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kw = cache_keyword(model)
     was_training = model.training
     model.eval()
     kept, redrawn, restarts = [], [], 0  # redrawn: (share, order drawn, window)
@@ -235,7 +235,7 @@ def sample_windows(model, tokenizer, n_windows: int, seqlen: int, settings: Samp
                 if settings.isolate_documents:  # each document attends only to itself, as if sampled alone
                     mask["attention_mask"] = (torch.arange(t + 1) >= doc_start[:, None]).long().to(device)
                 result = model(input_ids=step_ids, use_cache=True, logits_to_keep=1, **{cache_kw: cache}, **mask)
-                cache = result.cache if cache_kw == "cache" else result.past_key_values
+                cache = getattr(result, cache_kw)
                 logits = result.logits[:, -1].float().cpu()
                 nxt = _sample(logits, settings.temperature, settings.top_p, generator)
                 # a finished document (or a loop) is followed by a new one inside the same window
