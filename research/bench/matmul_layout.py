@@ -8,6 +8,10 @@ gate/up unit's factors: the basis B (933 x 1536) and one output factor A (8960 x
 interleaved across cases, medians; GB/s = weight bytes / time. Small weights stay in cache between
 calls, so their GB/s overstates what they get inside a model, where other layers evict them: the whole-model
 numbers are research/bench/inference_speed.py's.
+
+A joint unit's members multiply the same projected vector by their own output factors, one call each (gate then
+up). The second table times those calls against one call on the factors stacked into one matrix
+(column-major, the layout decode uses): what fusing a unit's output calls could save per token.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ OUT = REPO / "results" / "matmul_layout"
 SHAPES = {"dense gate (8960 x 1536)": (8960, 1536), "factor A (8960 x 933)": (8960, 933),
           "basis B (933 x 1536)": (933, 1536)}
 REPEATS = 60
+# the joint gate/up unit's output factors of Qwen2.5-Coder-1.5B at 20% and 10% of its decoder (the joint
+# structure's ranks there): (d_out of each member, rank)
+UNITS = {"gate + up at 20% (2 x 8960 x 933)": ((8960, 8960), 933),
+         "gate + up at 10% (2 x 8960 x 1174)": ((8960, 8960), 1174)}
 
 
 def measure(threads: int = 2) -> dict:
@@ -56,8 +64,33 @@ def measure(threads: int = 2) -> dict:
                 rows.append({"dtype": str(dtype).removeprefix("torch."), "weight": name, "layout": c,
                              "ms": median * 1e3, "gb_per_s": row_major.nbytes / median / 1e9})
     return {"command": "python " + " ".join(sys.argv), "threads": threads, "repeats": REPEATS,
+            "units": measure_units(),
             "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load_avg_1min": float(Path("/proc/loadavg").read_text().split()[0]), "rows": rows}
+
+
+def measure_units() -> list[dict]:
+    """Each member's output factor in its own call against one call on the members' factors stacked."""
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, (outs, rank) in UNITS.items():
+            stacked = torch.randn(sum(outs), rank, dtype=dtype).t().contiguous().t()  # column-major
+            members = [f.t().contiguous().t() for f in stacked.split(outs)]  # each its own column-major tensor
+            x = torch.randn(1, 1, rank, dtype=dtype)
+            cases = {"one call per member": lambda: [torch.nn.functional.linear(x, m) for m in members],
+                     "one stacked call": lambda: torch.nn.functional.linear(x, stacked).split(outs, dim=-1)}
+            times = {c: [] for c in cases}
+            with torch.inference_mode():
+                for call in cases.values():
+                    call()
+                for _ in range(REPEATS):
+                    for c, call in cases.items():
+                        t = time.perf_counter()
+                        call()
+                        times[c].append(time.perf_counter() - t)
+            rows.append({"dtype": str(dtype).removeprefix("torch."), "unit": name, "members": len(outs),
+                         **{c: statistics.median(v) * 1e3 for c, v in times.items()}})
+    return rows
 
 
 def markdown(r: dict) -> str:
@@ -76,6 +109,13 @@ def markdown(r: dict) -> str:
             lines.append(f"| {dtype} | {name} | {row['ms']:.3f} | {row['gb_per_s']:.1f} | {col['ms']:.3f} | "
                          f"{col['gb_per_s']:.1f} | {row['ms'] / col['ms']:.2f}x | "
                          + (f"{pad['ms']:.3f} | {row['ms'] / pad['ms']:.2f}x |" if pad else "- | - |"))
+    if r.get("units"):  # runs before it did not time these
+        lines += ["", "A joint unit's output factors (column-major): one call per member against one call on them "
+                  "stacked, ms per token (medians).", "",
+                  "| dtype | unit | one call per member | one stacked call | saved per unit |", "|---|---|---|---|---|"]
+        for u in r["units"]:
+            per, one = u["one call per member"], u["one stacked call"]
+            lines.append(f"| {u['dtype']} | {u['unit']} | {per:.3f} | {one:.3f} | {per - one:+.3f} ms |")
     return "\n".join(lines) + "\n"
 
 
