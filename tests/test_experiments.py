@@ -843,6 +843,26 @@ def test_decode_profile_counts_every_decoder_matmul_weight_once_and_times_inside
     assert 0 < inside <= shares["layers_s"] <= shares["total_s"]
 
 
+def test_inference_bench_times_prefill_of_the_row_major_variant_and_decode_only_of_the_unshared_one():
+    import argparse
+
+    from conftest import tiny_model
+    from jointrank import compress_
+    from jointrank.plan import GroupRule, JointRankConfig
+    from research.bench.inference_speed import time_all
+
+    dense = tiny_model("llama").eval()
+    joint = tiny_model("llama").eval()
+    compress_(joint, JointRankConfig(rules={"gate_up": GroupRule("joint")}, ratio=0.5), progress=False)
+    args = argparse.Namespace(structures=["joint"], reductions=[0.2], prefill_batches=[1], prefill_len=8,
+                              decode_tokens=3, repeats=1, interleaved_rounds=0)
+    got = time_all({"dense": dense, "joint@20%": joint}, args, "float32", lambda *a: None)
+    timed = {name: set(t["prefill_tokens_per_s"]) for name, t in got.items()}
+    # the layout variant's prefill answers whether column-major factors slow prefill; sharing is a decode matter
+    assert timed == {"dense": {"1"}, "joint@20%": {"1"}, "joint@20% row-major": {"1"}, "joint@20% unshared": set(),
+                     "dense column-major": set()}
+
+
 def test_scale_compute_needed_scales_healing_by_the_probed_step_time_and_counts_what_it_cannot_estimate():
     from research.bench import scale
 
