@@ -863,6 +863,24 @@ def test_inference_bench_times_prefill_of_the_row_major_variant_and_decode_only_
                      "dense column-major": set()}
 
 
+def test_scale_per_task_table_marks_tasks_dense_guesses_on_and_averages_each_row():
+    from research.bench import scale
+    from research.bench.quality import ZS_TASKS
+    from research.common import CHANCE
+
+    dense = {t: CHANCE[t] + 0.2 for t in ZS_TASKS} | {"boolq": 0.45}  # boolq below its 50% chance
+    point = {t: CHANCE[t] + 0.1 for t in ZS_TASKS} | {"boolq": 0.65}
+    data = {"models": {"m": {"dense_task_acc": dense, "dense_zeroshot": sum(dense.values()) / len(dense)}},
+            "points": [{"model": "m", "setting": "s", "budget": 0.1, "task_acc": point, "self_text_before_guards": True},
+                       {"model": "m", "setting": "s", "budget": 0.2}]}  # no zero-shot: no row
+    rows = [line for line in scale.per_task_tables(data) if line.startswith(("| dense ", "| s "))]
+    cells = [row.strip("| ").split(" | ") for row in rows]
+    assert len(rows) == 2 and cells[1][0] == "s †" and cells[1][1] == "10%"
+    boolq = 2 + ZS_TASKS.index("boolq")
+    assert [i for i, c in enumerate(cells[0]) if "(chance)" in c] == [boolq] and cells[1][boolq] == "65.0"
+    assert float(cells[1][-1]) == pytest.approx(100 * sum(point.values()) / len(point), abs=0.05)
+
+
 def test_scale_compute_needed_scales_healing_by_the_probed_step_time_and_counts_what_it_cannot_estimate():
     from research.bench import scale
 

@@ -146,6 +146,7 @@ def collect() -> dict:
                     r = zs_retention(p, dense)
                     if r:
                         rec["retention"], rec["retention_se"] = r
+                        rec["task_acc"] = {t: p["zeroshot"]["acc"][t] for t in ZS_TASKS}
                         rec["above_chance"], rec["above_chance_se"] = above_chance(r, dense)
                     paper = by.get((SETTINGS[PAPER][budget], budget))
                     gain = zs_gain(p, paper, dense) if is_healed(p["row"]) and paper else None
@@ -183,6 +184,8 @@ def collect() -> dict:
             "params_total": sizes[0] if sizes else None, "params_decoder": sizes[1] if sizes else None,
             "dense_perplexity": dense["perplexity"]["perplexity"] if dense else None,
             "dense_zeroshot": dense["zeroshot"]["avg"] if dense and dense.get("zeroshot") else None,
+            "dense_task_acc": ({t: dense["zeroshot"]["acc"][t] for t in ZS_TASKS}
+                               if dense and dense.get("zeroshot") else None),
             "minutes": {"data-free": _minutes(free), "healed": _minutes([p for p in measured if is_healed(p["row"])])}}
     return out
 
@@ -425,6 +428,32 @@ def _f(x, fmt):
     return "—" if x is None else format(x, fmt)
 
 
+def per_task_tables(data: dict) -> list[str]:
+    """Accuracy per task, per model: where an average moves because one task swung (a damaged model drifting to
+    BoolQ's majority answer), this shows it."""
+    lines = ["## Zero-shot accuracy per task", "",
+             "Accuracy in % on the same documents as the retention above; *(chance)* marks a task this dense model "
+             "scores no better than guessing on (1/choices, in the header), where a compressed model's gain or loss "
+             "measures nothing it kept.", ""]
+    for model, m in data["models"].items():
+        dense = m.get("dense_task_acc")
+        if not dense:
+            continue
+        lines += [f"**{model}**", "", "| setting | budget | " + " | ".join(
+                      f"{t} ({CHANCE[t]:.0%})" for t in ZS_TASKS) + " | average |",
+                  "|---|---|" + "---|" * (len(ZS_TASKS) + 1),
+                  "| dense | - | " + " | ".join(f"{100 * dense[t]:.1f}" + (" (chance)" if dense[t] <= CHANCE[t] else "")
+                                               for t in ZS_TASKS) + f" | {100 * m['dense_zeroshot']:.1f} |"]
+        for p in data["points"]:
+            if p["model"] == model and "task_acc" in p:
+                acc = p["task_acc"]
+                mark = " †" if p.get("self_text_before_guards") else ""
+                lines.append(f"| {p['setting']}{mark} | {p['budget']:.0%} | " + " | ".join(
+                    f"{100 * acc[t]:.1f}" for t in ZS_TASKS) + f" | {100 * sum(acc.values()) / len(acc):.1f} |")
+        lines.append("")
+    return lines
+
+
 def cmd_report(args) -> int:
     from research.common import write_json
 
@@ -493,7 +522,7 @@ def cmd_report(args) -> int:
               *(f"* {t['name']}: {t['measured']:.3f}x, {'met' if t['met'] else '**not met**'} ({t['source']})"
                 for t in data["targets"] if "source" in t),
               "", "![zero-shot retention, the share above chance kept and the perplexity ratio against model size]"
-              "(scale.png)", ""]
+              "(scale.png)", "", *per_task_tables(data)]
     missing = [p for p in data["points"] if "ppl_ratio" not in p]
     if missing:
         lines += ["## Not measured yet", "", f"{len(missing)} of {len(data['points'])} model × setting × budget "
