@@ -871,7 +871,8 @@ def test_scale_per_task_table_marks_tasks_dense_guesses_on_and_averages_each_row
     dense = {t: CHANCE[t] + 0.2 for t in ZS_TASKS} | {"boolq": 0.45}  # boolq below its 50% chance
     point = {t: CHANCE[t] + 0.1 for t in ZS_TASKS} | {"boolq": 0.65}
     data = {"models": {"m": {"dense_task_acc": dense, "dense_zeroshot": sum(dense.values()) / len(dense)}},
-            "points": [{"model": "m", "setting": "s", "budget": 0.1, "task_acc": point, "self_text_before_guards": True},
+            "points": [{"model": "m", "setting": "s", "budget": 0.1, "task_acc": point,
+                        "self_text_before_guards": True},
                        {"model": "m", "setting": "s", "budget": 0.2}]}  # no zero-shot: no row
     rows = [line for line in scale.per_task_tables(data) if line.startswith(("| dense ", "| s "))]
     cells = [row.strip("| ").split(" | ") for row in rows]
