@@ -16,6 +16,7 @@ up). The second table times those calls against one call on the factors stacked 
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -49,18 +50,10 @@ def measure(threads: int = 2) -> dict:
             padded = torch.zeros(d_out, -(-d_in // per_line) * per_line, dtype=dtype)
             padded[:, :d_in] = row_major
             x = torch.randn(1, 1, d_in, dtype=dtype)
-            cases = {"row-major": row_major, "column-major": column_major, "row-major, padded": padded[:, :d_in]}
-            times = {c: [] for c in cases}
-            with torch.inference_mode():
-                for w in cases.values():  # warm-up: kernel selection, first-touch
-                    torch.nn.functional.linear(x, w)
-                for _ in range(REPEATS):
-                    for c, w in cases.items():
-                        t = time.perf_counter()
-                        torch.nn.functional.linear(x, w)
-                        times[c].append(time.perf_counter() - t)
-            for c in cases:
-                median = statistics.median(times[c])
+            weights = {"row-major": row_major, "column-major": column_major, "row-major, padded": padded[:, :d_in]}
+            medians = median_seconds({c: functools.partial(torch.nn.functional.linear, x, w)
+                                      for c, w in weights.items()})
+            for c, median in medians.items():
                 rows.append({"dtype": str(dtype).removeprefix("torch."), "weight": name, "layout": c,
                              "ms": median * 1e3, "gb_per_s": row_major.nbytes / median / 1e9})
     return {"command": "python " + " ".join(sys.argv), "threads": threads, "repeats": REPEATS,
@@ -77,20 +70,27 @@ def measure_units() -> list[dict]:
             stacked = torch.randn(sum(outs), rank, dtype=dtype).t().contiguous().t()  # column-major
             members = [f.t().contiguous().t() for f in stacked.split(outs)]  # each its own column-major tensor
             x = torch.randn(1, 1, rank, dtype=dtype)
-            cases = {"one call per member": lambda: [torch.nn.functional.linear(x, m) for m in members],
-                     "one stacked call": lambda: torch.nn.functional.linear(x, stacked).split(outs, dim=-1)}
-            times = {c: [] for c in cases}
-            with torch.inference_mode():
-                for call in cases.values():
-                    call()
-                for _ in range(REPEATS):
-                    for c, call in cases.items():
-                        t = time.perf_counter()
-                        call()
-                        times[c].append(time.perf_counter() - t)
+            medians = median_seconds({
+                "one call per member": lambda: [torch.nn.functional.linear(x, m) for m in members],
+                "one stacked call": lambda: torch.nn.functional.linear(x, stacked).split(outs, dim=-1)})
             rows.append({"dtype": str(dtype).removeprefix("torch."), "unit": name, "members": len(outs),
-                         **{c: statistics.median(v) * 1e3 for c, v in times.items()}})
+                         **{c: median * 1e3 for c, median in medians.items()}})
     return rows
+
+
+def median_seconds(cases: dict) -> dict[str, float]:
+    """Each case (a no-argument call) timed alone REPEATS times, interleaved across cases after one warm-up call
+    each (kernel selection, first touch): the median seconds per case."""
+    times = {c: [] for c in cases}
+    with torch.inference_mode():
+        for call in cases.values():
+            call()
+        for _ in range(REPEATS):
+            for c, call in cases.items():
+                t = time.perf_counter()
+                call()
+                times[c].append(time.perf_counter() - t)
+    return {c: statistics.median(v) for c, v in times.items()}
 
 
 def markdown(r: dict) -> str:
