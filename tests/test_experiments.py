@@ -974,6 +974,37 @@ def test_scale_healing_gain_over_the_paper_is_paired_per_document():
     assert ("b +20.0 ± 3.0 (perplexity / dense 4.00x without BOS → 1.10x) (without boolq, where dense scores no "
             "better than chance: +1.7 ± 2.6) (rebuilt on text sampled with the loop guards: +1.3 ± 1.7 points against "
             "the same row on the text sampled before them, at 1.79x") in line
+    # against the best data-free build: its own gains, and the loop-guard rebuild (a paper-line remark) left out
+    free_label = scale.SETTING_KEYS["free"]
+    pts += [{"model": "b", "setting": free_label, "budget": 0.1, "ppl_ratio": 3.0, "ppl_windows_bos": True}]
+    pts[3].update(gain_over_free=-0.005, gain_over_free_se=0.025)
+    (line,) = scale.healing_verdict({"points": pts}, "free")
+    assert line.startswith(f"* {healed_label}, 10%, against the best data-free build at the same budget: b -0.5 ± 2.5 "
+                           "(within 2 SE of 0) (perplexity / dense 3.00x → 1.10x): points of dense zero-shot accuracy "
+                           "kept beyond the best data-free build")
+    assert "model a" not in line and "a +" not in line and "loop guards" not in line
+
+
+def test_scale_collect_reads_each_healed_point_against_the_paper_and_the_best_data_free_build(monkeypatch, tmp_path):
+    import json
+
+    from research.bench import scale
+
+    def point(row, budget, docs):
+        return {"row": row, "budget": budget, "decoder_reduction": budget,
+                "perplexity": {"perplexity": 20.0, "per_window_nll": [3.0, 3.1], "windows": [0, 1], "seconds": 1.0},
+                "zeroshot": {"avg": sum(docs) / len(docs), "acc": {t: sum(docs) / len(docs) for t in scale.ZS_TASKS},
+                             "per_doc": {t: docs for t in scale.ZS_TASKS}, "seconds": 1.0}}
+
+    healed_row = next(rows[0.1] for rows in scale.SETTINGS.values() if scale.is_healed(rows[0.1]))
+    dense, free = point("dense", 0.0, [1, 1, 1, 1, 0, 1]), point("best-free/none/none", 0.1, [1, 0, 0, 1, 0, 0])
+    healed = point(healed_row, 0.1, [1, 1, 0, 1, 0, 0])
+    (tmp_path / "m.json").write_text(json.dumps({"points": [dense, free, healed]}))
+    monkeypatch.setattr(scale, "MODELS", {"m": ([], tmp_path / "m.json")})
+    rec = next(p for p in scale.collect()["points"] if p["row"] == healed_row and p["budget"] == 0.1)
+    assert (rec["gain_over_free"], rec["gain_over_free_se"]) == scale.zs_gain(healed, free, dense)
+    assert rec["gain_over_free"] == pytest.approx(1 / 6 / (5 / 6))
+    assert "gain_over_paper" not in rec  # no paper point measured on this model
 
 
 def test_quality_keeps_a_points_distillation_state_until_the_point_is_measured(tmp_path, monkeypatch):

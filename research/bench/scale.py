@@ -148,18 +148,22 @@ def collect() -> dict:
                         rec["retention"], rec["retention_se"] = r
                         rec["task_acc"] = {t: p["zeroshot"]["acc"][t] for t in ZS_TASKS}
                         rec["above_chance"], rec["above_chance_se"] = above_chance(r, dense)
-                    paper = by.get((SETTINGS[PAPER][budget], budget))
-                    gain = zs_gain(p, paper, dense) if is_healed(p["row"]) and paper else None
-                    if gain:  # what calibration + healing bought over the paper's structure, paired per document
-                        rec["gain_over_paper"], rec["gain_over_paper_se"] = gain
+                    # what calibration + healing bought over the paper's structure and over the best data-free
+                    # build, paired per document
+                    for name, base_setting in (("paper", PAPER), ("free", SETTING_KEYS["free"])):
+                        base = by.get((SETTINGS[base_setting][budget], budget))
+                        gain = zs_gain(p, base, dense) if is_healed(p["row"]) and base else None
+                        if not gain:
+                            continue
+                        rec[f"gain_over_{name}"], rec[f"gain_over_{name}_se"] = gain
                         # a task dense does no better than guessing on measures nothing compression can lose: a
                         # damaged model drifting to one answer can gain there (BoolQ's majority is "yes", 62%)
                         at_chance = [t for t in ZS_TASKS if dense["zeroshot"]["acc"][t] <= CHANCE[t]]
                         if at_chance:
                             rec["tasks_dense_at_chance"] = at_chance
-                            (rec["gain_over_paper_above_chance_tasks"],
-                             rec["gain_over_paper_above_chance_tasks_se"]) = zs_gain(
-                                p, paper, dense, [t for t in ZS_TASKS if t not in at_chance])
+                            (rec[f"gain_over_{name}_above_chance_tasks"],
+                             rec[f"gain_over_{name}_above_chance_tasks_se"]) = zs_gain(
+                                p, base, dense, [t for t in ZS_TASKS if t not in at_chance])
                     self_ = setting == SETTING_KEYS["self"]
                     c4 = by.get((SETTINGS[SETTING_KEYS["c4"]][budget], budget)) if self_ else None
                     if c4:  # self-generated against C4: the same structure and healing, other calibration
@@ -269,7 +273,8 @@ def verdict(data: dict) -> list[str]:
         lines.append(f"* {setting}, 10%: the paper's {PAPER_CLAIM:.1%} retention holds (beyond 2 SE) on "
                      f"{', '.join(held) or 'none'} of the {len(pts)} model{'s' * (len(pts) != 1)} measured; within "
                      f"2 SE of it on {', '.join(within) or 'none'}. {' '.join(fits)}")
-    return lines + share_verdict(data) + healing_verdict(data) + calibration_verdict(data) + chance_verdict(data)
+    return (lines + share_verdict(data) + healing_verdict(data) + healing_verdict(data, "free")
+            + calibration_verdict(data) + chance_verdict(data))
 
 
 def share_verdict(data: dict) -> list[str]:
@@ -314,33 +319,36 @@ def calibration_verdict(data: dict) -> list[str]:
     return lines
 
 
-def healing_verdict(data: dict) -> list[str]:
-    """What each healed setting keeps beyond the paper's structure at the same budget, model by model: the gain in
-    zero-shot retention paired per document (a gain beyond 2 SE is one the documents show, not noise)."""
+def healing_verdict(data: dict, against: str = "paper") -> list[str]:
+    """What each healed setting keeps beyond a data-free setting at the same budget (`against`: "paper", the paper's
+    structure, or "free", the best data-free build), model by model: the gain in zero-shot retention paired per
+    document (a gain beyond 2 SE is one the documents show, not noise)."""
+    base_setting = SETTING_KEYS[against]
+    base_name = {"paper": "the paper's structure", "free": "the best data-free build"}[against]
+    key = f"gain_over_{against}"
     lines = []
     for setting in [s for s, rows_at in SETTINGS.items() if is_healed(rows_at[BUDGETS[0]])]:
         for budget in BUDGETS:
-            pts = [p for p in data["points"] if p["setting"] == setting and p["budget"] == budget
-                   and "gain_over_paper" in p]
+            pts = [p for p in data["points"] if p["setting"] == setting and p["budget"] == budget and key in p]
             if not pts:
                 continue
-            paper = {p["model"]: p for p in data["points"] if p["setting"] == PAPER and p["budget"] == budget}
-            each = [f"{p['model']} {100 * p['gain_over_paper']:+.1f} ± {100 * p['gain_over_paper_se']:.1f}"
-                    + ("" if abs(p["gain_over_paper"]) > 2 * p["gain_over_paper_se"] else " (within 2 SE of 0)")
-                    + f" (perplexity / dense {_ppl(paper[p['model']])} → {_ppl(p)})"
+            base = {p["model"]: p for p in data["points"] if p["setting"] == base_setting and p["budget"] == budget}
+            each = [f"{p['model']} {100 * p[key]:+.1f} ± {100 * p[key + '_se']:.1f}"
+                    + ("" if abs(p[key]) > 2 * p[key + "_se"] else " (within 2 SE of 0)")
+                    + f" (perplexity / dense {_ppl(base[p['model']])} → {_ppl(p)})"
                     + (" (healed on self-generated text sampled before the loop guards)"
                        if p.get("self_text_before_guards") else "")
                     + (f" (without {', '.join(p['tasks_dense_at_chance'])}, where dense scores no better than "
-                       f"chance: {100 * p['gain_over_paper_above_chance_tasks']:+.1f} ± "
-                       f"{100 * p['gain_over_paper_above_chance_tasks_se']:.1f})"
-                       if "tasks_dense_at_chance" in p else "")
+                       f"chance: {100 * p[key + '_above_chance_tasks']:+.1f} ± "
+                       f"{100 * p[key + '_above_chance_tasks_se']:.1f})"
+                       if key + "_above_chance_tasks" in p else "")
                     + (f" (rebuilt on text sampled with the loop guards: {100 * p['gain_over_text_before_guards']:+.1f}"
                        f" ± {100 * p['gain_over_text_before_guards_se']:.1f} points against the same row on the text "
                        f"sampled before them, at {p['ppl_ratio_text_before_guards']:.2f}x dense perplexity)"
-                       if "gain_over_text_before_guards" in p else "")
+                       if against == "paper" and "gain_over_text_before_guards" in p else "")
                     for p in pts]
-            lines.append(f"* {setting}, {budget:.0%}, against the paper's structure at the same budget: "
-                         f"{'; '.join(each)}: points of dense zero-shot accuracy kept beyond the paper's structure, "
+            lines.append(f"* {setting}, {budget:.0%}, against {base_name} at the same budget: "
+                         f"{'; '.join(each)}: points of dense zero-shot accuracy kept beyond {base_name}, "
                          "paired per document.")
     return lines
 
