@@ -127,6 +127,9 @@ def collect() -> dict:
         by = _by(results)  # the measured points
         failures = {(p["row"], p["budget"]): p for p in results["points"] if "perplexity" not in p}
         dense = by.get(("dense", 0.0))
+        # a task dense does no better than guessing on measures nothing compression can lose: a damaged model
+        # drifting to one answer can gain there (BoolQ's majority is "yes", 62%)
+        at_chance = tasks_at_chance(dense["zeroshot"]["acc"]) if dense and dense.get("zeroshot") else []
         sizes = params_of(by)
         study = [dense]
         for setting, rows_at in SETTINGS.items():
@@ -156,9 +159,6 @@ def collect() -> dict:
                         if not gain:
                             continue
                         rec[f"gain_over_{name}"], rec[f"gain_over_{name}_se"] = gain
-                        # a task dense does no better than guessing on measures nothing compression can lose: a
-                        # damaged model drifting to one answer can gain there (BoolQ's majority is "yes", 62%)
-                        at_chance = [t for t in ZS_TASKS if dense["zeroshot"]["acc"][t] <= CHANCE[t]]
                         if at_chance:
                             rec["tasks_dense_at_chance"] = at_chance
                             (rec[f"gain_over_{name}_above_chance_tasks"],
@@ -192,6 +192,11 @@ def collect() -> dict:
                                if dense and dense.get("zeroshot") else None),
             "minutes": {"data-free": _minutes(free), "healed": _minutes([p for p in measured if is_healed(p["row"])])}}
     return out
+
+
+def tasks_at_chance(task_acc: dict) -> list[str]:
+    """The tasks a model scores no better than guessing on: accuracy at most 1/choices."""
+    return [t for t in ZS_TASKS if task_acc[t] <= CHANCE[t]]
 
 
 def is_healed(row: str) -> bool:
@@ -447,10 +452,11 @@ def per_task_tables(data: dict) -> list[str]:
         dense = m.get("dense_task_acc")
         if not dense:
             continue
+        at_chance = tasks_at_chance(dense)
         lines += [f"**{model}**", "", "| setting | budget | " + " | ".join(
                       f"{t} ({CHANCE[t]:.0%})" for t in ZS_TASKS) + " | average |",
                   "|---|---|" + "---|" * (len(ZS_TASKS) + 1),
-                  "| dense | - | " + " | ".join(f"{100 * dense[t]:.1f}" + (" (chance)" if dense[t] <= CHANCE[t] else "")
+                  "| dense | - | " + " | ".join(f"{100 * dense[t]:.1f}" + (" (chance)" if t in at_chance else "")
                                                for t in ZS_TASKS) + f" | {100 * m['dense_zeroshot']:.1f} |"]
         for p in data["points"]:
             if p["model"] == model and "task_acc" in p:
