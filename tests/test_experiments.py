@@ -855,12 +855,16 @@ def test_inference_bench_times_prefill_of_the_row_major_variant_and_decode_only_
     joint = tiny_model("llama").eval()
     compress_(joint, JointRankConfig(rules={"gate_up": GroupRule("joint")}, ratio=0.5), progress=False)
     args = argparse.Namespace(structures=["joint"], reductions=[0.2], prefill_batches=[1], prefill_len=8,
-                              decode_tokens=3, repeats=1, interleaved_rounds=0)
+                              decode_tokens=3, repeats=1, interleaved_rounds=2)
     got = time_all({"dense": dense, "joint@20%": joint}, args, "float32", lambda *a: None)
     timed = {name: set(t["prefill_tokens_per_s"]) for name, t in got.items()}
     # the layout variant's prefill answers whether column-major factors slow prefill; sharing is a decode matter
     assert timed == {"dense": {"1"}, "joint@20%": {"1"}, "joint@20% row-major": {"1"}, "joint@20% unshared": set(),
                      "dense column-major": set()}
+    # both layouts of the 20% model are paired step by step with dense (which layout decodes faster), nothing else
+    paired = {name for name, t in got.items() if t["decode_interleaved"]}
+    assert paired == {"joint@20%", "joint@20% row-major"}
+    assert all(len(got[n]["decode_interleaved"]["round_ratios"]) == 2 for n in paired)
 
 
 def test_scale_per_task_table_marks_tasks_dense_guesses_on_and_averages_each_row():

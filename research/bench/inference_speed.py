@@ -15,7 +15,8 @@ every model is timed in the same process, in an order rotated between repeats, s
 - decode tokens/s: generate() greedy with KV cache, batch 1, from a 32-token prompt: 127 / (t(128 new) - t(1 new)),
   i.e. the cost of the decode steps alone;
 - decode, paired step by step (the decode target's reading): each @20% model's decode steps alternated one token
-  at a time with dense's, --interleaved-rounds rounds; dense's seconds / the model's, median over rounds;
+  at a time with dense's, --interleaved-rounds rounds; dense's seconds / the model's, median over rounds (the
+  joint@20% row-major variant is paired with dense the same way: which layout decodes faster);
 - decode time shares: one more 128-token generate() per model with timing hooks on the decoder layers and the
   lm_head, so what bounds a decode speedup is measured, not guessed;
 - weight bytes: unique parameter and buffer bytes; peak resident memory: a child process per model and dtype
@@ -318,9 +319,11 @@ def time_all(models: dict, args, dtype_name: str, log) -> dict:
                     s["gen_long"].append(time_generate(model, prompt, args.decode_tokens))
             log(f"{dtype_name}: repeat {rep + 1}/{args.repeats} done")
         interleaved = {}
-        for v in vs:  # the decode target's reading: each @20% model against dense, one token at a time
-            if v["target"] == 0.2 and "same_model_as" not in v and args.interleaved_rounds:
-                model = models[v["name"]]
+        for v in vs:  # the decode target's reading: each @20% model against dense, one token at a time; the
+            # row-major variant too, so the choice of layout reads from two paired readings, not from the repeats
+            if v["target"] == 0.2 and ("same_model_as" not in v or v.get("layout") == "row") \
+                    and args.interleaved_rounds:
+                model = models[v.get("same_model_as", v["name"])]
                 with shared_projection(v["share"]), layout(model, v.get("layout")):
                     interleaved[v["name"]] = decode_interleaved({"dense": models["dense"], v["name"]: model}, prompt,
                                                                 args.decode_tokens, args.interleaved_rounds)
