@@ -263,7 +263,7 @@ def test_report_regenerates_from_json(tiny, tmp_path):
     assert spectra["meta"]["command"] in text
     assert f"{spectra['summary']['qk_angles']['8']['mean_cos_over_layers']:.4g}" in text
     assert "not run" in text  # experiments without results say so
-    assert "What the scale study says so far" not in text  # no results/scale.json: nothing claimed
+    assert "What the scale study says" not in text  # no results/scale.json: nothing claimed
     line = "* paper (svd, data-free), 10%: the paper's 98.8% retention holds (beyond 2 SE) on none of the 3 models"
     (out / "scale.json").write_text(json.dumps({"verdict": [line]}))
     assert line in report.write(out).read_text()  # copied from the scale study, not retyped

@@ -70,8 +70,8 @@ def _summary(sections: list[str], models: list[str] | None = None, scale: list[s
                 "(`research/bench/scale.py`, results/scale.md) measures the paper's settings on three more "
                 "models, 135M to 1.5B parameters.", ""]
     if scale:
-        out += ["What the scale study says so far (copied from results/scale.json; its cells, with the share of "
-                "accuracy above guessing, are in results/scale.md):", "", *scale, ""]
+        out += ["What the scale study says (copied from results/scale.json; its cells, with the share of accuracy "
+                "above guessing, and any point not measured yet are in results/scale.md):", "", *scale, ""]
     for text in sections:
         lines = text.splitlines()
         title = next((l[3:] for l in lines if l.startswith("## ")), "?")
