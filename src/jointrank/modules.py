@@ -135,9 +135,11 @@ class LowRankLinear(nn.Module):
         changes, and with it the kernel a one-token matmul takes. Decoding one token at a time on a CPU, a tall
         factor read column-major ran faster: Qwen2.5-Coder-1.5B at 20% decoded 1.41x dense in float32 against 1.21x
         with them row-major (medians of repeats), and 1.141x against 1.118x in bfloat16 (paired step by step with
-        dense; results/inference_speed_qwen2.5-coder-1.5b.md; 1.145x in the next run). bfloat16 prefill at 20% read
-        1.15x dense with this layout against 1.20x row-major in the run before: two runs, not side by side (the
-        bench now times both in one run). float16 is left row-major: not measured.
+        dense; results/inference_speed_qwen2.5-coder-1.5b.md; 1.145x in the next run). In bfloat16 the gain is not
+        confirmed: both layouts paired step by step with dense in one run read 1.106x column-major against 1.096x
+        row-major, prefill 1.19x both (results/inference_speed_qwen2.5-coder-1.5b_bf16_20.md), a tie; the
+        repeats' noisier decode reading favoured row-major there and in the run before. float16 is left row-major:
+        not measured.
         """
         weight = self.out._parameters.get("weight")
         if weight is None or weight.dim() != 2 or min(weight.shape) < 2:
