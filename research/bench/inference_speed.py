@@ -78,10 +78,11 @@ def variants(args) -> list[dict]:
                     "same_model_as": "joint@20%"})
         # float32 and bfloat16 on a CPU hold the output factors column-major (LowRankLinear.relayout_): what that layout
         # buys, and the same layout given to dense's decoder linears, so the speedup owed to it is not credited
-        # to compression. Its prefill is timed too: whether the layout that speeds decode slows prefill
+        # to compression. Its prefill is timed too (whether the layout that speeds decode slows prefill), and
+        # its decode paired step by step with dense like the tool's layout (which of the two decodes faster)
         out.append({"name": "joint@20% row-major", "structure": "joint", "target": 0.2, "share": True,
                     "same_model_as": "joint@20%", "layout": "row", "dtypes": ["float32", "bfloat16"],
-                    "prefill": True})
+                    "prefill": True, "paired": True})
         out.append({"name": "dense column-major", "structure": None, "target": None, "share": True,
                     "same_model_as": "dense", "layout": "column", "dtypes": ["float32"]})
     return out
@@ -298,18 +299,22 @@ def time_all(models: dict, args, dtype_name: str, log) -> dict:
     inputs = {b: torch.randint(0, vocab, (b, args.prefill_len), generator=gen) for b in args.prefill_batches}
     prompt = torch.randint(0, vocab, (1, PROMPT_LEN), generator=gen)
     vs = [v for v in variants(args) if dtype_name in v.get("dtypes", [dtype_name])]
+
+    def model_of(v: dict):  # a variant that times another model another way runs that model
+        return models[v.get("same_model_as", v["name"])]
+
     samples = {v["name"]: {"prefill": {b: [] for b in args.prefill_batches}, "gen_long": [], "gen_one": []}
                for v in vs}
     with torch.inference_mode():
         for v in vs:  # warm-up: first calls allocate and pick kernels
-            model = models[v.get("same_model_as", v["name"])]
+            model = model_of(v)
             with shared_projection(v["share"]), layout(model, v.get("layout")):
                 time_prefill(model, inputs[min(args.prefill_batches)][:, :64])
                 time_generate(model, prompt, 4)
         for rep in range(args.repeats):
             order = vs[rep % len(vs):] + vs[:rep % len(vs)]  # rotate, so no model always runs first
             for v in order:
-                model = models[v.get("same_model_as", v["name"])]
+                model = model_of(v)
                 s = samples[v["name"]]
                 with shared_projection(v["share"]), layout(model, v.get("layout")):
                     # the same model timed another way: decode only, to save time (unless it asks for prefill)
@@ -319,11 +324,10 @@ def time_all(models: dict, args, dtype_name: str, log) -> dict:
                     s["gen_long"].append(time_generate(model, prompt, args.decode_tokens))
             log(f"{dtype_name}: repeat {rep + 1}/{args.repeats} done")
         interleaved = {}
-        for v in vs:  # the decode target's reading: each @20% model against dense, one token at a time; the
-            # row-major variant too, so the choice of layout reads from two paired readings, not from the repeats
-            if v["target"] == 0.2 and ("same_model_as" not in v or v.get("layout") == "row") \
-                    and args.interleaved_rounds:
-                model = models[v.get("same_model_as", v["name"])]
+        for v in vs:  # the decode target's reading: each @20% model against dense, one token at a time (and a
+            # variant that asks for it: the row-major one, so the layout is chosen from two paired readings)
+            if v["target"] == 0.2 and ("same_model_as" not in v or v.get("paired")) and args.interleaved_rounds:
+                model = model_of(v)
                 with shared_projection(v["share"]), layout(model, v.get("layout")):
                     interleaved[v["name"]] = decode_interleaved({"dense": models["dense"], v["name"]: model}, prompt,
                                                                 args.decode_tokens, args.interleaved_rounds)
@@ -331,7 +335,7 @@ def time_all(models: dict, args, dtype_name: str, log) -> dict:
         shares = {}
         for v in vs:
             if v["name"] == "dense" or v["target"] == 0.2:
-                model = models[v.get("same_model_as", v["name"])]
+                model = model_of(v)
                 with shared_projection(v["share"]), layout(model, v.get("layout")):
                     shares[v["name"]] = decode_shares(model, prompt, args.decode_tokens)
     out = {}
@@ -346,7 +350,7 @@ def time_all(models: dict, args, dtype_name: str, log) -> dict:
             "decode_seconds": decode_s,
             "decode_shares": shares.get(v["name"]),
             "decode_interleaved": interleaved.get(v["name"]),
-            "weight_bytes": weight_bytes(models[v.get("same_model_as", v["name"])]),
+            "weight_bytes": weight_bytes(model_of(v)),
         }
     return out
 
